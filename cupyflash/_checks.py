@@ -1,0 +1,174 @@
+"""Every check on user input, in one place.
+
+Each public function validates its arguments here once, at the boundary, and raises
+TypeError (wrong kind of object) or ValueError (right kind, wrong value) with a message
+that names the argument and the rule. Nothing below this layer re-checks user input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._dtypes import SUPPORTED_GPU_DTYPES, SUPPORTED_CPU_DTYPES, dtype_name
+
+MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 8
+SUPPORTED_HEAD_DIMS_TEXT = f"multiples of {HEAD_DIM_MULTIPLE} from {HEAD_DIM_MULTIPLE} to {MAX_HEAD_DIM}"
+
+
+def _cupy():
+    try:
+        import cupy
+    except Exception:  # not installed, or CUDA libraries missing
+        return None
+    return cupy
+
+
+def is_cupy_array(x) -> bool:
+    cp = _cupy()
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def as_array(x, name: str):
+    """Return x as a numpy or cupy array, zero-copy.
+
+    numpy and cupy arrays pass through; objects exposing ``__cuda_array_interface__``
+    (Numba device arrays) or ``__dlpack__`` on a CUDA device (JAX, PyTorch) become cupy
+    arrays that share their memory. Anything else is a TypeError.
+    """
+    if isinstance(x, np.ndarray) or is_cupy_array(x):
+        return x
+    cp = _cupy()
+    if hasattr(x, "__cuda_array_interface__"):
+        if cp is None:
+            raise TypeError(f"{name} is a CUDA array but CuPy is not installed; "
+                            "install cupyflash[cuda13] or cupyflash[cuda12]")
+        return cp.asarray(x)
+    if hasattr(x, "__dlpack__"):
+        device_type = None
+        if hasattr(x, "__dlpack_device__"):
+            device_type = int(x.__dlpack_device__()[0])
+        if device_type == 1:  # kDLCPU
+            return np.from_dlpack(x)
+        if cp is None:
+            raise TypeError(f"{name} is a device array but CuPy is not installed; "
+                            "install cupyflash[cuda13] or cupyflash[cuda12]")
+        return cp.from_dlpack(x)
+    raise TypeError(f"{name} must be a numpy or cupy array (or expose __dlpack__ / "
+                    f"__cuda_array_interface__), got {type(x).__name__}")
+
+
+def _device_of(x):
+    return x.device.id if is_cupy_array(x) else "cpu"
+
+
+def _device_text(dev) -> str:
+    return "the CPU (numpy)" if dev == "cpu" else f"GPU {dev} (cupy)"
+
+
+def check_same_backend(named: dict) -> str | int:
+    """All arrays on one device: 'cpu' or a CUDA device id."""
+    items = list(named.items())
+    first_name, first = items[0]
+    dev = _device_of(first)
+    for name, x in items[1:]:
+        if _device_of(x) != dev:
+            raise ValueError(f"{name} is on {_device_text(_device_of(x))} but {first_name} is on "
+                             f"{_device_text(dev)}: all arrays must be on the same device")
+    return dev
+
+
+def check_dtype(named: dict, on_gpu: bool):
+    supported = SUPPORTED_GPU_DTYPES if on_gpu else SUPPORTED_CPU_DTYPES
+    items = list(named.items())
+    first_name, first = items[0]
+    if first.dtype not in supported:
+        raise ValueError(f"{first_name} has dtype {dtype_name(first.dtype)}; supported on "
+                         f"{'the GPU' if on_gpu else 'the CPU'}: "
+                         f"{', '.join(dtype_name(d) for d in supported)}")
+    for name, x in items[1:]:
+        if x.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {dtype_name(x.dtype)} but {first_name} has "
+                             f"{dtype_name(first.dtype)}: all inputs must have the same dtype")
+    return first.dtype
+
+
+def check_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softmax_scale must be a real number or None, got {type(softmax_scale).__name__}")
+    s = float(softmax_scale)
+    if not math.isfinite(s) or s <= 0.0:
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale!r}")
+    return s
+
+
+def check_causal(causal) -> bool:
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return bool(causal)
+
+
+def _check_last_dim_contiguous(name: str, x):
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
+        raise ValueError(f"{name} must be contiguous in its last dimension (head_dim); got strides "
+                         f"{x.strides} bytes for shape {x.shape}: pass {name}.copy() or an array "
+                         "whose last axis has stride 1")
+    for axis, st in enumerate(x.strides):
+        if st % x.itemsize:
+            raise ValueError(f"{name} has a stride of {st} bytes on axis {axis}, not a multiple of "
+                             f"its item size {x.itemsize}")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The problem size, (batch, seqlen, heads, head_dim) layout as in flash-attn."""
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    head_dim: int
+
+
+def check_qkv(q, k, v) -> AttentionShape:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, heads, head_dim), "
+                             f"got shape {tuple(x.shape)}")
+    B, Sq, H, D = q.shape
+    for name, x in (("k", k), ("v", v)):
+        b, _, h, d = x.shape
+        if (b, h, d) != (B, H, D):
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but q has {tuple(q.shape)}: batch, "
+                             "heads and head_dim must match (layout is batch, seqlen, heads, head_dim)")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same seqlen, got {k.shape[1]} and {v.shape[1]}")
+    if D % HEAD_DIM_MULTIPLE or not (0 < D <= MAX_HEAD_DIM):
+        raise ValueError(f"head_dim {D} is not supported; supported head_dim: {SUPPORTED_HEAD_DIMS_TEXT}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(name, x)
+    return AttentionShape(B, Sq, k.shape[1], H, D)
+
+
+def check_like(name: str, x, shape: tuple, dtype, what: str):
+    """An array the caller passed in that must have a given shape and dtype (same device checked elsewhere)."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype_name(dtype)} ({what}), got {dtype_name(x.dtype)}")
+    _check_last_dim_contiguous(name, x)
+
+
+def check_output_buffer(name: str, x, shape: tuple, dtype, like_device):
+    """A preallocated output: right shape, dtype, device, writable, last dim contiguous."""
+    x = as_array(x, name)
+    if _device_of(x) != like_device:
+        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on "
+                         f"{_device_text(like_device)}")
+    check_like(name, x, shape, dtype, "the output it receives")
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return x
