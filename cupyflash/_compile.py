@@ -1,0 +1,133 @@
+"""Compile every kernel instantiation offline (no GPU needed) and report its resources.
+
+Uses the low-level NVRTC bindings that CuPy ships, with the CUDA headers of the NVIDIA
+wheels that ``cupy-cuda13x[ctk]`` installs, so CI can check for sm_80 and sm_90 that every
+kernel compiles, how many registers it uses and that the main kernels do not spill.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from . import _config
+from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, dtype_name
+from ._sources import kernel_source
+
+#: options handed to NVRTC by both the runtime launcher (RawModule) and the offline compiler
+NVRTC_OPTIONS = ("-std=c++17",)
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
+_PROPS = re.compile(r"Function properties for (\S+)\s*\n\S*\s*\.?\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+
+
+def cuda_include_dirs() -> list[str]:
+    """CUDA headers as CuPy would find them: the NVIDIA wheels first, then CUDA_PATH."""
+    dirs = []
+    try:
+        import nvidia
+        for root in nvidia.__path__:
+            for sub in ("cu13", "cu12", "cuda_runtime"):
+                inc = Path(root) / sub / "include"
+                if (inc / "cuda_fp16.h").is_file():
+                    dirs.append(str(inc))
+    except ImportError:
+        pass
+    cuda_path = os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if (Path(cuda_path) / "include" / "cuda_fp16.h").is_file():
+        dirs.append(str(Path(cuda_path) / "include"))
+    return dirs
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as e:  # CuPy missing or its NVRTC library not loadable
+        raise RuntimeError("offline compilation needs CuPy with NVRTC: pip install 'cupyflash[cuda13]'") from e
+    return nvrtc
+
+
+def compile_offline(name_expressions, arch: str, extra_options=()):
+    """Compile the kernel source for ``arch`` (e.g. 'sm_90'); returns (ptx, log, {name: lowered})."""
+    nvrtc = _nvrtc()
+    if not re.fullmatch(r"sm_\d+a?", arch):
+        raise ValueError(f"arch must look like 'sm_90' or 'sm_90a', got {arch!r}")
+    incs = cuda_include_dirs()
+    if not incs:
+        raise RuntimeError("CUDA headers not found: install 'cupyflash[cuda13]' (the NVIDIA wheels) or set CUDA_PATH")
+    prog = nvrtc.createProgram(kernel_source(), "cupyflash_kernels.cu", [], [])
+    try:
+        for n in name_expressions:
+            nvrtc.addNameExpression(prog, n)
+        opts = [*NVRTC_OPTIONS, f"-arch={arch}", "-ftz=true", *[f"-I{d}" for d in incs],
+                "-Xptxas", "-v", *extra_options]
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except Exception as e:
+            raise RuntimeError(f"NVRTC failed for {arch}:\n{nvrtc.getProgramLog(prog)}") from e
+        log = nvrtc.getProgramLog(prog)
+        lowered = {n: nvrtc.getLoweredName(prog, n) for n in name_expressions}
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return (ptx.decode() if isinstance(ptx, bytes) else ptx), log, lowered
+
+
+def _parse_ptxas(log: str) -> dict:
+    """{mangled name: {registers, spill_stores, spill_loads, stack_bytes, shared_bytes}} from a ptxas -v log."""
+    out: dict = {}
+    current = None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            current = m.group(1)
+            out[current] = {}
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            out[current].update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+            continue
+        m = _USED.search(line)
+        if m and current:
+            out[current].update(registers=int(m.group(1)), shared_bytes=int(m.group(2) or 0))
+    return out
+
+
+def _kind(name: str) -> str:
+    for key, kind in (("preprocess", "bwd_preprocess"), ("convert", "bwd_convert"), ("bwd", "bwd"), ("fwd", "fwd")):
+        if key in name:
+            return kind
+    return "other"
+
+
+def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dict]:
+    """Compile every instantiation for ``arch`` with no GPU and report each kernel's resources.
+
+    Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_preprocess, bwd_convert), dtype,
+    head_dim (the compile-time class), causal, arch, registers, spill_stores, spill_loads,
+    stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests).
+    """
+    dtypes = [FLOAT16, BFLOAT16, FLOAT32] if dtypes is None else [_config.np.dtype(d) for d in dtypes]
+    head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
+    sets = [_config.kernel_set(dt, hd) for dt in dtypes for hd in head_dims]
+    names = sorted({n for ks in sets for n in ks.name_expressions()})
+    _, log, lowered = compile_offline(names, arch)
+    stats = _parse_ptxas(log)
+    rows, done = [], set()
+    for ks in sets:
+        dyn = {ks.fwd_name(False): ks.fwd_smem(), ks.fwd_name(True): ks.fwd_smem(),
+               ks.bwd_name(False): ks.bwd_smem(), ks.bwd_name(True): ks.bwd_smem()}
+        for n in ks.name_expressions():
+            if n in done:
+                continue
+            done.add(n)
+            s = stats.get(lowered[n], {})
+            rows.append({
+                "kernel": n, "kind": _kind(n), "dtype": dtype_name(ks.dtype), "head_dim": ks.head_dim_cls,
+                "causal": "true>" in n, "arch": arch,
+                "registers": s.get("registers", -1), "spill_stores": s.get("spill_stores", 0),
+                "spill_loads": s.get("spill_loads", 0), "stack_bytes": s.get("stack_bytes", 0),
+                "shared_bytes": s.get("shared_bytes", 0), "dynamic_shared_bytes": dyn.get(n, 0),
+            })
+    return rows

@@ -1,0 +1,185 @@
+"""Kernel configurations: the Python mirror of kernels_cu/traits.cuh.
+
+Tile sizes are compile-time template parameters of the kernels. This module holds the
+table that picks them per (dtype, head_dim class) and the shared-memory arithmetic that the
+launcher checks against the device before launching. Keep ``smem_bytes`` in step with the
+``SMEM_BYTES`` constants of traits.cuh and flash_f32.cu.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._dtypes import BFLOAT16, FLOAT16, FLOAT32, dtype_name
+
+#: head_dim is padded up to one of these compile-time widths (zeros fill the padding).
+#: There is no 224 class: its backward spilled registers in every tile tried, so head_dim
+#: 200..224 runs the 256 kernels (see bench/NOTES.md).
+HEAD_DIM_CLASSES = (32, 64, 96, 128, 160, 192, 256)
+
+#: C++ element type of each GPU dtype
+CXX_TYPE = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16", FLOAT32: "float"}
+
+LOG2E = 1.4426950408889634  # log2(e): the kernels exponentiate with exp2
+
+
+def scale_log2(softmax_scale: float) -> np.float32:
+    """softmax_scale * log2(e), the factor the kernels apply to scores before exp2."""
+    return np.float32(softmax_scale * LOG2E)
+
+
+def head_dim_class(head_dim: int) -> int:
+    """The smallest compile-time head dimension that holds ``head_dim``."""
+    for c in HEAD_DIM_CLASSES:
+        if head_dim <= c:
+            return c
+    raise ValueError(f"head_dim {head_dim} exceeds the largest supported {HEAD_DIM_CLASSES[-1]}")
+
+
+def _padded(cols: int) -> int:
+    return cols + 8  # SmemRow<COLS>::STRIDE: one 16-byte pad per row
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Forward tile: BLOCK_M query rows per block, BLOCK_N keys per step, NUM_WARPS warps."""
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        return (self.block_m + 2 * self.block_n) * _padded(head_dim_cls) * itemsize
+
+    def validate(self, head_dim_cls: int) -> None:
+        rows_per_warp = self.block_m // self.num_warps
+        if self.block_m % (16 * self.num_warps) or self.block_n % 16 or rows_per_warp < 16:
+            raise ValueError(f"{self}: BLOCK_M must be a multiple of 16 * NUM_WARPS, BLOCK_N of 16")
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Backward tile: BLOCK_N keys per block, BLOCK_M queries per step, NUM_WARPS warps,
+    Q_STAGES query-tile buffers (2: the next Q_i, dO_i load during the current one)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    q_stages: int
+
+    def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        kv = 2 * self.block_n * _padded(head_dim_cls)
+        qdo = 2 * self.q_stages * self.block_m * _padded(head_dim_cls)
+        p = 2 * self.block_n * _padded(self.block_m)
+        return (kv + qdo + p) * itemsize + 2 * self.q_stages * self.block_m * 4
+
+
+@dataclass(frozen=True)
+class F32Config:
+    """The fp32 CUDA-core path: fixed 32 x 32 tiles, 128 threads (see flash_f32.cu)."""
+    block_m: int = 32
+    block_n: int = 32
+    num_warps: int = 4
+
+    def fwd_smem_bytes(self, head_dim_cls: int) -> int:
+        return (3 * 32 * (head_dim_cls + 1) + 32 * 33) * 4
+
+    def bwd_smem_bytes(self, head_dim_cls: int) -> int:
+        return (4 * 32 * (head_dim_cls + 1) + 2 * 32 * 33 + 2 * 32) * 4
+
+
+# Tile table for the tensor-core path (fp16 and bf16), by head_dim class.
+# Chosen from the FlashAttention-2 tile choices and checked offline for spills;
+# bench/tune.py measures alternatives on the device.
+FWD_TABLE = {
+    32: FwdConfig(128, 64, 4),
+    64: FwdConfig(128, 64, 4),
+    96: FwdConfig(128, 64, 8),
+    128: FwdConfig(128, 64, 8),
+    160: FwdConfig(64, 64, 4),
+    192: FwdConfig(64, 64, 4),
+    256: FwdConfig(64, 64, 4),
+}
+BWD_TABLE = {
+    32: BwdConfig(64, 128, 8, 2),
+    64: BwdConfig(64, 128, 8, 2),
+    96: BwdConfig(64, 64, 8, 2),
+    128: BwdConfig(64, 64, 8, 2),
+    160: BwdConfig(64, 64, 8, 1),
+    192: BwdConfig(64, 32, 8, 2),
+    256: BwdConfig(64, 32, 8, 2),
+}
+F32 = F32Config()
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels one (dtype, head_dim class) needs, with their template arguments."""
+    dtype: np.dtype
+    head_dim_cls: int
+    fwd: FwdConfig | F32Config
+    bwd: BwdConfig | F32Config
+
+    @property
+    def tensor_cores(self) -> bool:
+        return self.dtype != FLOAT32
+
+    def fwd_name(self, causal: bool) -> str:
+        c = "true" if causal else "false"
+        if not self.tensor_cores:
+            return f"cupyflash::flash_fwd_f32_kernel<{self.head_dim_cls}, {c}>"
+        f = self.fwd
+        return (f"cupyflash::flash_fwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
+                f"{f.block_m}, {f.block_n}, {f.num_warps}, {c}>")
+
+    def bwd_name(self, causal: bool) -> str:
+        c = "true" if causal else "false"
+        if not self.tensor_cores:
+            return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
+        g = self.bwd
+        return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
+                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {c}>")
+
+    def preprocess_name(self) -> str:
+        return f"cupyflash::flash_bwd_preprocess_kernel<{CXX_TYPE[self.dtype]}>"
+
+    def convert_name(self) -> str:
+        return f"cupyflash::flash_bwd_convert_dq_kernel<{CXX_TYPE[self.dtype]}>"
+
+    def name_expressions(self) -> tuple[str, ...]:
+        return (self.fwd_name(False), self.fwd_name(True), self.bwd_name(False), self.bwd_name(True),
+                self.preprocess_name(), self.convert_name())
+
+    def fwd_threads(self) -> int:
+        return 32 * self.fwd.num_warps
+
+    def bwd_threads(self) -> int:
+        return 32 * self.bwd.num_warps
+
+    def fwd_smem(self) -> int:
+        if not self.tensor_cores:
+            return self.fwd.fwd_smem_bytes(self.head_dim_cls)
+        return self.fwd.smem_bytes(self.head_dim_cls, self.dtype.itemsize)
+
+    def bwd_smem(self) -> int:
+        if not self.tensor_cores:
+            return self.bwd.bwd_smem_bytes(self.head_dim_cls)
+        return self.bwd.smem_bytes(self.head_dim_cls, self.dtype.itemsize)
+
+    def describe(self) -> str:
+        if not self.tensor_cores:
+            return f"fp32 CUDA-core kernels, 32x32 tiles, head_dim padded to {self.head_dim_cls}"
+        f, g = self.fwd, self.bwd
+        return (f"{dtype_name(self.dtype)} mma.sync m16n8k16 kernels, head_dim padded to {self.head_dim_cls}; "
+                f"forward BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}; "
+                f"backward BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
+
+
+def kernel_set(dtype, head_dim: int, fwd: FwdConfig | None = None, bwd: BwdConfig | None = None) -> KernelSet:
+    """The kernels for ``dtype`` and ``head_dim``, from the table unless overridden (tuning)."""
+    dtype = np.dtype(dtype)
+    cls = head_dim_class(head_dim)
+    if dtype == FLOAT32:
+        return KernelSet(dtype, cls, F32, F32)
+    if dtype not in (FLOAT16, BFLOAT16):
+        raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
+    return KernelSet(dtype, cls, fwd or FWD_TABLE[cls], bwd or BWD_TABLE[cls])

@@ -1,0 +1,81 @@
+"""The one launch layer: the only module that builds kernel arguments and calls RawKernels.
+
+Every scalar is cast explicitly to its C type (CuPy would pass a Python int as 64-bit),
+parameters travel as one struct by value (numpy structured scalars laid out like the C++
+structs in kernels_cu/params.cuh), and dynamic shared memory above the 48 KB default is
+requested only after checking the device's opt-in limit.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import cupy
+
+from ._compile import NVRTC_OPTIONS
+from ._config import KernelSet
+from ._sources import kernel_source
+
+_TENSOR_REF = np.dtype({"names": ["ptr", "stride_b", "stride_s", "stride_h"],
+                        "formats": [np.uint64, np.int64, np.int64, np.int64]}, align=True)
+_COMMON = [("batch", np.int32), ("heads", np.int32), ("seqlen_q", np.int32), ("seqlen_k", np.int32),
+           ("head_dim", np.int32)]
+FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
+                       ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32)], align=True)
+BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
+                       ("dout", _TENSOR_REF), ("dq", _TENSOR_REF), ("dk", _TENSOR_REF), ("dv", _TENSOR_REF),
+                       ("lse", np.uint64), ("dsum", np.uint64), ("dq_accum", np.uint64), *_COMMON,
+                       ("scale", np.float32), ("scale_log2", np.float32)], align=True)
+
+DEFAULT_SMEM = 48 * 1024
+MAX_GRID_YZ = 65535
+
+
+def tensor_ref(x: cupy.ndarray) -> tuple:
+    """(pointer, batch, seqlen, heads strides in elements) of a (B, S, H, D) array."""
+    sb, ss, sh, _ = (s // x.itemsize for s in x.strides)
+    return (np.uint64(x.data.ptr), np.int64(sb), np.int64(ss), np.int64(sh))
+
+
+def pack(dtype: np.dtype, **fields) -> np.ndarray:
+    """A one-element structured array: CuPy passes it to the kernel as the struct, by value."""
+    p = np.zeros(1, dtype=dtype)
+    for name, value in fields.items():
+        p[name] = value
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def _module(names: tuple) -> cupy.RawModule:
+    # One module per set of instantiations; CuPy compiles it lazily per device and caches it on disk.
+    return cupy.RawModule(code=kernel_source(), options=NVRTC_OPTIONS, name_expressions=list(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(device_id: int) -> int:
+    return int(cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerBlockOptin"])
+
+
+def _kernel(ks: KernelSet, name: str, smem: int):
+    dev = cupy.cuda.Device().id
+    limit = _smem_optin(dev)
+    if smem > limit:
+        raise ValueError(
+            f"{name} needs {smem} bytes of shared memory per block but GPU {dev} allows {limit}; "
+            f"use a smaller head_dim or a GPU with more shared memory (sm_80 and newer have >= 99 KB)")
+    fn = _module(ks.name_expressions()).get_function(name)
+    if smem > DEFAULT_SMEM:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def _check_grid(grid: tuple) -> tuple:
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"heads ({grid[1]}) and batch ({grid[2]}) must each be at most {MAX_GRID_YZ}")
+    return tuple(int(g) for g in grid)
+
+
+def launch(ks: KernelSet, name: str, grid: tuple, threads: int, smem: int, params: np.ndarray) -> None:
+    """Launch kernel ``name`` of ``ks`` on the current device and CuPy's current stream."""
+    fn = _kernel(ks, name, smem)
+    fn(_check_grid(grid), (int(threads),), (params,), shared_mem=int(smem))

@@ -1,0 +1,124 @@
+// Forward pass, fp16/bf16 on tensor cores (FlashAttention-2 work partitioning).
+// One thread block per (query tile Q_i, head, batch). Q_i stays in shared memory; K_j and V_j
+// stream through one buffer each, the load of V_j overlapping S = Q_i K_j^T and the load of
+// K_{j+1} overlapping O += P V_j. Only O and lse are written to global memory.
+#include "traits.cuh"
+#include "softmax.cuh"
+#include "mask.cuh"
+
+namespace cupyflash {
+
+// O (16*MT x 8*DT) += P~ (16*MT x BLOCK_N, fp32 accumulator fragments) * V_j (BLOCK_N x HEAD_DIM, shared).
+// The S accumulator layout is exactly the A-operand layout of the next mma, so P~ never leaves registers.
+template <typename T, int MT, int NT, int DT, int STRIDE>
+__device__ __forceinline__ void accumulate_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4], const T* sV) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        u32 a[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = Elem<T>::pack(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+            a[mt][1] = Elem<T>::pack(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+            a[mt][2] = Elem<T>::pack(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+            a[mt][3] = Elem<T>::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+        }
+        #pragma unroll
+        for (int dt = 0; dt < DT; dt += 2) {
+            u32 b[4];
+            load_b_frag_x2<true>(b, sV, STRIDE, kk * 16, dt * 8, lane);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(o[mt][dt], a[mt], b[0], b[1]);
+                mma_16816<T>(o[mt][dt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// O_i = diag(1 / l) O_i and lse_i, written for the rows and columns that exist.
+template <typename T, int MT, int DT>
+__device__ __forceinline__ void store_output(const FwdParams& p, int b, int h, int q0, float (&o)[MT][DT][4],
+                                             const float (&inv_l)[MT][2], const float (&lse)[MT][2]) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = q0 + acc_row(mt, 2 * hh, lane);
+            if (i >= p.seqlen_q) continue;
+            T* o_row = row_ptr<T>(p.o, b, h, i);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const int d = acc_col(dt, 0, lane);
+                if (d < p.head_dim)
+                    *reinterpret_cast<u32*>(o_row + d) =
+                        Elem<T>::pack(o[mt][dt][2 * hh] * inv_l[mt][hh], o[mt][dt][2 * hh + 1] * inv_l[mt][hh]);
+            }
+            if (lane % 4 == 0) p.lse[(i64(b) * p.heads + h) * p.seqlen_q + i] = lse[mt][hh];
+        }
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
+__global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdParams p) {
+    using Tr = FwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
+    constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, STRIDE = Tr::STRIDE;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);
+    T* sK = sQ + Tr::SMEM_Q;
+    T* sV = sK + Tr::SMEM_K;
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int m0 = m_block * BLOCK_M;
+    const int warp_m0 = (threadIdx.x / 32) * MT * 16;  // this warp's first row within Q_i
+
+    // Key tiles K_j that any row of Q_i can see: all of them, or up to the causal diagonal.
+    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
+    const int n_blocks = last_key < 0 ? 0 : last_key / BLOCK_N + 1;
+
+    float o[MT][DT][4];
+    zero(o);
+    OnlineSoftmax<MT> softmax;
+    softmax.init();
+
+    // Load Q_i and K_0.
+    load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS>(sK, p.k, b, h, 0, p.seqlen_k, p.head_dim);
+    cp_async_commit();
+
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+        const int n0 = n_block * BLOCK_N;
+        cp_async_wait<0>();
+        __syncthreads();  // K_j (and Q_i) are in shared memory, and every warp has finished reading V_{j-1}
+        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+        cp_async_commit();
+
+        // S_ij = Q_i K_j^T
+        float s[MT][NT][4];
+        zero(s);
+        warp_gemm<MT, NT, HEAD_DIM, false, false>(s, sQ + warp_m0 * STRIDE, STRIDE, sK, STRIDE);
+        // Mask keys past seqlen_k and above the causal diagonal, only on tiles that need it.
+        if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, n0, p.seqlen_q, p.seqlen_k))
+            mask_scores<IS_CAUSAL>(s, m0 + warp_m0, n0, p.seqlen_q, p.seqlen_k);
+        // m, l, O rescaled; s becomes P~_ij
+        softmax.update(s, o, p.scale_log2);
+
+        cp_async_wait<0>();
+        __syncthreads();  // V_j is in shared memory, and every warp has finished reading K_j
+        if (n_block + 1 < n_blocks)
+            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS>(sK, p.k, b, h, n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+        cp_async_commit();
+
+        // O_i += P~_ij V_j
+        accumulate_pv<T, MT, NT, DT, STRIDE>(o, s, sV);
+    }
+    cp_async_wait<0>();  // no copy may outlive the block (only matters when n_blocks == 0)
+
+    // O_i = O_i / l, lse_i = m * scale + log(l)
+    float inv_l[MT][2], lse[MT][2];
+    softmax.finalize(inv_l, lse, p.scale_log2);
+    store_output<T>(p, b, h, m0 + warp_m0, o, inv_l, lse);
+}
+
+}  // namespace cupyflash

@@ -1,0 +1,48 @@
+// Kernel arguments: one plain struct per pass, passed by value. Strides are in elements
+// (the launcher converts CuPy's byte strides), so any (batch, seqlen, heads) strides work;
+// the head_dim axis is contiguous (checked at the boundary).
+#pragma once
+#include "ptx.cuh"
+
+namespace cupyflash {
+
+// Where one (batch, seqlen, heads, head_dim) tensor lives.
+struct TensorRef {
+    void* ptr;
+    i64 stride_b;  // elements between batches
+    i64 stride_s;  // elements between sequence positions
+    i64 stride_h;  // elements between heads
+};
+
+struct FwdParams {
+    TensorRef q, k, v, o;      // q, o: (B, Sq, H, D); k, v: (B, Sk, H, D)
+    float* lse;                 // (B, H, Sq), natural-log log-sum-exp of each scaled score row
+    int batch, heads, seqlen_q, seqlen_k, head_dim;
+    float scale_log2;           // softmax_scale * log2(e): scores are exponentiated with exp2
+};
+
+struct BwdParams {
+    TensorRef q, k, v, o, dout;  // inputs, like FwdParams
+    TensorRef dq, dk, dv;        // outputs, shaped like q, k, v
+    const float* lse;            // (B, H, Sq) from the forward pass
+    float* dsum;                 // (B, H, Sq) scratch: D_i = rowsum(dO_i * O_i)
+    float* dq_accum;             // (B, H, Sq, head_dim) fp32 scratch for dQ, summed over key tiles
+    int batch, heads, seqlen_q, seqlen_k, head_dim;
+    float scale;                 // softmax_scale (applied to dK and dQ)
+    float scale_log2;            // softmax_scale * log2(e)
+};
+
+// Pointer to row s of head (b, h) of a tensor.
+template <typename T>
+__device__ __forceinline__ T* row_ptr(const TensorRef& t, int b, int h, int s) {
+    return static_cast<T*>(t.ptr) + b * t.stride_b + h * t.stride_h + i64(s) * t.stride_s;
+}
+
+// The key that query row i may see last (inclusive) under the bottom-right causal mask,
+// or seqlen_k - 1 without a mask. Negative: the row sees no key.
+template <bool IS_CAUSAL>
+__device__ __forceinline__ int last_visible_key(int i, int seqlen_q, int seqlen_k) {
+    return IS_CAUSAL ? min(seqlen_k - 1, i + seqlen_k - seqlen_q) : seqlen_k - 1;
+}
+
+}  // namespace cupyflash

@@ -1,0 +1,71 @@
+// Online softmax over key tiles (FlashAttention, Algorithm 1), on mma.sync accumulator fragments.
+// Each thread holds two rows per 16-row m-tile (rows g and g+8, g = lane / 4); the four threads
+// of a quad share a row, so row reductions are two shuffles.
+#pragma once
+#include "ptx.cuh"
+
+namespace cupyflash {
+
+template <int MT>
+struct OnlineSoftmax {
+    float m[MT][2];  // running row max of the raw scores (before scaling); -inf until a key is seen
+    float l[MT][2];  // running row sum of exp2(s * scale_log2 - m * scale_log2), this thread's columns only
+
+    __device__ __forceinline__ void init() {
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) { m[mt][h] = -CUPYFLASH_INF; l[mt][h] = 0.f; }
+    }
+
+    // One key tile: s becomes P~ = exp2((s - m_new) * scale_log2); l and the output accumulator o
+    // are rescaled by alpha = exp2((m_old - m_new) * scale_log2).
+    template <int NT, int DT>
+    __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][DT][4], float scale_log2) {
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                // m_new = max(m_old, rowmax(S_ij))
+                float m_tile = -CUPYFLASH_INF;
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt) m_tile = fmaxf(m_tile, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+                const float m_new = fmaxf(m[mt][h], quad_max(m_tile));
+                // A row that has seen only masked keys keeps m = -inf; subtract 0 instead so no inf - inf appears.
+                const float m_scaled = (m_new == -CUPYFLASH_INF) ? 0.f : m_new * scale_log2;
+                const float alpha = exp2f(m[mt][h] * scale_log2 - m_scaled);
+                // P~_ij = exp2(S_ij * scale_log2 - m_new * scale_log2), l = alpha * l + rowsum(P~_ij)
+                float row_sum = 0.f;
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    #pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        float& x = s[mt][nt][2 * h + c];
+                        x = exp2f(x * scale_log2 - m_scaled);
+                        row_sum += x;
+                    }
+                l[mt][h] = alpha * l[mt][h] + row_sum;
+                m[mt][h] = m_new;
+                // O_i = diag(alpha) O_i, before P~_ij V_j is added
+                #pragma unroll
+                for (int dt = 0; dt < DT; ++dt) { o[mt][dt][2 * h] *= alpha; o[mt][dt][2 * h + 1] *= alpha; }
+            }
+    }
+
+    // End of the key loop: the full row sums, 1 / l for the output (0 for rows that saw no key),
+    // and lse = m * scale + log(l) in natural log (-inf for rows that saw no key).
+    __device__ __forceinline__ void finalize(float (&inv_l)[MT][2], float (&lse)[MT][2], float scale_log2) {
+        constexpr float LN2 = 0.6931471805599453f;
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float row_l = quad_sum(l[mt][h]);
+                const bool empty = (row_l == 0.f);  // NaN sums stay NaN: NaN inputs propagate
+                inv_l[mt][h] = empty ? 0.f : 1.f / row_l;
+                lse[mt][h] = empty ? -CUPYFLASH_INF : (m[mt][h] * scale_log2 + log2f(row_l)) * LN2;
+            }
+    }
+};
+
+}  // namespace cupyflash

@@ -1,0 +1,105 @@
+// Shared-memory tiles and the warp-level tile product built on mma.sync.
+//
+// A tile of ROWS x COLS 16-bit elements is stored row-major with each row padded by
+// 8 elements (16 bytes). With COLS a multiple of 32 the row stride is an odd number of
+// 16-byte units, so the 8 row addresses of one ldmatrix fall in 8 different 16-byte
+// bank groups: conflict-free without a swizzle.
+#pragma once
+#include "ptx.cuh"
+#include "params.cuh"
+
+namespace cupyflash {
+
+template <int COLS> struct SmemRow {
+    static_assert(COLS % 32 == 0, "padded rows are conflict-free only for widths that are multiples of 32");
+    static constexpr int STRIDE = COLS + 8;  // elements between consecutive rows in shared memory
+};
+
+// All threads copy rows [row0, row0 + ROWS) of one head of `src` into sTile with cp.async.
+// Rows at or past `seqlen` and columns at or past `head_dim` are filled with zeros.
+template <typename T, int ROWS, int HEAD_DIM, int NUM_THREADS>
+__device__ __forceinline__ void load_tile_async(T* sTile, const TensorRef& src, int b, int h, int row0,
+                                                int seqlen, int head_dim) {
+    constexpr int CHUNK = 16 / sizeof(T);  // elements per 16-byte copy
+    constexpr int CHUNKS_PER_ROW = HEAD_DIM / CHUNK;
+    constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;
+    const T* base = row_ptr<T>(src, b, h, 0);
+    #pragma unroll
+    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
+        const int r = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * CHUNK;
+        const bool valid = (row0 + r < seqlen) && (col < head_dim);
+        const T* g = valid ? base + i64(row0 + r) * src.stride_s + col : base;
+        cp_async_16(sTile + r * STRIDE + col, g, valid);
+    }
+}
+
+// ldmatrix row addresses. Lane l addresses row (l % 8) of matrix (l / 8). Two layouts occur:
+//  * "row bit" (A stored [m][k], or B stored [k][n] read with .trans): matrix bit 0 selects +8 rows,
+//    bit 1 selects +8 columns;
+//  * "col bit" (A stored [k][m] read with .trans, or B stored [n][k]): matrix bit 0 selects +8 columns,
+//    bit 1 selects +8 rows.
+template <typename T>
+__device__ __forceinline__ const T* ldsm_row_bit(const T* s, int stride, int r0, int c0, int lane) {
+    return s + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + c0 + (lane >> 4) * 8;
+}
+template <typename T>
+__device__ __forceinline__ const T* ldsm_col_bit(const T* s, int stride, int r0, int c0, int lane) {
+    return s + (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
+}
+
+// A-operand fragment of a 16 x 16 block (rows m0.., k0..) of A.
+// A_KMAJOR = false: A is stored [m][k]; true: A is stored transposed, [k][m].
+template <bool A_KMAJOR, typename T>
+__device__ __forceinline__ void load_a_frag(u32 (&a)[4], const T* sA, int lda, int m0, int k0, int lane) {
+    if constexpr (A_KMAJOR) ldmatrix_x4_trans(a, ldsm_col_bit(sA, lda, k0, m0, lane));
+    else                    ldmatrix_x4(a, ldsm_row_bit(sA, lda, m0, k0, lane));
+}
+
+// B-operand fragments of two adjacent 16 x 8 blocks (k0.., columns n0.. and n0+8..):
+// b[0], b[1] for columns n0..n0+7 and b[2], b[3] for n0+8..n0+15.
+// B_KMAJOR = false: B is stored [n][k] (like K in Q K^T); true: B is stored [k][n] (like V in P V).
+template <bool B_KMAJOR, typename T>
+__device__ __forceinline__ void load_b_frag_x2(u32 (&b)[4], const T* sB, int ldb, int k0, int n0, int lane) {
+    if constexpr (B_KMAJOR) ldmatrix_x4_trans(b, ldsm_row_bit(sB, ldb, k0, n0, lane));
+    else                    ldmatrix_x4(b, ldsm_col_bit(sB, ldb, n0, k0, lane));
+}
+
+// acc[MT][NT] (16*MT x 8*NT, fp32) += A[16*MT x K] * B[K x 8*NT], both operands in shared memory.
+// sA points at the warp's first row (or column when A_KMAJOR), sB at its first column (or row).
+template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR, typename T>
+__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, int lda, const T* sB, int ldb) {
+    static_assert(K % 16 == 0 && NT % 2 == 0, "mma.sync m16n8k16 tiles: K multiple of 16, NT even");
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        u32 a[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) load_a_frag<A_KMAJOR>(a[mt], sA, lda, mt * 16, k0, lane);
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            u32 b[4];
+            load_b_frag_x2<B_KMAJOR>(b, sB, ldb, k0, nt * 8, lane);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(acc[mt][nt], a[mt], b[0], b[1]);
+                mma_16816<T>(acc[mt][nt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
+}
+
+// Row and column (within the warp's tile) of accumulator element acc[mt][nt][r].
+__device__ __forceinline__ int acc_row(int mt, int r, int lane) { return mt * 16 + lane / 4 + (r >= 2 ? 8 : 0); }
+__device__ __forceinline__ int acc_col(int nt, int r, int lane) { return nt * 8 + (lane % 4) * 2 + (r & 1); }
+
+}  // namespace cupyflash

@@ -1,0 +1,65 @@
+// Compile-time kernel traits: tile sizes, warp layouts and shared-memory footprints.
+// Mirrored on the Python side by cupyflash/_config.py (FwdConfig, BwdConfig and their smem_bytes).
+#pragma once
+#include "tile.cuh"
+
+namespace cupyflash {
+
+constexpr float LOG2E = 1.4426950408889634f;  // log2(e): lse (natural log) -> base-2 exponent
+
+// A warp grid over a ROWS x COLS output tile: as many warps along the rows as 16-row m-tiles
+// allow, the rest along the columns. Each warp owns MT m-tiles by NT n-tiles (8 columns each).
+template <int ROWS, int COLS, int NUM_WARPS>
+struct WarpGrid {
+    static constexpr int WARPS_R = (ROWS / 16 < NUM_WARPS) ? ROWS / 16 : NUM_WARPS;
+    static constexpr int WARPS_C = NUM_WARPS / WARPS_R;
+    static constexpr int MT = ROWS / 16 / WARPS_R;
+    static constexpr int NT = COLS / 8 / WARPS_C;
+    static_assert(WARPS_R * WARPS_C == NUM_WARPS, "warps must tile the output evenly");
+    static_assert(MT * 16 * WARPS_R == ROWS && NT * 8 * WARPS_C == COLS, "tile must split evenly across warps");
+    static_assert(NT % 2 == 0, "each warp needs an even number of 8-column n-tiles (ldmatrix.x4 loads two)");
+    __device__ static int row0(int warp) { return (warp % WARPS_R) * MT * 16; }
+    __device__ static int col0(int warp) { return (warp / WARPS_R) * NT * 8; }
+};
+
+// Forward: each warp owns BLOCK_M / NUM_WARPS whole query rows (no cross-warp row statistics).
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_>
+struct FwdTraits {
+    using T = T_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, NUM_WARPS = NUM_WARPS_;
+    static constexpr int NUM_THREADS = NUM_WARPS * 32;
+    static constexpr int MT = BLOCK_M / (16 * NUM_WARPS);  // 16-row m-tiles per warp
+    static constexpr int NT = BLOCK_N / 8;                 // 8-key n-tiles of S per warp
+    static constexpr int DT = HEAD_DIM / 8;                // 8-wide d-tiles of O per warp
+    static constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;
+    static constexpr int SMEM_Q = BLOCK_M * STRIDE, SMEM_K = BLOCK_N * STRIDE, SMEM_V = BLOCK_N * STRIDE;
+    static constexpr int SMEM_BYTES = (SMEM_Q + SMEM_K + SMEM_V) * int(sizeof(T));
+    static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
+    static_assert(MT >= 1 && MT * 16 * NUM_WARPS == BLOCK_M, "BLOCK_M must be a multiple of 16 * NUM_WARPS");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 32 == 0, "BLOCK_N multiple of 16, HEAD_DIM multiple of 32");
+};
+
+// Backward: one thread block per key tile K_j, V_j walking the query tiles Q_i.
+// Phase A computes S^T and dP^T (BLOCK_N x BLOCK_M), phase B dK, dV (BLOCK_N x HEAD_DIM),
+// phase C dQ_i (BLOCK_M x HEAD_DIM); each phase has its own warp grid.
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_, int Q_STAGES_>
+struct BwdTraits {
+    using T = T_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, NUM_WARPS = NUM_WARPS_;
+    static constexpr int Q_STAGES = Q_STAGES_;  // 2: Q_{i+1}, dO_{i+1} load while tile i computes
+    static constexpr int NUM_THREADS = NUM_WARPS * 32;
+    using GridA = WarpGrid<BLOCK_N, BLOCK_M, NUM_WARPS>;
+    using GridB = WarpGrid<BLOCK_N, HEAD_DIM, NUM_WARPS>;
+    using GridC = WarpGrid<BLOCK_M, HEAD_DIM, NUM_WARPS>;
+    static constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;   // rows of K, V, Q, dO
+    static constexpr int P_STRIDE = SmemRow<BLOCK_M>::STRIDE;  // rows of P^T and dS^T
+    static constexpr int SMEM_KV = 2 * BLOCK_N * STRIDE;
+    static constexpr int SMEM_QDO = 2 * Q_STAGES * BLOCK_M * STRIDE;
+    static constexpr int SMEM_P = 2 * BLOCK_N * P_STRIDE;
+    static constexpr int SMEM_BYTES = (SMEM_KV + SMEM_QDO + SMEM_P) * int(sizeof(T)) + 2 * Q_STAGES * BLOCK_M * 4;
+    static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
+    static_assert(Q_STAGES == 1 || Q_STAGES == 2, "one or two query-tile buffers");
+    static_assert(HEAD_DIM % 32 == 0 && BLOCK_M % 32 == 0 && BLOCK_N % 16 == 0, "tile sizes");
+};
+
+}  // namespace cupyflash
