@@ -106,13 +106,15 @@ def check_scale(softmax_scale, head_dim: int) -> float:
     return s
 
 
-def check_causal(causal) -> bool:
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return bool(causal)
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def _check_last_dim_contiguous(name: str, x):
+    if x.size == 0:
+        return  # empty arrays carry arbitrary strides and are never read
     if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.itemsize:
         raise ValueError(f"{name} must be contiguous in its last dimension (head_dim); got strides "
                          f"{x.strides} bytes for shape {x.shape}: pass {name}.copy() or an array "

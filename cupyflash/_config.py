@@ -23,6 +23,10 @@ CXX_TYPE = {FLOAT16: "__half", BFLOAT16: "__nv_bfloat16", FLOAT32: "float"}
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels exponentiate with exp2
 
+#: query rows per block of the backward preprocess and dQ-convert kernels (one warp each);
+#: ROWS_PER_BLOCK and CONVERT_ROWS_PER_BLOCK in kernels_cu/flash_bwd_{preprocess,convert}.cu
+ROWWISE_ROWS_PER_BLOCK = 8
+
 
 def scale_log2(softmax_scale: float) -> np.float32:
     """softmax_scale * log2(e), the factor the kernels apply to scores before exp2."""
@@ -105,7 +109,7 @@ BWD_TABLE = {
     96: BwdConfig(64, 64, 8, 2),
     128: BwdConfig(64, 64, 8, 2),
     160: BwdConfig(64, 64, 8, 1),
-    192: BwdConfig(64, 32, 8, 2),
+    192: BwdConfig(32, 64, 8, 2),
     256: BwdConfig(64, 32, 8, 2),
 }
 F32 = F32Config()

@@ -8,7 +8,6 @@ import numpy as np
 import cupy
 
 from . import _config, _launch
-from ._dtypes import FLOAT32
 
 _ALIGN = 16  # cp.async copies 16 bytes: pointers and (batch, seqlen, heads) strides must be 16-byte multiples
 
@@ -94,7 +93,7 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
                 dsum=np.uint64(dsum.data.ptr), dq_accum=np.uint64(dq_accum.data.ptr), batch=np.int32(B),
                 heads=np.int32(H), seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
                 scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
-            rows_per_block = 8  # ROWS_PER_BLOCK / CONVERT_ROWS_PER_BLOCK in the .cu files
+            rows_per_block = _config.ROWWISE_ROWS_PER_BLOCK
             # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
             _launch.launch(ks, ks.preprocess_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
             # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j

@@ -27,6 +27,9 @@ BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF
                        ("lse", np.uint64), ("dsum", np.uint64), ("dq_accum", np.uint64), *_COMMON,
                        ("scale", np.float32), ("scale_log2", np.float32)], align=True)
 
+# sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
+assert (_TENSOR_REF.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize) == (32, 160, 312)
+
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535
 

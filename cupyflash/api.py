@@ -50,8 +50,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
     on_gpu = dev != "cpu"
     dtype = _checks.check_dtype({"q": q, "k": k, "v": v}, on_gpu)
     shape = _checks.check_qkv(q, k, v)
-    causal = _checks.check_causal(causal)
+    causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
+    return_lse = _checks.check_bool("return_lse", return_lse)
     if out is not None:
         out = _checks.check_output_buffer("out", out, q.shape, dtype, dev)
     if lse is not None:
@@ -86,7 +87,7 @@ def flash_attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_s
     _checks.check_like("out", arrays["out"], q.shape, dtype, "the forward output, shaped like q")
     _checks.check_like("lse", arrays["lse"], (shape.batch, shape.heads, shape.seqlen_q),
                        lse_dtype(dtype), "the forward log-sum-exp")
-    causal = _checks.check_causal(causal)
+    causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):

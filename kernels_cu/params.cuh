@@ -32,6 +32,12 @@ struct BwdParams {
     float scale_log2;            // softmax_scale * log2(e)
 };
 
+// The launcher builds these structs as numpy structured scalars (cupyflash/_launch.py);
+// the sizes below are asserted on both sides so the layouts cannot drift apart.
+static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
+static_assert(sizeof(FwdParams) == 160, "FwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(BwdParams) == 312, "BwdParams layout is mirrored in _launch.py");
+
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>
 __device__ __forceinline__ T* row_ptr(const TensorRef& t, int b, int h, int s) {
