@@ -703,30 +703,46 @@ def transpose(a, axes=None) -> Tensor:
     return record(x.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),), op="transpose")
 
 
-def _is_basic_index(index) -> bool:
-    items = index if isinstance(index, tuple) else (index,)
-    return all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
+def _index_items(index) -> tuple:
+    return index if isinstance(index, tuple) else (index,)
+
+
+def _picks_each_element_once(index) -> bool:
+    """True without integer-array indices: then a[index] never repeats an element, and the
+    gradient can be written by assignment instead of accumulated with add.at."""
+    return not any(_is_array(i) and i.dtype.kind in "iu" for i in _index_items(index))
+
+
+def _masks_to_integers(index) -> tuple:
+    """Replace boolean masks by their nonzero() integer arrays (same selection)."""
+    out = []
+    for i in _index_items(index):
+        if _is_array(i) and i.dtype.kind == "b":
+            out.extend(i.nonzero())
+        else:
+            out.append(i)
+    return tuple(out)
 
 
 def getitem(a, index) -> Tensor:
     """``a[index]``: slices, integers, integer arrays (repeats accumulate) and masks."""
     x = _as_tensor(a)
-    if isinstance(index, Tensor):
-        index = index.data
-    elif isinstance(index, tuple):
-        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    shape, dtype = x.shape, x.dtype
-    basic = _is_basic_index(index)
+    xp = x.xp
+    items = tuple(i.data if isinstance(i, Tensor) else xp.asarray(i) if isinstance(i, list) else i
+                  for i in _index_items(index))
+    index = items if isinstance(index, tuple) else items[0]
+    shape = x.shape
+    once = _picks_each_element_once(index)
+    scatter_index = None if once else _masks_to_integers(index)
 
     def backward(g, *index_arrays):
-        xp = _xp(g)
-        gx = xp.zeros(shape, dtype=g.dtype)
-        if basic:
+        gx = _xp(g).zeros(shape, dtype=g.dtype)
+        if once:
             gx[index] = g
         else:
-            xp.add.at(gx, index, g)
+            _xp(g).add.at(gx, scatter_index, g)
         return (gx,)
-    index_arrays = tuple(i for i in (index if isinstance(index, tuple) else (index,)) if _is_array(i))
+    index_arrays = tuple(i for i in items if _is_array(i))
     return record(x.data[index], (a,), backward, saved=index_arrays, op="getitem")
 
 
