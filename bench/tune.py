@@ -17,8 +17,8 @@ import numpy as np
 import cupy
 
 import cupyflash
-from cupyflash import _config, _cuda_backend, reference
-from cupyflash._dtypes import BFLOAT16, FLOAT16, dtype_name
+from cupyflash import _config, _cuda_backend, _launch, reference
+from cupyflash._dtypes import BFLOAT16
 
 
 def time_ms(fn, warmup=3, repeats=10):
@@ -45,8 +45,8 @@ def rel_err(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def check_variant(dtype, D, causal, fwd_cfg, bwd_cfg, rng):
-    """Relative error of out and dq on a small problem against float64; raises if NaN."""
+def check(dtype, D, causal, rng, fwd_cfg=None, bwd_cfg=None):
+    """Max relative error of out, dq, dk, dv on a small problem against float64."""
     q, k, v, do = (rng.standard_normal((1, 300, 2, D)).astype(dtype) for _ in range(4))
     ref_o, _ = reference.attention(q, k, v, causal=causal)
     ref_g = reference.attention_backward(do, q, k, v, causal=causal)
@@ -56,84 +56,123 @@ def check_variant(dtype, D, causal, fwd_cfg, bwd_cfg, rng):
     return max(rel_err(o, ref_o), rel_err(dq, ref_g[0]), rel_err(dk, ref_g[1]), rel_err(dv, ref_g[2]))
 
 
-def torch_peer(q, k, v, do, causal):
+def spill_bytes(dtype, D, causal, fwd_cfg=None, bwd_cfg=None):
+    """Local-memory bytes per thread of the main kernel (0 = no spills), from the compiled module."""
+    cc = _cuda_backend._cc()
+    ks = _config.kernel_set(dtype, D, causal, cc, fwd=fwd_cfg, bwd=bwd_cfg)
+    name = ks.fwd_name() if fwd_cfg else ks.bwd_name()
+    fn = _launch._module(ks.name_expressions()).get_function(name)
+    return int(fn.local_size_bytes), int(fn.num_regs)
+
+
+def time_torch_ms(fn, warmup=3, repeats=10):
+    import torch
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def torch_sdpa(q, k, v, do, causal, backend_name):
+    """(fwd_ms, bwd_ms) of PyTorch SDPA with one backend on the same data, or None."""
     try:
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
-    except Exception as e:  # not installed
-        return None, f"torch unavailable: {e}"
+    except Exception:  # not installed
+        return None
+    backend = getattr(SDPBackend, backend_name)
+    cupy.cuda.Device().synchronize()
     tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v, do))
     tq, tk, tv = (x.detach().requires_grad_(True) for x in (tq, tk, tv))
-    stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
 
     def fwd():
-        with torch.cuda.stream(stream), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
     out = fwd()
+    t_f = time_torch_ms(fwd)
+    t_b = time_torch_ms(lambda: torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True))
+    torch.cuda.synchronize()
+    return t_f, t_b
 
-    def bwd():
-        with torch.cuda.stream(stream):
-            torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True)
 
-    return (fwd, bwd), None
+F, G = _config.FwdConfig, _config.BwdConfig
+CANDIDATES = {
+    128: dict(fwd=[F(128, 64, 4), F(128, 64, 8), F(128, 128, 8)],
+              bwd=[G(64, 128, 8, 2), G(64, 128, 8, 1), G(64, 64, 8, 2), G(128, 64, 8, 2)]),
+    64: dict(fwd=[F(128, 64, 4), F(64, 64, 4), F(128, 128, 8)],
+             bwd=[G(64, 64, 4, 2), G(128, 128, 8, 2), G(64, 128, 8, 2), G(64, 128, 8, 1)]),
+}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="seqlen 4096 only")
     ap.add_argument("--json")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-
-    F, G = _config.FwdConfig, _config.BwdConfig
-    variants = {
-        128: [(F(128, 64, 8), G(64, 64, 8, 2)), (F(128, 64, 4), G(64, 128, 8, 2)), (F(64, 64, 4), G(64, 64, 4, 2)),
-              (F(128, 128, 8), G(128, 64, 8, 2))],
-        64: [(F(128, 64, 4), G(64, 128, 8, 2)), (F(128, 128, 8), G(64, 64, 8, 2)), (F(128, 64, 8), G(128, 128, 8, 2)),
-             (F(64, 64, 4), G(64, 64, 4, 2))],
-    }
     seqlens = [4096] if args.quick else [1024, 4096, 16384]
+    dtype = BFLOAT16
     rows = []
-    for D in (128, 64):
+    for D, cands in CANDIDATES.items():
         for causal in (False, True):
-            for fwd_cfg, bwd_cfg in variants[D]:
-                err = check_variant(BFLOAT16, D, causal, fwd_cfg, bwd_cfg, rng)
-                for S in seqlens:
-                    B, H = 16384 // S, 2048 // D
-                    q, k, v, do = (cupy.asarray(rng.standard_normal((B, S, H, D), dtype=np.float32).astype(BFLOAT16))
-                                   for _ in range(4))
-                    scale = D ** -0.5
-                    o, l = _cuda_backend.forward(q, k, v, causal=causal, scale=scale, fwd_config=fwd_cfg)
-                    t_f = time_ms(lambda: _cuda_backend.forward(q, k, v, causal=causal, scale=scale, fwd_config=fwd_cfg))
-                    t_b = time_ms(lambda: _cuda_backend.backward(do, q, k, v, o, l, causal=causal, scale=scale,
-                                                                 bwd_config=bwd_cfg))
-                    row = dict(D=D, S=S, causal=causal, fwd=str(fwd_cfg), bwd=str(bwd_cfg), max_rel_err=err,
-                               fwd_tflops=flops(B, H, S, D, causal, "fwd") / t_f / 1e9,
-                               bwd_tflops=flops(B, H, S, D, causal, "bwd") / t_b / 1e9)
-                    peer, why = torch_peer(q, k, v, do, causal)
-                    if peer:
-                        row["sdpa_flash_fwd_tflops"] = flops(B, H, S, D, causal, "fwd") / time_ms(peer[0]) / 1e9
-                        row["sdpa_flash_bwd_tflops"] = flops(B, H, S, D, causal, "bwd") / time_ms(peer[1]) / 1e9
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+            for S in seqlens:
+                B, H = 16384 // S, 2048 // D
+                q, k, v, do = (cupy.asarray(rng.standard_normal((B, S, H, D), dtype=np.float32).astype(dtype))
+                               for _ in range(4))
+                scale = D ** -0.5
+                o, l = _cuda_backend.forward(q, k, v, causal=causal, scale=scale)
+                fl_f, fl_b = flops(B, H, S, D, causal, "fwd"), flops(B, H, S, D, causal, "bwd")
+                for pass_, cfgs in (("fwd", cands["fwd"]), ("bwd", cands["bwd"])):
+                    for cfg in cfgs:
+                        kw = {"fwd_cfg": cfg} if pass_ == "fwd" else {"bwd_cfg": cfg}
+                        local, regs = spill_bytes(dtype, D, causal, **kw)
+                        err = check(dtype, D, causal, rng, **kw)
+                        if pass_ == "fwd":
+                            t = time_ms(lambda: _cuda_backend.forward(q, k, v, causal=causal, scale=scale, fwd_config=cfg))
+                        else:
+                            t = time_ms(lambda: _cuda_backend.backward(do, q, k, v, o, l, causal=causal, scale=scale,
+                                                                       bwd_config=cfg))
+                        row = dict(impl="cupyflash", pass_=pass_, D=D, S=S, causal=causal, config=str(cfg), regs=regs,
+                                   local_bytes=local, max_rel_err=err, ms=t,
+                                   tflops=(fl_f if pass_ == "fwd" else fl_b) / t / 1e9)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                for peer in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+                    r = torch_sdpa(q, k, v, do, causal, peer)
+                    if r:
+                        for pass_, t, fl in (("fwd", r[0], fl_f), ("bwd", r[1], fl_b)):
+                            rows.append(dict(impl=f"sdpa-{peer.split('_')[0].lower()}", pass_=pass_, D=D, S=S,
+                                             causal=causal, ms=t, tflops=fl / t / 1e9))
+                            print(json.dumps(rows[-1]), flush=True)
     meta = dict(gpu=gpu, cc=dev.compute_capability, cupy=cupy.__version__, cupyflash=cupyflash.__version__,
                 nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())), driver=cupy.cuda.runtime.driverGetVersion(),
                 python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+    except Exception:
+        pass
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"\n{gpu} cc {dev.compute_capability}, bf16, TFLOP/s (cupyflash fwd/bwd vs SDPA flash fwd/bwd)")
-    print(f"{'D':>4} {'S':>6} {'causal':>6} {'fwd cfg':>28} {'bwd cfg':>36} {'err':>8} {'fwd':>6} {'sdpa':>6} {'bwd':>6} {'sdpa':>6}")
+    print(f"\n{gpu} cc {dev.compute_capability}, bf16, batch*seqlen=16384, heads*head_dim=2048, TFLOP/s")
+    print(f"{'pass':>4} {'D':>4} {'S':>6} {'causal':>6} {'impl':>10} {'config':>30} {'regs':>4} {'spill':>5} {'err':>8} {'TFLOP/s':>7}")
     for r in rows:
-        f = r["fwd"].replace("FwdConfig", "").replace("block_", "").replace("num_", "")
-        b = r["bwd"].replace("BwdConfig", "").replace("block_", "").replace("num_", "")
-        print(f"{r['D']:>4} {r['S']:>6} {str(r['causal']):>6} {f:>28} {b:>36} {r['max_rel_err']:>8.1e} "
-              f"{r['fwd_tflops']:>6.0f} {r.get('sdpa_flash_fwd_tflops', float('nan')):>6.0f} "
-              f"{r['bwd_tflops']:>6.0f} {r.get('sdpa_flash_bwd_tflops', float('nan')):>6.0f}")
+        cfg = r.get("config", "").replace("FwdConfig", "").replace("BwdConfig", "").replace("block_", "") \
+            .replace("num_warps", "w").replace("q_stages", "st")
+        print(f"{r['pass_']:>4} {r['D']:>4} {r['S']:>6} {str(r['causal']):>6} {r['impl']:>10} {cfg:>30} "
+              f"{r.get('regs', ''):>4} {r.get('local_bytes', ''):>5} {r.get('max_rel_err', float('nan')):>8.1e} {r['tflops']:>7.0f}")
 
 
 if __name__ == "__main__":

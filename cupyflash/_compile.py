@@ -101,23 +101,30 @@ def _kind(name: str) -> str:
     return "other"
 
 
+def arch_cc(arch: str) -> int:
+    """'sm_90' or 'sm_90a' -> 90."""
+    return int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
+
+
 def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dict]:
-    """Compile every instantiation for ``arch`` with no GPU and report each kernel's resources.
+    """Compile every instantiation that ``arch`` would run, with no GPU, and report each kernel.
 
     Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_preprocess, bwd_convert), dtype,
     head_dim (the compile-time class), causal, arch, registers, spill_stores, spill_loads,
     stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests).
     """
+    if not re.fullmatch(r"sm_\d+a?", arch):
+        raise ValueError(f"arch must look like 'sm_90' or 'sm_80', got {arch!r}")
     dtypes = [FLOAT16, BFLOAT16, FLOAT32] if dtypes is None else [_config.np.dtype(d) for d in dtypes]
     head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
-    sets = [_config.kernel_set(dt, hd) for dt in dtypes for hd in head_dims]
+    cc = arch_cc(arch)
+    sets = [_config.kernel_set(dt, hd, causal, cc) for dt in dtypes for hd in head_dims for causal in (False, True)]
     names = sorted({n for ks in sets for n in ks.name_expressions()})
     _, log, lowered = compile_offline(names, arch)
     stats = _parse_ptxas(log)
     rows, done = [], set()
     for ks in sets:
-        dyn = {ks.fwd_name(False): ks.fwd_smem(), ks.fwd_name(True): ks.fwd_smem(),
-               ks.bwd_name(False): ks.bwd_smem(), ks.bwd_name(True): ks.bwd_smem()}
+        dyn = {ks.fwd_name(): ks.fwd_smem(), ks.bwd_name(): ks.bwd_smem()}
         for n in ks.name_expressions():
             if n in done:
                 continue
@@ -125,7 +132,7 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
             s = stats.get(lowered[n], {})
             rows.append({
                 "kernel": n, "kind": _kind(n), "dtype": dtype_name(ks.dtype), "head_dim": ks.head_dim_cls,
-                "causal": "true>" in n, "arch": arch,
+                "causal": ks.causal if n in dyn else None, "arch": arch,
                 "registers": s.get("registers", -1), "spill_stores": s.get("spill_stores", 0),
                 "spill_loads": s.get("spill_loads", 0), "stack_bytes": s.get("stack_bytes", 0),
                 "shared_bytes": s.get("shared_bytes", 0), "dynamic_shared_bytes": dyn.get(n, 0),

@@ -91,35 +91,50 @@ class F32Config:
         return (4 * 32 * (head_dim_cls + 1) + 2 * 32 * 33 + 2 * 32) * 4
 
 
-# Tile table for the tensor-core path (fp16 and bf16), by head_dim class.
-# Chosen from the FlashAttention-2 tile choices and checked offline for spills;
-# bench/tune.py measures alternatives on the device.
-FWD_TABLE = {
-    32: FwdConfig(128, 64, 4),
-    64: FwdConfig(128, 64, 4),
-    96: FwdConfig(128, 64, 8),
-    128: FwdConfig(128, 64, 8),
-    160: FwdConfig(64, 64, 4),
-    192: FwdConfig(64, 64, 4),
-    256: FwdConfig(64, 64, 4),
+F, G = FwdConfig, BwdConfig
+
+# Tile table for the tensor-core path (fp16 and bf16): (head_dim class, causal) -> (forward, backward).
+# Measured on an H200 with bench/tune.py (bench/NOTES.md, bench/results/tune-*.json) among the
+# configurations that compile without register spills for sm_90; entries not yet measured follow
+# FlashAttention-2's tile choices.
+TILES_SM90 = {
+    (32, False): (F(128, 64, 4), G(64, 128, 8, 2)),
+    (32, True): (F(128, 64, 4), G(64, 128, 8, 2)),
+    (64, False): (F(128, 64, 4), G(64, 64, 4, 2)),
+    (64, True): (F(128, 64, 4), G(128, 128, 8, 2)),
+    (96, False): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (96, True): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (128, False): (F(128, 64, 4), G(64, 128, 8, 2)),
+    (128, True): (F(128, 64, 4), G(64, 128, 8, 1)),
+    (160, False): (F(64, 64, 4), G(64, 64, 8, 1)),
+    (160, True): (F(64, 64, 4), G(64, 64, 8, 1)),
+    (192, False): (F(64, 64, 4), G(32, 64, 8, 2)),
+    (192, True): (F(64, 64, 4), G(32, 64, 8, 2)),
+    (256, False): (F(64, 64, 4), G(64, 32, 8, 2)),
+    (256, True): (F(64, 64, 4), G(64, 32, 8, 2)),
 }
-BWD_TABLE = {
-    32: BwdConfig(64, 128, 8, 2),
-    64: BwdConfig(64, 128, 8, 2),
-    96: BwdConfig(64, 64, 8, 2),
-    128: BwdConfig(64, 64, 8, 2),
-    160: BwdConfig(64, 64, 8, 1),
-    192: BwdConfig(32, 64, 8, 2),
-    256: BwdConfig(64, 32, 8, 2),
+# Other GPUs (sm_80 to sm_89 and anything unknown): the sm_90 entries, except where ptxas
+# spills them for that architecture.
+TILES_DEFAULT = {
+    **TILES_SM90,
+    (64, True): (F(128, 64, 4), G(64, 64, 4, 2)),
+    (128, False): (F(128, 64, 8), G(64, 128, 8, 2)),
+    (128, True): (F(128, 64, 4), G(64, 64, 8, 2)),
 }
 F32 = F32Config()
 
 
+def tile_table(cc: int) -> dict:
+    """The tile table for compute capability ``cc`` (e.g. 90 for sm_90)."""
+    return TILES_SM90 if cc == 90 else TILES_DEFAULT
+
+
 @dataclass(frozen=True)
 class KernelSet:
-    """The kernels one (dtype, head_dim class) needs, with their template arguments."""
+    """The kernels one (dtype, head_dim class, causal) problem runs, with their template arguments."""
     dtype: np.dtype
     head_dim_cls: int
+    causal: bool
     fwd: FwdConfig | F32Config
     bwd: BwdConfig | F32Config
 
@@ -127,16 +142,16 @@ class KernelSet:
     def tensor_cores(self) -> bool:
         return self.dtype != FLOAT32
 
-    def fwd_name(self, causal: bool) -> str:
-        c = "true" if causal else "false"
+    def fwd_name(self) -> str:
+        c = "true" if self.causal else "false"
         if not self.tensor_cores:
             return f"cupyflash::flash_fwd_f32_kernel<{self.head_dim_cls}, {c}>"
         f = self.fwd
         return (f"cupyflash::flash_fwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
                 f"{f.block_m}, {f.block_n}, {f.num_warps}, {c}>")
 
-    def bwd_name(self, causal: bool) -> str:
-        c = "true" if causal else "false"
+    def bwd_name(self) -> str:
+        c = "true" if self.causal else "false"
         if not self.tensor_cores:
             return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
         g = self.bwd
@@ -150,8 +165,7 @@ class KernelSet:
         return f"cupyflash::flash_bwd_convert_dq_kernel<{CXX_TYPE[self.dtype]}>"
 
     def name_expressions(self) -> tuple[str, ...]:
-        return (self.fwd_name(False), self.fwd_name(True), self.bwd_name(False), self.bwd_name(True),
-                self.preprocess_name(), self.convert_name())
+        return (self.fwd_name(), self.bwd_name(), self.preprocess_name(), self.convert_name())
 
     def fwd_threads(self) -> int:
         return 32 * self.fwd.num_warps
@@ -173,17 +187,20 @@ class KernelSet:
         if not self.tensor_cores:
             return f"fp32 CUDA-core kernels, 32x32 tiles, head_dim padded to {self.head_dim_cls}"
         f, g = self.fwd, self.bwd
-        return (f"{dtype_name(self.dtype)} mma.sync m16n8k16 kernels, head_dim padded to {self.head_dim_cls}; "
-                f"forward BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}; "
-                f"backward BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
+        return (f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; "
+                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}; "
+                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
 
 
-def kernel_set(dtype, head_dim: int, fwd: FwdConfig | None = None, bwd: BwdConfig | None = None) -> KernelSet:
-    """The kernels for ``dtype`` and ``head_dim``, from the table unless overridden (tuning)."""
+def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
+               fwd: FwdConfig | None = None, bwd: BwdConfig | None = None) -> KernelSet:
+    """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
+    from the tile table unless ``fwd``/``bwd`` override it (tuning)."""
     dtype = np.dtype(dtype)
     cls = head_dim_class(head_dim)
     if dtype == FLOAT32:
-        return KernelSet(dtype, cls, F32, F32)
+        return KernelSet(dtype, cls, causal, F32, F32)
     if dtype not in (FLOAT16, BFLOAT16):
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
-    return KernelSet(dtype, cls, fwd or FWD_TABLE[cls], bwd or BWD_TABLE[cls])
+    table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
+    return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd)

@@ -30,12 +30,14 @@ def _out_buffer(buf, like_shape, dtype):
     return cupy.empty(like_shape, dtype=dtype), buf  # write to a staging buffer, copy back after
 
 
-def kernel_path(dtype, head_dim: int, device=None) -> str:
-    """Which kernels a (dtype, head_dim) problem runs on this device, in words."""
-    ks = _config.kernel_set(dtype, head_dim)
-    dev = cupy.cuda.Device(device)
-    cc = dev.compute_capability
-    return f"sm_{cc}: " + ks.describe()
+def _cc(device_id=None) -> int:
+    return int(cupy.cuda.Device(device_id).compute_capability)
+
+
+def kernel_path(dtype, head_dim: int, device=None, causal: bool = False) -> str:
+    """Which kernels a (dtype, head_dim, causal) problem runs on this device, in words."""
+    cc = _cc(device)
+    return f"sm_{cc}: " + _config.kernel_set(dtype, head_dim, causal, cc).describe()
 
 
 def _grid(n_rows: int, block: int, heads: int, batch: int) -> tuple:
@@ -57,13 +59,13 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
             l.fill(-np.inf)
             return (out if out is not None else o), l
         q, k, v = (_kernel_ready(x) for x in (q, k, v))
-        ks = _config.kernel_set(q.dtype, D, fwd=fwd_config)
+        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config)
         params = _launch.pack(
             _launch.FWD_PARAMS, q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
             o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
             seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
             scale_log2=_config.scale_log2(scale))
-        _launch.launch(ks, ks.fwd_name(causal), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
+        _launch.launch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
                        ks.fwd_smem(), params)
         if o_user is not None:
             o_user[...] = o
@@ -84,7 +86,7 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         else:
             dout, q, k, v, out = (_kernel_ready(x) for x in (dout, q, k, v, out))
             lse = cupy.ascontiguousarray(lse)
-            ks = _config.kernel_set(q.dtype, D, bwd=bwd_config)
+            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config)
             dsum, dq_accum = workspace or backward_workspace(B, H, Sq, D)
             params = _launch.pack(
                 _launch.BWD_PARAMS, q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
@@ -97,7 +99,7 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
             # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
             _launch.launch(ks, ks.preprocess_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
             # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j
-            _launch.launch(ks, ks.bwd_name(causal), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
+            _launch.launch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
                            ks.bwd_smem(), params)
             # 3. dQ = scale * dQ_accum in the input dtype
             _launch.launch(ks, ks.convert_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)

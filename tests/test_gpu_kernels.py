@@ -233,5 +233,5 @@ def test_memory_is_linear_in_seqlen(rng):
     s_by_s = B * H * S * S * 2
     # out, lse, dq, dk, dv, D and the fp32 dQ accumulator: about 8 inputs' worth
     assert hook.peak <= 10 * one_input, f"peak extra {hook.peak / 2**20:.1f} MiB > 10 x input ({one_input / 2**20:.1f} MiB)"
-    assert hook.peak < s_by_s / 100
+    assert hook.peak * 50 < s_by_s, "one S x S score matrix alone would be 50x this peak"
     assert np.isfinite(to_host64(dq)).all()
