@@ -433,6 +433,10 @@ def _compile_report(**kwargs):
     return compile_report(**kwargs)
 
 
+def _fmt_kb(n) -> str:
+    return "-" if n is None else f"{n / 1024:.1f}"
+
+
 def _arch(ctx, param, value):
     if value is None:
         return None
@@ -461,13 +465,13 @@ def _this_arch() -> str:
 def kernels(arch, dtypes, head_dims, json_path, fail_on_spill):
     """Offline compile report (NVRTC, no GPU needed): registers, spills, stack, shared memory."""
     arch = arch or _this_arch()
-    rows = _compile_report(arch=arch, dtypes=_merge(dtypes, []) or None,
-                           head_dims=_merge(head_dims, []) or None)
+    dtypes = [bench.DTYPES[d] for d in _merge(dtypes, [])] or None
+    rows = _compile_report(arch=arch, dtypes=dtypes, head_dims=_merge(head_dims, []) or None)
     header = ["kernel", "dtype", "head_dim", "causal", "registers", "spill st", "spill ld",
-              "stack B", "smem KB"]
+              "stack B", "static smem KB", "dynamic smem KB"]
     cells = [[str(r["kernel"]), str(r["dtype"]), str(r["head_dim"]), "yes" if r["causal"] else "no",
-              str(r["registers"]), str(r["spill_stores"]), str(r["spill_loads"]),
-              str(r["stack_bytes"]), f"{r['shared_bytes'] / 1024:.1f}"] for r in rows]
+              str(r["registers"]), str(r["spill_stores"]), str(r["spill_loads"]), str(r["stack_bytes"]),
+              f"{r['shared_bytes'] / 1024:.1f}", _fmt_kb(r.get("dynamic_shared_bytes"))] for r in rows]
     click.echo(f"compile report for {arch} ({len(rows)} instantiations)")
     click.echo(bench.format_grid(header, cells))
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
