@@ -8,8 +8,9 @@ naive_attention: the same loss curve, and the memory each needs at long sequence
    GPU, tracemalloc on the CPU) and the step time, as a Markdown table.
 
     python examples/compare_naive.py --device cpu                      # small, for CI
-    python examples/compare_naive.py --device gpu --seqlen 1024 --layers 4 --d-model 512 \\
-        --heads 8 --batch 8 --steps 50 --mem-seqlens 1024,2048,4096,8192 --mem-batch 1 --json cmp.json
+    python examples/compare_naive.py --device gpu --task copy --vocab 64 --seqlen 1024 --layers 4 \\
+        --d-model 512 --heads 8 --batch 8 --pos rope --lr 2e-3 --warmup 10 --steps 50 \\
+        --mem-seqlens 1024,2048,4096,8192 --mem-batch 1 --json cmp.json
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def main(argv=None):
         result["memory"] = rows
         print(markdown(rows, cfg))
     if targs.json:
+        os.makedirs(os.path.dirname(os.path.abspath(targs.json)), exist_ok=True)
         with open(targs.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {targs.json}")

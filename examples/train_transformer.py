@@ -12,8 +12,9 @@ The same code runs on numpy arrays (``--device cpu``, the NumPy backend) and cup
 memory and the accuracy on held-out sequences, and ``--json PATH`` writes them all.
 
     python examples/train_transformer.py --device cpu                       # tiny, < 1 minute
-    python examples/train_transformer.py --device gpu --seqlen 1024 --layers 4 --d-model 512 \\
-        --heads 8 --batch 8 --vocab 64 --task copy --pos rope --steps 600 --json gpu.json
+    python examples/train_transformer.py --device gpu --task copy --vocab 64 --seqlen 1024 \\
+        --layers 4 --d-model 512 --heads 8 --batch 8 --pos rope --lr 2e-3 --warmup 50 \\
+        --steps 800 --json gpu.json
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ import time
 import numpy as np
 
 try:
-    import cupyflash
+    import cupyflash  # noqa: F401
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import cupyflash
+    import cupyflash  # noqa: F401
 from cupyflash import autodiff as ad
 from cupyflash.optim import AdamW, clip_grad_norm
 
@@ -390,6 +391,7 @@ def main(argv=None):
     cfg, args = parse_args(argv)
     result = train(cfg, trace_cpu_memory=args.trace_memory)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
