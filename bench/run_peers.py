@@ -5,13 +5,14 @@ seqlen 512..16384, head_dim 64 and 128, causal and not, forward and backward, bf
 and float16, against naive attention (CuPy), PyTorch SDPA (FlashAttention-2 and cuDNN
 backends) and JAX's cuDNN attention, all in this process, on the same inputs and stream.
 
-Writes bench/results/<gpu>-<date>.json (GPU name, versions, date, every row) and one
-PNG per dtype beside it (TFLOP/s against seqlen, one panel per head_dim x causal x mode),
-then prints cupyflash's ratio to each peer. About 2-3 minutes per dtype on an H200
-(kernel compilation on first use not included); --quick takes well under a minute.
+Writes bench/results/<gpu>-<date>[-<dtype>][-quick].json (GPU name, versions, date, every
+row) and one PNG per dtype beside it (TFLOP/s against seqlen, one panel per head_dim x
+causal x mode), then prints cupyflash's ratio to each peer. About 2-3 minutes per dtype on
+an H200 (kernel compilation on first use not included); --quick takes about a minute.
 
-    python bench/run_peers.py                  # the published numbers
-    python bench/run_peers.py --quick          # a smoke run (suffix -quick)
+    python bench/run_peers.py                      # the published numbers, both dtypes
+    python bench/run_peers.py --dtype bfloat16     # one dtype per run (file suffix -bfloat16)
+    python bench/run_peers.py --quick              # a smoke run (file suffix -quick)
     python bench/run_peers.py --plot-only bench/results/<file>.json
 """
 from __future__ import annotations
@@ -105,7 +106,8 @@ def run(quick, dtypes, compare, device_id, out_dir, plot_only):
                                       max_seconds=s["max_seconds"], on_result=lambda r: bar.update(1))
 
     date = datetime.datetime.now(datetime.timezone.utc)
-    stem = out_dir / f"{slug(gpu['name'])}-{date:%Y-%m-%d}{'-quick' if quick else ''}"
+    subset = "".join(f"-{d}" for d in dtypes) if len(dtypes) < 2 else ""  # runs per dtype do not overwrite
+    stem = out_dir / f"{slug(gpu['name'])}-{date:%Y-%m-%d}{subset}{'-quick' if quick else ''}"
     doc = bench.results_document(results, command=[sys.executable, *sys.argv], gpu=gpu,
                                  versions=bench.versions(peers), date=date.isoformat(timespec="seconds"),
                                  settings={"sweep": "quick" if quick else "full", "warmup": s["warmup"],

@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -214,6 +214,13 @@ def _capped_repeats(estimate_ms: float | None, repeats: int, max_seconds: float 
     return max(min(repeats, min_repeats), min(repeats, fit))
 
 
+def _capped_warmup(estimate_ms: float | None, warmup: int, max_seconds: float | None) -> int:
+    """Fewer further warm-up calls when they would take more than a quarter of max_seconds."""
+    if not max_seconds or not estimate_ms or estimate_ms <= 0:
+        return warmup
+    return min(warmup, int(0.25 * max_seconds * 1e3 / estimate_ms))
+
+
 class CudaEventTimer:
     """CUDA events recorded on ``stream`` around each call; one host sync at the end."""
     name = "cuda-events"
@@ -234,10 +241,10 @@ class CudaEventTimer:
 
     def __call__(self, fn, warmup: int, repeats: int, max_seconds: float | None = None) -> list[float]:
         estimate = None
-        if warmup:
-            for _ in range(warmup - 1):
-                fn()
+        if warmup:  # the first warm-up call is timed to size the rest
             estimate = self._elapsed(fn, 1)[0]
+            for _ in range(_capped_warmup(estimate, warmup - 1, max_seconds)):
+                fn()
         self.stream.synchronize()
         return self._elapsed(fn, _capped_repeats(estimate, repeats, max_seconds))
 
@@ -268,8 +275,10 @@ class HostTimer:
     def __call__(self, fn, warmup: int, repeats: int, max_seconds: float | None = None) -> list[float]:
         self.before()
         estimate = None
-        for _ in range(warmup):
+        if warmup:  # the first warm-up call is timed to size the rest
             estimate = self._sample(fn, 1)
+            for _ in range(_capped_warmup(estimate, warmup - 1, max_seconds)):
+                self._sample(fn, 1)
         self.inner = 1
         if estimate and self.min_sample_ms > 0:
             self.inner = max(1, min(100, math.ceil(self.min_sample_ms / max(estimate, 1e-6))))
@@ -901,8 +910,8 @@ def _run_one(impl: Impl, case: Case, inputs: Inputs, device: Device, *, warmup: 
                         if bad:
                             return Result.of(case, impl.name, "failed", "wrong result, not timed: "
                                              + "; ".join(c.text() for c in bad))
-                    times = prepared.timer(prepared.run, warmup, repeats, max_seconds)
-                    peak = prepared.peak_bytes()
+                    peak = prepared.peak_bytes()  # one untimed call: the first warm-up
+                    times = prepared.timer(prepared.run, max(warmup - 1, 0), repeats, max_seconds)
             except Exception as e:
                 if caught and not is_out_of_memory(e):  # e.g. PyTorch's reasons for "No available kernel"
                     reasons = "; ".join(dict.fromkeys(str(w.message).strip().splitlines()[0] for w in caught))

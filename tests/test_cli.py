@@ -212,6 +212,14 @@ def test_host_timer_batches_short_calls_and_syncs_each_sample():
     assert times == pytest.approx([0.5 / 4] * 4)  # the fake clock moves once per sample read pair
 
 
+def test_time_cap_shortens_warmup_of_slow_calls():
+    calls = []
+    timer = bench.HostTimer(clock=FakeClock(0.5), min_sample_ms=0)  # every call "takes" 500 ms
+    times = timer(lambda: calls.append(1), warmup=5, repeats=20, max_seconds=4.0)
+    assert len(calls) == 1 + 2 + 8  # timed warm-up, 2 more (1 s budget), 8 repeats (4 s)
+    assert len(times) == 8
+
+
 def test_time_cap_lowers_repeats_but_never_below_three():
     assert bench._capped_repeats(None, 20, 1.0) == 20
     assert bench._capped_repeats(100.0, 20, None) == 20
@@ -602,12 +610,17 @@ def test_kernels_compiles_for_real_with_nvrtc():
 # ---------------------------------------------------------------------------------------
 # run_peers (the published sweep)
 
-def test_run_peers_sweep_is_the_published_one():
+@pytest.fixture
+def run_peers():
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import run_peers
     finally:
         sys.path.pop(0)
+    return run_peers
+
+
+def test_run_peers_sweep_is_the_published_one(run_peers):
     full = run_peers.published_cases(False, ["bfloat16", "float16"])
     assert len(full) == 6 * 2 * 2 * 2 * 2  # seqlens x head_dims x causal x modes x dtypes
     assert {c.seqlen_q for c in full} == {512, 1024, 2048, 4096, 8192, 16384}
@@ -615,6 +628,39 @@ def test_run_peers_sweep_is_the_published_one():
     assert all(c.batch * c.seqlen_q == 16384 and c.heads * c.head_dim == 2048 for c in full)
     assert len(run_peers.published_cases(True, ["bfloat16"])) == 2 * 2 * 2 * 2
     assert run_peers.slug("NVIDIA H200 NVL") == "nvidia-h200-nvl"
+
+
+def test_run_peers_writes_results_plots_and_summary(run_peers, monkeypatch, tmp_path):
+    """The whole script on the NumPy backend with a fake clock and a tiny sweep."""
+    monkeypatch.setattr(bench, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(bench, "cuda_device", lambda device_id: bench.cpu_device(clock=FakeClock()))
+    monkeypatch.setattr(bench, "gpu_info", lambda device_id: {"name": "Fake GPU 9000", "cc": "9.0"})
+    monkeypatch.setattr(run_peers, "published_cases", lambda quick, dtypes: bench.make_cases(
+        [32, 64], [32], dtypes, [False, True], ["fwd", "bwd"], batch=1, heads=2))
+    r = CliRunner().invoke(run_peers.run, ["--quick", "--dtype", "bfloat16", "--compare", "naive,jax-cudnn",
+                                           "--out-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    (path,) = tmp_path.glob("fake-gpu-9000-20*-bfloat16-quick.json")
+    doc, results = bench.load_results(path)
+    assert doc["gpu"]["name"] == "Fake GPU 9000" and doc["settings"]["sweep"] == "quick"
+    assert len(results) == 2 * 2 * 2 * 3
+    assert "naive TF/s (x)" in r.output and "(1.00x)" in r.output
+    if _has_matplotlib():
+        png = path.with_name(path.stem + "-bfloat16.png")
+        assert png.exists(), r.output
+        png.unlink()
+        again = CliRunner().invoke(run_peers.run, ["--plot-only", str(path)])
+        assert again.exit_code == 0 and png.exists(), again.output
+    else:
+        assert "no plot" in r.output and "matplotlib" in r.output
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------
