@@ -5,6 +5,7 @@ same click application, :func:`main`. The machinery lives in :mod:`cupyflash.ben
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -63,7 +64,7 @@ class IntList(click.ParamType):
         try:
             values = bench.parse_int_list(value)
         except ValueError as e:
-            self.fail(f"{value!r}: {e}", param, ctx)
+            self.fail(str(e), param, ctx)  # the message quotes the offending item
         for v in values:
             if self.rule and (msg := self.rule(v)):
                 self.fail(f"{v}: {msg}", param, ctx)
@@ -238,11 +239,11 @@ def _progress(total: int, enabled: bool):
               help="Peers: naive, torch-flash, torch-cudnn, jax-cudnn, 'all' or 'none' [default: all]. "
                    "A peer that cannot run is reported as skipped with the reason.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Untimed calls before timing.")
+              help="Untimed calls before timing (the first also measures peak memory).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed calls; the median, min and max are reported.")
 @click.option("--max-time", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Seconds one row may take; slow peers get fewer repeats (at least 3).")
+              help="Seconds one row may take; slow calls get fewer warm-ups and repeats (at least 3).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random inputs.")
 @click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results as JSON.")
@@ -285,14 +286,10 @@ def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, mo
                "peak MB: extra device memory of one call")
 
     bar = _progress(len(cases) * len(impls), progress)
-    if bar is None:
+    with bar or contextlib.nullcontext():
         results = bench.run_benchmark(cases, impls, device, warmup=warmup, repeats=repeats,
-                                      max_seconds=max_time, seed=seed)
-    else:
-        with bar:
-            results = bench.run_benchmark(cases, impls, device, warmup=warmup, repeats=repeats,
-                                          max_seconds=max_time, seed=seed,
-                                          on_result=lambda r: bar.update(1, r))
+                                      max_seconds=max_time, seed=seed,
+                                      on_result=bar and (lambda r: bar.update(1, r)))
     click.echo(bench.format_table(results))
     _report_problems(results)
 
