@@ -1,7 +1,8 @@
 """cupyflash: exact FlashAttention on CuPy arrays (CUDA kernels compiled at run time by
 NVRTC) and on NumPy arrays (the same blocked algorithm on the CPU). No PyTorch."""
-from .api import flash_attention, flash_attention_backward
-from . import reference
+from .api import backward_workspace, flash_attention, flash_attention_backward
+from . import autodiff, optim, reference
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "flash_attention_backward", "reference", "__version__"]
+__all__ = ["flash_attention", "flash_attention_backward", "backward_workspace", "autodiff", "optim",
+           "reference", "__version__"]

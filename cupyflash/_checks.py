@@ -31,31 +31,70 @@ def is_cupy_array(x) -> bool:
     return cp is not None and isinstance(x, cp.ndarray)
 
 
+# DLPack device types (dlpack.h DLDeviceType)
+_KDL_CPU, _KDL_CUDA, _KDL_CUDA_HOST, _KDL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _require_cupy(name: str):
+    cp = _cupy()
+    if cp is None:
+        raise TypeError(f"{name} is a CUDA array but CuPy is not installed; "
+                        "install cupyflash[cuda13] or cupyflash[cuda12]")
+    return cp
+
+
+def _dlpack_device(x, name: str):
+    """(device_type, device_id) of a DLPack producer, or None if x is not one."""
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        return None
+    try:
+        device_type, device_id = x.__dlpack_device__()
+    except (BufferError, TypeError, ValueError) as e:
+        raise TypeError(f"{name}.__dlpack_device__() failed: {type(e).__name__}: {e}") from e
+    return int(device_type), int(device_id)
+
+
+def _from_dlpack(from_dlpack, x, name: str):
+    try:
+        return from_dlpack(x)
+    except (BufferError, TypeError, ValueError) as e:
+        raise TypeError(f"{name} could not be taken zero-copy through DLPack "
+                        f"({type(e).__name__}: {e})") from e
+
+
+def _has_cuda_array_interface(x) -> bool:
+    try:
+        return getattr(x, "__cuda_array_interface__", None) is not None
+    except Exception:  # a property that refuses (e.g. an unsupported dtype) is no interface
+        return False
+
+
 def as_array(x, name: str):
     """Return x as a numpy or cupy array, zero-copy.
 
-    numpy and cupy arrays pass through; objects exposing ``__cuda_array_interface__``
-    (Numba device arrays) or ``__dlpack__`` on a CUDA device (JAX, PyTorch) become cupy
-    arrays that share their memory. Anything else is a TypeError.
+    numpy and cupy arrays pass through. Other objects, in this order:
+
+    1. ``__dlpack__`` with ``__dlpack_device__`` on a CUDA device (JAX, PyTorch, cupy-like
+       libraries): ``cupy.from_dlpack``. DLPack carries bfloat16, and CuPy hands the producer
+       its current stream, so the producer orders its pending writes before CuPy's work
+       without a host synchronisation. On the CPU: ``numpy.from_dlpack``.
+    2. ``__cuda_array_interface__`` (Numba device arrays): ``cupy.asarray``, a view. When the
+       interface names a stream, CuPy synchronises with it (the protocol's v3 rule).
+
+    Anything else is a TypeError naming the argument.
     """
     if isinstance(x, np.ndarray) or is_cupy_array(x):
         return x
-    cp = _cupy()
-    if hasattr(x, "__cuda_array_interface__"):
-        if cp is None:
-            raise TypeError(f"{name} is a CUDA array but CuPy is not installed; "
-                            "install cupyflash[cuda13] or cupyflash[cuda12]")
-        return cp.asarray(x)
-    if hasattr(x, "__dlpack__"):
-        device_type = None
-        if hasattr(x, "__dlpack_device__"):
-            device_type = int(x.__dlpack_device__()[0])
-        if device_type == 1:  # kDLCPU
-            return np.from_dlpack(x)
-        if cp is None:
-            raise TypeError(f"{name} is a device array but CuPy is not installed; "
-                            "install cupyflash[cuda13] or cupyflash[cuda12]")
-        return cp.from_dlpack(x)
+    dl_device = _dlpack_device(x, name)
+    if dl_device is not None and dl_device[0] in (_KDL_CPU, _KDL_CUDA_HOST):
+        return _from_dlpack(np.from_dlpack, x, name)
+    if dl_device is not None and dl_device[0] in (_KDL_CUDA, _KDL_CUDA_MANAGED):
+        return _from_dlpack(_require_cupy(name).from_dlpack, x, name)
+    if _has_cuda_array_interface(x):
+        return _require_cupy(name).asarray(x)
+    if dl_device is not None:
+        raise TypeError(f"{name} lives on DLPack device type {dl_device[0]}; cupyflash takes "
+                        "CPU (numpy) and CUDA (cupy) arrays")
     raise TypeError(f"{name} must be a numpy or cupy array (or expose __dlpack__ / "
                     f"__cuda_array_interface__), got {type(x).__name__}")
 
@@ -164,8 +203,9 @@ def check_like(name: str, x, shape: tuple, dtype, what: str):
     _check_last_dim_contiguous(name, x)
 
 
-def check_output_buffer(name: str, x, shape: tuple, dtype, like_device):
-    """A preallocated output: right shape, dtype, device, writable, last dim contiguous."""
+def check_output_buffer(name: str, x, shape: tuple, dtype, like_device, *, c_contiguous: bool = False):
+    """A preallocated output: right shape, dtype, device, writable, last dim contiguous, no two
+    elements at one address; C-contiguous too where the kernels write it as a flat block (lse)."""
     x = as_array(x, name)
     if _device_of(x) != like_device:
         raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on "
@@ -173,4 +213,52 @@ def check_output_buffer(name: str, x, shape: tuple, dtype, like_device):
     check_like(name, x, shape, dtype, "the output it receives")
     if isinstance(x, np.ndarray) and not x.flags.writeable:
         raise ValueError(f"{name} is read-only")
+    for axis, (n, st) in enumerate(zip(x.shape, x.strides)):
+        if n > 1 and st == 0:
+            raise ValueError(f"{name} has stride 0 on axis {axis} (a broadcast view): its elements "
+                             "overlap, so it cannot receive an output")
+    if c_contiguous and not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (it is written as one dense {tuple(shape)} "
+                         f"block), got strides {x.strides}")
     return x
+
+
+def check_workspace(workspace, shape: AttentionShape, device):
+    """The (D, dQ accumulator) pair from backward_workspace, for this problem and device."""
+    if not (isinstance(workspace, tuple) and len(workspace) == 2):
+        raise TypeError("workspace must be the pair returned by cupyflash.backward_workspace(q)")
+    want = ((shape.batch, shape.heads, shape.seqlen_q),
+            (shape.batch, shape.heads, shape.seqlen_q, shape.head_dim))
+    for name, x, w in zip(("workspace[0]", "workspace[1]"), workspace, want):
+        if not is_cupy_array(x) or x.dtype != np.float32 or tuple(x.shape) != w or not x.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous float32 cupy array of shape {w}: "
+                             "use cupyflash.backward_workspace(q)")
+        if x.device.id != device:
+            raise ValueError(f"{name} is on GPU {x.device.id} but the inputs are on GPU {device}")
+    return workspace
+
+
+def check_graph_capture(device: int, needed: dict, in_place: dict, dense: dict):
+    """While CuPy's current stream on ``device`` captures a CUDA graph nothing may be allocated
+    (a buffer freed after the call would be reused while the graph still writes it): every
+    output and the workspace must be given (``needed``), the arrays in ``in_place`` must be
+    usable by the kernels without an aligned copy, and those in ``dense`` C-contiguous."""
+    cp = _cupy()
+    stream = cp.cuda.get_current_stream(device)
+    if stream.ptr == 0 or not stream.is_capturing():  # the legacy default stream cannot capture
+        return
+    missing = [n for n, x in needed.items() if x is None]
+    if missing:
+        raise ValueError(f"CuPy's current stream is capturing a CUDA graph, so nothing may be "
+                         f"allocated: pass {', '.join(n + '=' for n in missing)} (preallocated "
+                         "outside the capture; the workspace from cupyflash.backward_workspace(q))")
+    from ._cuda_backend import _aligned
+    for n, x in in_place.items():
+        if not _aligned(x):
+            raise ValueError(f"{n} would be copied to an aligned buffer (its data pointer or "
+                             "batch/seqlen/heads strides are not multiples of 16 bytes), which "
+                             "cannot happen during CUDA-graph capture: pass an aligned array")
+    for n, x in dense.items():
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{n} would be copied to a C-contiguous buffer, which cannot happen "
+                             "during CUDA-graph capture: pass a C-contiguous array")

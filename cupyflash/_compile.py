@@ -6,6 +6,7 @@ kernel compiles, how many registers it uses and that the main kernels do not spi
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,6 @@ from ._sources import kernel_source
 NVRTC_OPTIONS = ("-std=c++17",)
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
-_PROPS = re.compile(r"Function properties for (\S+)\s*\n\S*\s*\.?\s*(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
 
@@ -106,6 +106,27 @@ def arch_cc(arch: str) -> int:
     return int(re.fullmatch(r"sm_(\d+)a?", arch).group(1))
 
 
+def _kernel_sets(arch: str, dtypes=None, head_dims=None):
+    if not re.fullmatch(r"sm_\d+a?", arch):
+        raise ValueError(f"arch must look like 'sm_90' or 'sm_80', got {arch!r}")
+    dtypes = [FLOAT16, BFLOAT16, FLOAT32] if dtypes is None else [_config.np.dtype(d) for d in dtypes]
+    head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
+    cc = arch_cc(arch)
+    return tuple(_config.kernel_set(dt, hd, causal, cc) for dt in dtypes for hd in head_dims for causal in (False, True))
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_sets(arch: str, sets: tuple):
+    names = sorted({n for ks in sets for n in ks.name_expressions()})
+    ptx, log, lowered = compile_offline(names, arch)
+    return ptx, _parse_ptxas(log), lowered
+
+
+def kernel_ptx(arch: str = "sm_90", dtypes=None, head_dims=None) -> str:
+    """The PTX of every instantiation ``arch`` would run (to check which instructions it uses)."""
+    return _compile_sets(arch, _kernel_sets(arch, dtypes, head_dims))[0]
+
+
 def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dict]:
     """Compile every instantiation that ``arch`` would run, with no GPU, and report each kernel.
 
@@ -113,15 +134,8 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
     head_dim (the compile-time class), causal, arch, registers, spill_stores, spill_loads,
     stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests).
     """
-    if not re.fullmatch(r"sm_\d+a?", arch):
-        raise ValueError(f"arch must look like 'sm_90' or 'sm_80', got {arch!r}")
-    dtypes = [FLOAT16, BFLOAT16, FLOAT32] if dtypes is None else [_config.np.dtype(d) for d in dtypes]
-    head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
-    cc = arch_cc(arch)
-    sets = [_config.kernel_set(dt, hd, causal, cc) for dt in dtypes for hd in head_dims for causal in (False, True)]
-    names = sorted({n for ks in sets for n in ks.name_expressions()})
-    _, log, lowered = compile_offline(names, arch)
-    stats = _parse_ptxas(log)
+    sets = _kernel_sets(arch, dtypes, head_dims)
+    _, stats, lowered = _compile_sets(arch, sets)
     rows, done = [], set()
     for ks in sets:
         dyn = {ks.fwd_name(): ks.fwd_smem(), ks.bwd_name(): ks.bwd_smem()}

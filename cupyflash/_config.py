@@ -98,30 +98,43 @@ F, G = FwdConfig, BwdConfig
 # configurations that compile without register spills for sm_90; entries not yet measured follow
 # FlashAttention-2's tile choices.
 TILES_SM90 = {
-    (32, False): (F(128, 64, 4), G(64, 128, 8, 2)),
-    (32, True): (F(128, 64, 4), G(64, 128, 8, 2)),
+    (32, False): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (32, True): (F(128, 64, 4), G(64, 64, 8, 2)),
     (64, False): (F(128, 64, 4), G(64, 64, 4, 2)),
     (64, True): (F(128, 64, 4), G(128, 128, 8, 2)),
     (96, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (96, True): (F(128, 64, 4), G(64, 64, 8, 2)),
     (128, False): (F(128, 64, 4), G(64, 128, 8, 2)),
-    (128, True): (F(128, 64, 4), G(64, 128, 8, 1)),
-    (160, False): (F(64, 64, 4), G(64, 64, 8, 1)),
-    (160, True): (F(64, 64, 4), G(64, 64, 8, 1)),
+    (128, True): (F(128, 64, 4), G(64, 128, 8, 2)),
+    (160, False): (F(64, 64, 4), G(64, 64, 8, 2)),
+    (160, True): (F(64, 64, 4), G(64, 64, 8, 2)),
     (192, False): (F(64, 64, 4), G(32, 64, 8, 2)),
     (192, True): (F(64, 64, 4), G(32, 64, 8, 2)),
-    (256, False): (F(64, 64, 4), G(64, 32, 8, 2)),
-    (256, True): (F(64, 64, 4), G(64, 32, 8, 2)),
+    (256, False): (F(64, 64, 4), G(32, 64, 8, 2)),
+    (256, True): (F(64, 64, 4), G(32, 64, 8, 2)),
 }
 # Other GPUs (sm_80 to sm_89 and anything unknown): the sm_90 entries, except where ptxas
 # spills them for that architecture.
 TILES_DEFAULT = {
     **TILES_SM90,
-    (64, True): (F(128, 64, 4), G(64, 64, 4, 2)),
-    (128, False): (F(128, 64, 8), G(64, 128, 8, 2)),
-    (128, True): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (64, True): (F(128, 64, 4), G(64, 128, 8, 2)),
+    (128, False): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (128, True): (F(128, 64, 8), G(64, 64, 8, 2)),
+    (160, False): (F(64, 64, 4), G(32, 64, 4, 2)),
+    (160, True): (F(64, 64, 4), G(32, 64, 4, 2)),
 }
+# When a table entry needs more shared memory than the GPU lets one block have (sm_86 and
+# sm_89 allow 99 KB), the smallest tiles run instead: correct everywhere, not tuned.
+SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1))
 F32 = F32Config()
+
+#: shared memory one block may opt in to, by compute capability (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+SMEM_OPTIN = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024}
+SMEM_OPTIN_OTHER = 99 * 1024  # sm_86, sm_89, sm_120 and unknown GPUs
+
+
+def smem_optin(cc: int) -> int:
+    return SMEM_OPTIN.get(cc, SMEM_OPTIN_OTHER)
 
 
 def tile_table(cc: int) -> dict:
@@ -203,4 +216,9 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
     if dtype not in (FLOAT16, BFLOAT16):
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
+    limit = smem_optin(cc)
+    if table_fwd.smem_bytes(cls, dtype.itemsize) > limit:
+        table_fwd = SMALL_TILES[0]
+    if table_bwd.smem_bytes(cls, dtype.itemsize) > limit:
+        table_bwd = SMALL_TILES[1]
     return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd)

@@ -1,8 +1,20 @@
 """The public attention functions: check once, then dispatch on the array type."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Union
+
 from . import _checks
 from ._dtypes import lse_dtype
+
+if TYPE_CHECKING:  # for type checkers only: cupyflash imports cupy lazily
+    import cupy
+    import numpy
+
+#: What cupyflash returns: numpy arrays for CPU inputs, cupy arrays for GPU inputs.
+Array = Union["numpy.ndarray", "cupy.ndarray"]
+#: What cupyflash takes: numpy or cupy arrays, or any object exposing ``__dlpack__`` (JAX,
+#: PyTorch) or ``__cuda_array_interface__`` (Numba), taken zero-copy.
+ArrayInput = Any
 
 
 def _backend(on_gpu: bool):
@@ -13,19 +25,23 @@ def _backend(on_gpu: bool):
     return backend
 
 
-def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
-                    out=None, lse=None):
+def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool = False,
+                    softmax_scale: float | None = None, return_lse: bool = False,
+                    out: ArrayInput | None = None,
+                    lse: ArrayInput | None = None) -> Array | tuple[Array, Array]:
     """Exact attention ``softmax(q @ k^T * softmax_scale) @ v``, computed tile by tile.
 
     Parameters
     ----------
     q : array, shape (batch, seqlen_q, heads, head_dim)
     k, v : arrays, shape (batch, seqlen_k, heads, head_dim)
-        cupy arrays run the CUDA kernels on their device; numpy arrays run the NumPy
-        implementation of the same blocked algorithm. Objects with ``__dlpack__`` or
-        ``__cuda_array_interface__`` (JAX, Numba) are taken zero-copy as cupy arrays.
-        dtype float16, bfloat16 or float32 (float64 too on the CPU); head_dim a multiple
-        of 8 up to 256; any strides with the last dimension contiguous.
+        cupy arrays run the CUDA kernels on their own device, on CuPy's current stream for
+        that device; numpy arrays run the NumPy implementation of the same blocked algorithm.
+        Objects with ``__dlpack__`` (JAX, PyTorch) or ``__cuda_array_interface__`` (Numba)
+        are taken zero-copy as cupy arrays (numpy arrays when DLPack says they live on the
+        CPU). dtype float16, bfloat16 or float32 (float64 too on the CPU); head_dim a
+        multiple of 8 up to 256; any strides with the last dimension contiguous. All on one
+        device.
     causal : bool
         Query i attends to keys j <= i + seqlen_k - seqlen_q (bottom-right aligned, as in
         flash-attn). A query that sees no key gets out = 0 and lse = -inf.
@@ -33,15 +49,32 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         Defaults to 1 / sqrt(head_dim).
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
-        (batch, heads, seqlen_q), which the backward pass needs.
-    out, lse : arrays, optional
-        Preallocated outputs to write into (shape, dtype and device checked). With both
-        given, the GPU path allocates nothing and never synchronises with the host, so it
-        can be captured in a CUDA graph.
+        (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
+    out : array, optional
+        Preallocated output shaped and typed like ``q``, on q's device, last dimension
+        contiguous, no broadcast (stride-0) axes, not overlapping the inputs. It is written
+        in place; a GPU buffer whose data pointer or strides are not multiples of 16 bytes
+        is written through an aligned temporary (an allocation and a copy).
+    lse : array, optional
+        Preallocated C-contiguous (batch, heads, seqlen_q) float32 buffer for the
+        log-sum-exp. With ``out`` and ``lse`` both given, the GPU path allocates nothing and
+        never synchronises with the host, so it can be captured in a CUDA graph (after one
+        eager call that compiles the kernels).
 
     Returns
     -------
-    out, or (out, lse) when ``return_lse`` is true.
+    out : array
+        Shaped and typed like ``q``: a cupy array for GPU inputs (``out`` itself, as a cupy
+        view, when given), a numpy array for CPU inputs.
+    lse : array
+        Only when ``return_lse`` is true.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong kind (not an array, a non-bool flag).
+    ValueError
+        Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
     q = _checks.as_array(q, "q")
     k = _checks.as_array(k, "k")
@@ -57,24 +90,59 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         out = _checks.check_output_buffer("out", out, q.shape, dtype, dev)
     if lse is not None:
         lse = _checks.check_output_buffer(
-            "lse", lse, (shape.batch, shape.heads, shape.seqlen_q), lse_dtype(dtype), dev)
+            "lse", lse, (shape.batch, shape.heads, shape.seqlen_q), lse_dtype(dtype), dev,
+            c_contiguous=True)
+    if on_gpu:
+        _checks.check_graph_capture(dev, needed={"out": out, "lse": lse},
+                                    in_place={"q": q, "k": k, "v": v, "out": out}, dense={})
     o, l = _backend(on_gpu).forward(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
     return (o, l) if return_lse else o
 
 
-def flash_attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None,
-                             dq=None, dk=None, dv=None):
+def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: ArrayInput,
+                             out: ArrayInput, lse: ArrayInput, *, causal: bool = False,
+                             softmax_scale: float | None = None, dq: ArrayInput | None = None,
+                             dk: ArrayInput | None = None, dv: ArrayInput | None = None,
+                             workspace: tuple[Array, Array] | None = None
+                             ) -> tuple[Array, Array, Array]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
 
-    Recomputes the attention tile by tile from ``lse`` (returned by
-    ``flash_attention(..., return_lse=True)``); nothing of size seqlen_q x seqlen_k is
-    stored. ``dout`` and ``out`` have q's shape and dtype; ``lse`` is (batch, heads,
-    seqlen_q) float32. ``causal`` and ``softmax_scale`` must be those of the forward call.
-    ``dq``, ``dk``, ``dv`` are optional preallocated outputs.
+    Recomputes the attention tile by tile from ``lse``; nothing of size
+    seqlen_q x seqlen_k is stored.
+
+    Parameters
+    ----------
+    dout : array, shape (batch, seqlen_q, heads, head_dim)
+        The gradient of the loss with respect to ``out``; q's dtype.
+    q, k, v : arrays
+        The forward inputs (same kinds of objects as :func:`flash_attention` takes).
+    out : array
+        The forward output.
+    lse : array, shape (batch, heads, seqlen_q)
+        The forward log-sum-exp, ``flash_attention(..., return_lse=True)[1]``; float32
+        (float64 for float64 inputs).
+    causal : bool
+        As in the forward call.
+    softmax_scale : float, optional
+        As in the forward call (default 1 / sqrt(head_dim)).
+    dq, dk, dv : arrays, optional
+        Preallocated gradients shaped and typed like q, k, v, with the same rules as
+        ``out`` of :func:`flash_attention`.
+    workspace : tuple of two cupy arrays, optional
+        GPU only: the fp32 scratch from :func:`backward_workspace`. With it and ``dq``,
+        ``dk``, ``dv`` given (and a C-contiguous ``lse``), the backward pass allocates
+        nothing and never synchronises with the host (CUDA-graph capturable).
 
     Returns
     -------
-    (dq, dk, dv), each with the shape and dtype of q, k, v.
+    dq, dk, dv : arrays
+        Each with the shape and dtype of q, k, v; cupy arrays for GPU inputs, numpy arrays
+        for CPU inputs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`flash_attention`, naming the argument.
     """
     names = ("dout", "q", "k", "v", "out", "lse")
     arrays = {n: _checks.as_array(a, n) for n, a in zip(names, (dout, q, k, v, out, lse))}
@@ -92,5 +160,42 @@ def flash_attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_s
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         grads[name] = None if buf is None else _checks.check_output_buffer(name, buf, like.shape, dtype, dev)
+    extra = {}
+    if workspace is not None:
+        if not on_gpu:
+            raise ValueError("workspace is only used by the GPU path; omit it for numpy arrays")
+        extra["workspace"] = _checks.check_workspace(workspace, shape, dev)
+    if on_gpu:
+        _checks.check_graph_capture(
+            dev, needed={**grads, "workspace": workspace},
+            in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")} | grads,
+            dense={"lse": arrays["lse"]})
     return _backend(on_gpu).backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
-                                     causal=causal, scale=scale, **grads)
+                                     causal=causal, scale=scale, **grads, **extra)
+
+
+def backward_workspace(q: ArrayInput) -> tuple[Array, Array]:
+    """The fp32 scratch :func:`flash_attention_backward` needs, for queries shaped like ``q``.
+
+    Allocate it once, outside any CUDA-graph capture, and pass it as ``workspace=``; it can
+    be reused by every backward call with the same (batch, seqlen_q, heads, head_dim), one
+    call at a time (two streams running backward passes at once need one workspace each).
+
+    Parameters
+    ----------
+    q : cupy array (or a DLPack / CUDA-array-interface object), shape (batch, seqlen_q, heads, head_dim)
+        Only its shape and device are used.
+
+    Returns
+    -------
+    (D, dq_accum) : tuple of two cupy arrays on q's device
+        D = rowsum(dout * out), float32 (batch, heads, seqlen_q), and the float32 dQ
+        accumulator (batch, heads, seqlen_q, head_dim).
+    """
+    q = _checks.as_array(q, "q")
+    if not _checks.is_cupy_array(q) or q.ndim != 4:
+        raise ValueError("backward_workspace takes the GPU (cupy) query array, shaped (batch, seqlen_q, heads, head_dim)")
+    from . import _cuda_backend
+    B, Sq, H, D = q.shape
+    with _cuda_backend.cupy.cuda.Device(q.device.id):
+        return _cuda_backend.backward_workspace(B, H, Sq, D)

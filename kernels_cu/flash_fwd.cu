@@ -83,15 +83,15 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
     softmax.init();
 
     // Load Q_i and K_0.
-    load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS>(sK, p.k, b, h, 0, p.seqlen_k, p.head_dim);
+    load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, h, 0, p.seqlen_k, p.head_dim);
     cp_async_commit();
 
     for (int n_block = 0; n_block < n_blocks; ++n_block) {
         const int n0 = n_block * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j (and Q_i) are in shared memory, and every warp has finished reading V_{j-1}
-        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
         cp_async_commit();
 
         // S_ij = Q_i K_j^T
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
         cp_async_wait<0>();
         __syncthreads();  // V_j is in shared memory, and every warp has finished reading K_j
         if (n_block + 1 < n_blocks)
-            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS>(sK, p.k, b, h, n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, h, n0 + BLOCK_N, p.seqlen_k, p.head_dim);
         cp_async_commit();
 
         // O_i += P~_ij V_j

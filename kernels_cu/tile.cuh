@@ -17,14 +17,17 @@ template <int COLS> struct SmemRow {
 
 // All threads copy rows [row0, row0 + ROWS) of one head of `src` into sTile with cp.async.
 // Rows at or past `seqlen` and columns at or past `head_dim` are filled with zeros.
-template <typename T, int ROWS, int HEAD_DIM, int NUM_THREADS>
+// UNROLL (0 = fully) trades address registers for issue slots: kernels at the 255-register
+// edge pick the value that keeps ptxas from spilling (see the tile table in _config.py).
+template <typename T, int ROWS, int HEAD_DIM, int NUM_THREADS, int UNROLL = 0>
 __device__ __forceinline__ void load_tile_async(T* sTile, const TensorRef& src, int b, int h, int row0,
                                                 int seqlen, int head_dim) {
     constexpr int CHUNK = 16 / sizeof(T);  // elements per 16-byte copy
     constexpr int CHUNKS_PER_ROW = HEAD_DIM / CHUNK;
     constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;
     const T* base = row_ptr<T>(src, b, h, 0);
-    #pragma unroll
+    constexpr int ITERS = (ROWS * CHUNKS_PER_ROW + NUM_THREADS - 1) / NUM_THREADS;
+    #pragma unroll (UNROLL > 0 ? UNROLL : ITERS)
     for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
         const int r = c / CHUNKS_PER_ROW, col = (c % CHUNKS_PER_ROW) * CHUNK;
         const bool valid = (row0 + r < seqlen) && (col < head_dim);

@@ -32,6 +32,7 @@ struct FwdTraits {
     static constexpr int NT = BLOCK_N / 8;                 // 8-key n-tiles of S per warp
     static constexpr int DT = HEAD_DIM / 8;                // 8-wide d-tiles of O per warp
     static constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;
+    static constexpr int LOAD_UNROLL = 2;  // partial unroll of the K/V loader: no spills at 255 registers
     static constexpr int SMEM_Q = BLOCK_M * STRIDE, SMEM_K = BLOCK_N * STRIDE, SMEM_V = BLOCK_N * STRIDE;
     static constexpr int SMEM_BYTES = (SMEM_Q + SMEM_K + SMEM_V) * int(sizeof(T));
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");

@@ -1,0 +1,70 @@
+"""Every kernel instantiation compiles offline (NVRTC, no GPU) for sm_80 and sm_90, the main
+kernels do not spill registers, and the tensor-core kernels use the instructions they are
+written around (mma.sync, ldmatrix, cp.async)."""
+import re
+
+import pytest
+
+nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="offline compilation needs CuPy's NVRTC")
+
+from cupyflash import _compile, _config
+from cupyflash._sources import kernel_source
+
+
+@pytest.fixture(scope="module", params=["sm_80", "sm_86", "sm_90"])
+def report(request):
+    return request.param, _compile.compile_report(request.param)
+
+
+def test_every_instantiation_compiles(report):
+    arch, rows = report
+    expected = {ks.fwd_name() for ks in _compile._kernel_sets(arch)} | {ks.bwd_name() for ks in _compile._kernel_sets(arch)}
+    compiled = {r["kernel"] for r in rows if r["registers"] > 0}
+    assert expected <= compiled, f"{arch}: not compiled: {sorted(expected - compiled)}"
+
+
+def test_main_kernels_do_not_spill(report):
+    arch, rows = report
+    spills = [f"{r['kernel']}: {r['registers']} regs, {r['spill_stores']} B spilled, {r['stack_bytes']} B stack"
+              for r in rows if r["kind"] in ("fwd", "bwd") and (r["spill_stores"] or r["spill_loads"] or r["stack_bytes"])]
+    assert not spills, f"{arch} (NVRTC {nvrtc.getVersion()}):\n" + "\n".join(spills)
+
+
+def test_shared_memory_fits_the_smallest_supported_gpu(report):
+    arch, rows = report
+    optin = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_90": 227 * 1024}[arch]  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+    # the fp32 CUDA-core kernels for head_dim > 160 need more than 99 KB: a clear error on sm_86/sm_89
+    too_big = [r["kernel"] for r in rows if r["dynamic_shared_bytes"] > optin
+               and not (r["dtype"] == "float32" and r["head_dim"] > 160)]
+    assert not too_big, f"{arch}: more than {optin} bytes of shared memory: {too_big}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_kernels_use_mma_ldmatrix_cp_async(arch):
+    ptx = _compile.kernel_ptx(arch, dtypes=["float16", "bfloat16"], head_dims=[64, 128])
+    for instruction in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+                        "cp.async.cg.shared.global"):
+        assert instruction in ptx, f"{arch}: {instruction} missing from the PTX"
+
+
+def test_kernel_source_inlines_every_local_header():
+    src = kernel_source()
+    assert not re.search(r'#\s*include\s+"', src), "a local #include survived: CuPy's cache would not see its edits"
+    for header in ("ptx.cuh", "params.cuh", "tile.cuh", "traits.cuh", "softmax.cuh", "mask.cuh"):
+        assert f"// ---- {header} ----" in src
+
+
+def test_smem_mirror_matches_the_footprint_formula():
+    # FwdTraits::SMEM_BYTES = (BLOCK_M + 2 BLOCK_N) * (HEAD_DIM + 8) * sizeof(T)
+    f = _config.FwdConfig(128, 64, 4)
+    assert f.smem_bytes(128, 2) == (128 + 128) * 136 * 2
+    g = _config.BwdConfig(64, 128, 8, 2)
+    assert g.smem_bytes(128, 2) == (2 * 128 * 136 + 2 * 2 * 64 * 136 + 2 * 128 * 72) * 2 + 2 * 2 * 64 * 4
+
+
+def test_bad_arch_is_a_value_error():
+    with pytest.raises(ValueError, match="arch"):
+        _compile.compile_report("hopper")
