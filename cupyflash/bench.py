@@ -635,8 +635,13 @@ class CupyflashImpl(Impl):
 
 def _matmul(xp, a, b, dtype):
     """a @ b rounded to ``dtype``, accumulating in float32 (cuBLAS does; elsewhere emulated)."""
-    if xp is not np and (dtype != BFLOAT16 or _cupy_bf16_matmul()):
+    if xp is not np and dtype != BFLOAT16:
         return xp.matmul(a, b)
+    if xp is not np and _cupy_bf16_matmul():
+        try:
+            return xp.matmul(a, b)
+        except (TypeError, ValueError):  # e.g. a batched or strided bf16 layout cuBLAS is not asked for
+            pass
     return xp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(dtype)
 
 

@@ -678,7 +678,7 @@ def test_gpu_bench_with_naive_peer_writes_json(tmp_path):
     assert doc["gpu"]["name"] and doc["gpu"]["sm_count"] > 0 and "." in doc["gpu"]["cc"]
     assert doc["versions"]["nvrtc"] and doc["versions"]["driver"] != "none"
     for row in doc["results"]:
-        assert row["status"] == "ok", row
+        assert row["status"] == "ok", json.dumps(row)
         assert row["timer"] == "cuda-events" and row["tflops"] > 0
         assert row["ms_min"] <= row["ms_median"] <= row["ms_max"]
         assert row["peak_extra_mb"] > 0
