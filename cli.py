@@ -214,7 +214,7 @@ def _bench_device(device_id: int) -> bench.Device:
 def _progress(total: int, enabled: bool):
     if not enabled or total <= 1:
         return None
-    return click.progressbar(length=total, label="benchmarking", file=click.get_text_stream("stderr"),
+    return click.progressbar(length=total, label="benchmarking", file=sys.stderr,
                              show_pos=True, item_show_func=lambda r: r and f"{r.impl} {r.mode} S={r.seqlen_q}")
 
 

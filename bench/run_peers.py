@@ -101,7 +101,7 @@ def run(quick, dtypes, compare, device_id, out_dir, plot_only):
     click.echo(f"{len(cases)} cases x {len(impls)} implementations on {gpu['name']}; {bench.FLOP_CONVENTION}")
 
     with click.progressbar(length=len(cases) * len(impls), label="run_peers", show_pos=True,
-                           file=click.get_text_stream("stderr")) as bar:
+                           file=sys.stderr) as bar:
         results = bench.run_benchmark(cases, impls, device, warmup=s["warmup"], repeats=s["repeats"],
                                       max_seconds=s["max_seconds"], on_result=lambda r: bar.update(1))
 
