@@ -48,12 +48,13 @@ def slug(text: str) -> str:
 
 
 def plot_per_dtype(results, stem: Path, title: str) -> list[Path]:
-    """One PNG per dtype: <stem>-<dtype>.png."""
+    """One PNG per dtype: <stem>-<dtype>.png (<stem>.png when the stem already names the dtype)."""
     paths = []
     for dtype in dict.fromkeys(r.dtype for r in results):
         rows = [r for r in results if r.dtype == dtype]
         if any(r.status == "ok" for r in rows):
-            path = stem.with_name(f"{stem.name}-{dtype}.png")
+            name = stem.name if stem.name.endswith(f"-{dtype}") else f"{stem.name}-{dtype}"
+            path = stem.with_name(f"{name}.png")
             bench.plot_results(rows, path, title=f"{title}, {dtype}")
             paths.append(path)
     return paths
