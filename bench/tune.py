@@ -60,9 +60,7 @@ def spill_bytes(dtype, D, causal, fwd_cfg=None, bwd_cfg=None):
     """Local-memory bytes per thread of the main kernel (0 = no spills), from the compiled module."""
     cc = _cuda_backend._cc()
     ks = _config.kernel_set(dtype, D, causal, cc, fwd=fwd_cfg, bwd=bwd_cfg)
-    name = ks.fwd_name() if fwd_cfg else ks.bwd_name()
-    fn = _launch._module(ks.name_expressions()).get_function(name)
-    return int(fn.local_size_bytes), int(fn.num_regs)
+    return _launch.kernel_resources(ks, ks.fwd_name() if fwd_cfg else ks.bwd_name())
 
 
 def time_torch_ms(fn, warmup=3, repeats=10):

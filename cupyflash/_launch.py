@@ -72,6 +72,12 @@ def _kernel(ks: KernelSet, name: str, smem: int):
     return fn
 
 
+def kernel_resources(ks: KernelSet, name: str) -> tuple[int, int]:
+    """(local-memory bytes per thread, registers) of a compiled kernel: local > 0 means spills."""
+    fn = _module(ks.name_expressions()).get_function(name)
+    return int(fn.local_size_bytes), int(fn.num_regs)
+
+
 def _check_grid(grid: tuple) -> tuple:
     if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
         raise ValueError(f"heads ({grid[1]}) and batch ({grid[2]}) must each be at most {MAX_GRID_YZ}")

@@ -51,4 +51,23 @@ __device__ __forceinline__ int last_visible_key(int i, int seqlen_q, int seqlen_
     return IS_CAUSAL ? min(seqlen_k - 1, i + seqlen_k - seqlen_q) : seqlen_k - 1;
 }
 
+// The query row of the row-wise backward kernels (one warp per row, ROWS warps per block,
+// grid (rows / ROWS, heads, batch)): i, its (b, h), and its flat index in (B, H, Sq).
+struct RowwiseIndex {
+    int i, b, h, lane;
+    i64 row;
+    bool valid;
+    template <int ROWS>
+    __device__ static RowwiseIndex of(const BwdParams& p) {
+        RowwiseIndex r;
+        r.i = blockIdx.x * ROWS + threadIdx.x / 32;
+        r.lane = threadIdx.x % 32;
+        r.h = blockIdx.y;
+        r.b = blockIdx.z;
+        r.row = (i64(r.b) * p.heads + r.h) * p.seqlen_q + r.i;
+        r.valid = r.i < p.seqlen_q;
+        return r;
+    }
+};
+
 }  // namespace cupyflash
