@@ -7,14 +7,35 @@ namespace cupyflash {
 
 constexpr float LOG2E = 1.4426950408889634f;  // log2(e): lse (natural log) -> base-2 exponent
 
-// A warp grid over a ROWS x COLS output tile: as many warps along the rows as 16-row m-tiles
-// allow, the rest along the columns. Each warp owns MT m-tiles by NT n-tiles (8 columns each).
+// A warp grid over a ROWS x COLS output tile, WARPS_R warps down the rows and WARPS_C across the
+// columns; each warp owns MT 16-row m-tiles by NT 8-column n-tiles. Of the layouts that divide
+// the tile, it takes the one that loads the fewest ldmatrix.x4 per mma, (MT + NT/2) / (MT * NT):
+// shared-memory bandwidth, not the tensor cores, bounds a warp that owns a thin strip.
 template <int ROWS, int COLS, int NUM_WARPS>
 struct WarpGrid {
-    static constexpr int WARPS_R = (ROWS / 16 < NUM_WARPS) ? ROWS / 16 : NUM_WARPS;
-    static constexpr int WARPS_C = NUM_WARPS / WARPS_R;
-    static constexpr int MT = ROWS / 16 / WARPS_R;
+    __host__ __device__ static constexpr bool fits(int warps_r) {
+        return warps_r >= 1 && NUM_WARPS % warps_r == 0 && ROWS % (16 * warps_r) == 0 &&
+               COLS % (16 * (NUM_WARPS / warps_r)) == 0;  // NT even: ldmatrix.x4 loads two n-tiles
+    }
+    // ldmatrix.x4 per mma, times MT * NT * 2 to stay in integers: 2 * MT + NT
+    __host__ __device__ static constexpr int cost(int warps_r) {
+        return 2 * (ROWS / 16 / warps_r) + COLS / 8 / (NUM_WARPS / warps_r);
+    }
+    __host__ __device__ static constexpr int work(int warps_r) { return (ROWS / 16 / warps_r) * (COLS / 8 / (NUM_WARPS / warps_r)); }
+    __host__ __device__ static constexpr bool better(int a, int b) {  // is layout a cheaper than b (cost per mma)?
+        return !fits(b) || (fits(a) && cost(a) * work(b) < cost(b) * work(a));
+    }
+    __host__ __device__ static constexpr int pick() {
+        int best = 0;  // on a tie, fewer m-tiles per warp: fewer A-fragment registers
+        for (int r = NUM_WARPS; r >= 1; r /= 2)
+            if (fits(r) && (best == 0 || better(r, best))) best = r;
+        return best;
+    }
+    static constexpr int WARPS_R = pick();
+    static constexpr int WARPS_C = NUM_WARPS / (WARPS_R > 0 ? WARPS_R : 1);
+    static constexpr int MT = ROWS / 16 / (WARPS_R > 0 ? WARPS_R : 1);
     static constexpr int NT = COLS / 8 / WARPS_C;
+    static_assert(WARPS_R > 0, "no warp layout tiles this output evenly with an even number of n-tiles per warp");
     static_assert(WARPS_R * WARPS_C == NUM_WARPS, "warps must tile the output evenly");
     static_assert(MT * 16 * WARPS_R == ROWS && NT * 8 * WARPS_C == COLS, "tile must split evenly across warps");
     static_assert(NT % 2 == 0, "each warp needs an even number of 8-column n-tiles (ldmatrix.x4 loads two)");
