@@ -64,11 +64,13 @@ class FwdConfig:
 @dataclass(frozen=True)
 class BwdConfig:
     """Backward tile: BLOCK_N keys per block, BLOCK_M queries per step, NUM_WARPS warps,
-    Q_STAGES query-tile buffers (2: the next Q_i, dO_i load during the current one)."""
+    Q_STAGES query-tile buffers (2: the next Q_i, dO_i load during the current one), and the
+    warp layout of each phase: balanced (fewest ldmatrix per mma) or row-first (fewer registers)."""
     block_m: int
     block_n: int
     num_warps: int
     q_stages: int
+    balanced: bool = True
 
     def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
         kv = 2 * self.block_n * _padded(head_dim_cls)
@@ -100,12 +102,12 @@ F, G = FwdConfig, BwdConfig
 TILES_SM90 = {
     (32, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (32, True): (F(128, 64, 4), G(64, 64, 8, 2)),
-    (64, False): (F(128, 64, 4), G(64, 64, 4, 2)),
-    (64, True): (F(128, 64, 4), G(128, 128, 8, 2)),
+    (64, False): (F(128, 64, 4), G(128, 128, 8, 2)),
+    (64, True): (F(128, 64, 4), G(64, 64, 4, 2)),
     (96, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (96, True): (F(128, 64, 4), G(64, 64, 8, 2)),
-    (128, False): (F(128, 64, 4), G(64, 64, 8, 2)),
-    (128, True): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (128, False): (F(128, 64, 4), G(64, 128, 8, 1)),
+    (128, True): (F(128, 64, 4), G(64, 128, 8, 2, balanced=False)),
     (160, False): (F(64, 64, 4), G(64, 64, 8, 2)),
     (160, True): (F(64, 64, 4), G(64, 64, 8, 2)),
     (192, False): (F(64, 64, 4), G(32, 64, 8, 2)),
@@ -169,7 +171,7 @@ class KernelSet:
             return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
         g = self.bwd
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
-                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {c}>")
+                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {'true' if g.balanced else 'false'}, {c}>")
 
     def preprocess_name(self) -> str:
         return f"cupyflash::flash_bwd_preprocess_kernel<{CXX_TYPE[self.dtype]}>"

@@ -110,9 +110,9 @@ __device__ __forceinline__ void store_dkdv(const BwdParams& p, int b, int h, int
         }
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int Q_STAGES, bool IS_CAUSAL>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int Q_STAGES, bool BALANCED, bool IS_CAUSAL>
 __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdParams p) {
-    using Tr = BwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, Q_STAGES>;
+    using Tr = BwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, Q_STAGES, BALANCED>;
     using GB = typename Tr::GridB;
     constexpr int STRIDE = Tr::STRIDE, NTH = Tr::NUM_THREADS;
     extern __shared__ __align__(16) unsigned char smem[];

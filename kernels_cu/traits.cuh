@@ -8,10 +8,11 @@ namespace cupyflash {
 constexpr float LOG2E = 1.4426950408889634f;  // log2(e): lse (natural log) -> base-2 exponent
 
 // A warp grid over a ROWS x COLS output tile, WARPS_R warps down the rows and WARPS_C across the
-// columns; each warp owns MT 16-row m-tiles by NT 8-column n-tiles. Of the layouts that divide
-// the tile, it takes the one that loads the fewest ldmatrix.x4 per mma, (MT + NT/2) / (MT * NT):
-// shared-memory bandwidth, not the tensor cores, bounds a warp that owns a thin strip.
-template <int ROWS, int COLS, int NUM_WARPS>
+// columns; each warp owns MT 16-row m-tiles by NT 8-column n-tiles. BALANCED: of the layouts that
+// divide the tile, the one that loads the fewest ldmatrix.x4 per mma, (MT + NT/2) / (MT * NT)
+// (shared-memory bandwidth, not the tensor cores, bounds a warp that owns a thin strip);
+// otherwise as many warps down the rows as 16-row m-tiles allow (fewer registers).
+template <int ROWS, int COLS, int NUM_WARPS, bool BALANCED>
 struct WarpGrid {
     __host__ __device__ static constexpr bool fits(int warps_r) {
         return warps_r >= 1 && NUM_WARPS % warps_r == 0 && ROWS % (16 * warps_r) == 0 &&
@@ -26,6 +27,7 @@ struct WarpGrid {
         return !fits(b) || (fits(a) && cost(a) * work(b) < cost(b) * work(a));
     }
     __host__ __device__ static constexpr int pick() {
+        if (!BALANCED) return (ROWS / 16 < NUM_WARPS) ? ROWS / 16 : NUM_WARPS;
         int best = 0;  // on a tie, fewer m-tiles per warp: fewer A-fragment registers
         for (int r = NUM_WARPS; r >= 1; r /= 2)
             if (fits(r) && (best == 0 || better(r, best))) best = r;
@@ -64,15 +66,15 @@ struct FwdTraits {
 // Backward: one thread block per key tile K_j, V_j walking the query tiles Q_i.
 // Phase A computes S^T and dP^T (BLOCK_N x BLOCK_M), phase B dK, dV (BLOCK_N x HEAD_DIM),
 // phase C dQ_i (BLOCK_M x HEAD_DIM); each phase has its own warp grid.
-template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_, int Q_STAGES_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_, int Q_STAGES_, bool BALANCED_>
 struct BwdTraits {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, NUM_WARPS = NUM_WARPS_;
     static constexpr int Q_STAGES = Q_STAGES_;  // 2: Q_{i+1}, dO_{i+1} load while tile i computes
     static constexpr int NUM_THREADS = NUM_WARPS * 32;
-    using GridA = WarpGrid<BLOCK_N, BLOCK_M, NUM_WARPS>;
-    using GridB = WarpGrid<BLOCK_N, HEAD_DIM, NUM_WARPS>;
-    using GridC = WarpGrid<BLOCK_M, HEAD_DIM, NUM_WARPS>;
+    using GridA = WarpGrid<BLOCK_N, BLOCK_M, NUM_WARPS, BALANCED_>;
+    using GridB = WarpGrid<BLOCK_N, HEAD_DIM, NUM_WARPS, BALANCED_>;
+    using GridC = WarpGrid<BLOCK_M, HEAD_DIM, NUM_WARPS, BALANCED_>;
     static constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;   // rows of K, V, Q, dO
     static constexpr int P_STRIDE = SmemRow<BLOCK_M>::STRIDE;  // rows of P^T and dS^T
     static constexpr int SMEM_KV = 2 * BLOCK_N * STRIDE;
