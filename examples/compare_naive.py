@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -121,10 +120,7 @@ def main(argv=None):
         result["memory"] = rows
         print(markdown(rows, cfg))
     if targs.json:
-        os.makedirs(os.path.dirname(os.path.abspath(targs.json)), exist_ok=True)
-        with open(targs.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {targs.json}")
+        tt.write_json(targs.json, result)
     return result
 
 

@@ -387,14 +387,19 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     return cfg, args
 
 
+def write_json(path: str, result: dict) -> None:
+    """Write a run's results, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     cfg, args = parse_args(argv)
     result = train(cfg, trace_cpu_memory=args.trace_memory)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return result
 
 

@@ -5,19 +5,9 @@ import numpy as np
 import pytest
 
 
-def _gpu_reason():
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a broken CUDA install
-        return f"CuPy is not importable ({type(e).__name__}: {e})"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        return f"no CUDA device ({type(e).__name__}: {e})"
-    return None if n > 0 else "no CUDA device (device count is 0)"
+from cupyflash.bench import cuda_unavailable_reason
 
-
-GPU_SKIP_REASON = _gpu_reason()
+GPU_SKIP_REASON = cuda_unavailable_reason()
 
 
 def _multigpu_reason():
