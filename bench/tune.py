@@ -21,17 +21,20 @@ from cupyflash import _config, _cuda_backend, _launch, reference
 from cupyflash._dtypes import BFLOAT16
 
 
-def time_ms(fn, warmup=3, repeats=10):
+def time_ms(fn, warmup=3, repeats=10, events=None, elapsed=None):
+    """Median ms of fn() between two events on the current stream (CuPy's by default; pass
+    torch's events and elapsed for PyTorch, whose work runs on its own current stream)."""
     for _ in range(warmup):
         fn()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start, end = events or (cupy.cuda.Event(), cupy.cuda.Event())
+    elapsed = elapsed or cupy.cuda.get_elapsed_time
     times = []
     for _ in range(repeats):
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end))
+        times.append(elapsed(start, end))
     return float(np.median(times))
 
 
@@ -63,19 +66,10 @@ def spill_bytes(dtype, D, causal, fwd_cfg=None, bwd_cfg=None):
     return _launch.kernel_resources(ks, ks.fwd_name() if fwd_cfg else ks.bwd_name())
 
 
-def time_torch_ms(fn, warmup=3, repeats=10):
+def time_torch_ms(fn):
     import torch
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    return time_ms(fn, events=events, elapsed=lambda a, b: a.elapsed_time(b))
 
 
 def torch_sdpa(q, k, v, do, causal, backend_name):
