@@ -55,11 +55,6 @@ class FwdConfig:
     def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
         return (self.block_m + 2 * self.block_n) * _padded(head_dim_cls) * itemsize
 
-    def validate(self, head_dim_cls: int) -> None:
-        rows_per_warp = self.block_m // self.num_warps
-        if self.block_m % (16 * self.num_warps) or self.block_n % 16 or rows_per_warp < 16:
-            raise ValueError(f"{self}: BLOCK_M must be a multiple of 16 * NUM_WARPS, BLOCK_N of 16")
-
 
 @dataclass(frozen=True)
 class BwdConfig:
