@@ -95,11 +95,11 @@ def torch_sdpa(q, k, v, do, causal, backend_name):
     return t_f, t_b
 
 
-F, G = _config.FwdConfig, _config.BwdConfig
+F, G, H = _config.FwdConfig, _config.BwdConfig, _config.Sm90FwdConfig
 CANDIDATES = {
-    128: dict(fwd=[F(128, 64, 4), F(128, 64, 8), F(128, 128, 8)],
+    128: dict(fwd=[F(128, 64, 4), H(128, 2), H(176, 2), H(64, 2)],
               bwd=[G(64, 128, 8, 2), G(64, 128, 8, 1), G(64, 64, 8, 2)]),
-    64: dict(fwd=[F(128, 64, 4), F(64, 64, 4), F(128, 128, 8)],
+    64: dict(fwd=[F(128, 64, 4), H(128, 2), H(192, 2), H(128, 3)],
              bwd=[G(64, 64, 4, 2), G(128, 128, 8, 2), G(64, 128, 8, 2)]),
 }
 
@@ -109,15 +109,20 @@ def main():
     ap.add_argument("--quick", action="store_true", help="seqlen 4096 only")
     ap.add_argument("--json")
     ap.add_argument("--bwd-only", action="store_true", help="time backward tiles only")
+    ap.add_argument("--fwd-only", action="store_true", help="time forward tiles only")
+    ap.add_argument("--seqlens", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1024,4096")
+    ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of 64,128")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    seqlens = [4096] if args.quick else [1024, 4096, 16384]
+    seqlens = args.seqlens or ([4096] if args.quick else [1024, 4096, 16384])
     dtype = BFLOAT16
     rows = []
     for D, cands in CANDIDATES.items():
+        if args.head_dims and D not in args.head_dims:
+            continue
         for causal in (False, True):
             for S in seqlens:
                 B, H = 16384 // S, 2048 // D
@@ -126,7 +131,7 @@ def main():
                 scale = D ** -0.5
                 o, l = _cuda_backend.forward(q, k, v, causal=causal, scale=scale)
                 fl_f, fl_b = flops(B, H, S, D, causal, "fwd"), flops(B, H, S, D, causal, "bwd")
-                passes = (("bwd", cands["bwd"]),) if args.bwd_only else (("fwd", cands["fwd"]), ("bwd", cands["bwd"]))
+                passes = [(p, cands[p]) for p in ("fwd", "bwd") if not getattr(args, f"{'bwd' if p == 'fwd' else 'fwd'}_only")]
                 for pass_, cfgs in passes:
                     for cfg in cfgs:
                         kw = {"fwd_cfg": cfg} if pass_ == "fwd" else {"bwd_cfg": cfg}
@@ -163,7 +168,7 @@ def main():
     print(f"\n{gpu} cc {dev.compute_capability}, bf16, batch*seqlen=16384, heads*head_dim=2048, TFLOP/s")
     print(f"{'pass':>4} {'D':>4} {'S':>6} {'causal':>6} {'impl':>10} {'config':>30} {'regs':>4} {'spill':>5} {'err':>8} {'TFLOP/s':>7}")
     for r in rows:
-        cfg = r.get("config", "").replace("FwdConfig", "").replace("BwdConfig", "").replace("block_", "") \
+        cfg = r.get("config", "").replace("Sm90FwdConfig", "wgmma").replace("FwdConfig", "").replace("BwdConfig", "").replace("block_", "") \
             .replace("num_warps", "w").replace("q_stages", "st")
         print(f"{r['pass_']:>4} {r['D']:>4} {r['S']:>6} {str(r['causal']):>6} {r['impl']:>10} {cfg:>30} "
               f"{r.get('regs', ''):>4} {r.get('local_bytes', ''):>5} {r.get('max_rel_err', float('nan')):>8.1e} {r['tflops']:>7.0f}")

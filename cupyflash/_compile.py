@@ -18,6 +18,13 @@ from ._sources import kernel_source
 #: options handed to NVRTC by both the runtime launcher (RawModule) and the offline compiler
 NVRTC_OPTIONS = ("-std=c++17",)
 
+
+def nvrtc_arch(cc: int) -> str:
+    """The architecture the kernels are built for on compute capability ``cc``: sm_90 becomes
+    sm_90a, whose wgmma instructions the Hopper forward kernel uses."""
+    return "sm_90a" if cc == 90 else f"sm_{cc}"
+
+
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
 _USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
@@ -118,7 +125,7 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
 @functools.lru_cache(maxsize=8)
 def _compile_sets(arch: str, sets: tuple):
     names = sorted({n for ks in sets for n in ks.name_expressions()})
-    ptx, log, lowered = compile_offline(names, arch)
+    ptx, log, lowered = compile_offline(names, nvrtc_arch(arch_cc(arch)))
     return ptx, _parse_ptxas(log), lowered
 
 

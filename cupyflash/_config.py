@@ -57,6 +57,34 @@ class FwdConfig:
 
 
 @dataclass(frozen=True)
+class Sm90FwdConfig:
+    """Hopper forward tile (flash_fwd_sm90.cu, sm_90a wgmma): NUM_WG warpgroups of 64 query rows
+    each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step, K/V in two swizzled stages. head_dim
+    runs at the next multiple of 64 (wgmma tiles are whole 64-column panels)."""
+    block_n: int
+    num_wg: int
+
+    STAGES = 2
+    ALIGN = 1024  # FwdTraitsSm90::ALIGN: slack to start the panels on 1024-byte boundaries
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.num_wg
+
+    @property
+    def num_warps(self) -> int:
+        return 4 * self.num_wg
+
+    @staticmethod
+    def head_dim(head_dim_cls: int) -> int:
+        return -(-head_dim_cls // 64) * 64
+
+    def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        rows = self.block_m + 2 * self.STAGES * self.block_n
+        return self.ALIGN + rows * self.head_dim(head_dim_cls) * itemsize
+
+
+@dataclass(frozen=True)
 class BwdConfig:
     """Backward tile: BLOCK_N keys per block, BLOCK_M queries per step, NUM_WARPS warps,
     Q_STAGES query-tile buffers (2: the next Q_i, dO_i load during the current one), and the
@@ -88,13 +116,14 @@ class F32Config:
         return (4 * 32 * (head_dim_cls + 1) + 2 * 32 * 33 + 2 * 32) * 4
 
 
-F, G = FwdConfig, BwdConfig
+F, G, H = FwdConfig, BwdConfig, Sm90FwdConfig
 
 # Tile table for the tensor-core path (fp16 and bf16): (head_dim class, causal) -> (forward, backward).
 # Measured on an H200 with bench/tune.py (bench/NOTES.md, bench/results/tune-*.json) among the
 # configurations that compile without register spills for sm_90; entries not yet measured follow
-# FlashAttention-2's tile choices.
-TILES_SM90 = {
+# FlashAttention-2's tile choices. These are the mma.sync (sm_80+) kernels; sm_90 replaces the
+# forward with the wgmma kernel (HOPPER_FWD below).
+_TILES_SM90_MMA = {
     (32, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (32, True): (F(128, 64, 4), G(64, 64, 8, 2)),
     (64, False): (F(128, 64, 4), G(128, 128, 8, 2)),
@@ -113,13 +142,24 @@ TILES_SM90 = {
 # Other GPUs (sm_80 to sm_89 and anything unknown): the sm_90 entries, except where ptxas
 # spills them for that architecture.
 TILES_DEFAULT = {
-    **TILES_SM90,
+    **_TILES_SM90_MMA,
     (64, True): (F(128, 64, 4), G(64, 128, 8, 2)),
     (128, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (128, True): (F(128, 64, 8), G(64, 64, 8, 2)),
     (160, False): (F(64, 64, 4), G(32, 32, 4, 2)),
     (160, True): (F(64, 64, 4), G(32, 32, 4, 2)),
 }
+# Hopper (sm_90a) forward: (head_dim class, causal) -> wgmma tile; measured with bench/tune.py.
+HOPPER_FWD = {
+    (32, False): H(128, 2), (32, True): H(128, 2),
+    (64, False): H(128, 2), (64, True): H(128, 2),
+    (96, False): H(128, 2), (96, True): H(128, 2),
+    (128, False): H(128, 2), (128, True): H(128, 2),
+    (160, False): H(64, 2), (160, True): H(64, 2),
+    (192, False): H(64, 2), (192, True): H(64, 2),
+    (256, False): H(64, 2), (256, True): H(64, 2),
+}
+TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), bwd) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
 # When a table entry needs more shared memory than the GPU lets one block have (sm_86 and
 # sm_89 allow 99 KB), the smallest tiles run instead: correct everywhere, not tuned.
 SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1))
@@ -145,18 +185,25 @@ class KernelSet:
     dtype: np.dtype
     head_dim_cls: int
     causal: bool
-    fwd: FwdConfig | F32Config
+    fwd: FwdConfig | Sm90FwdConfig | F32Config
     bwd: BwdConfig | F32Config
 
     @property
     def tensor_cores(self) -> bool:
         return self.dtype != FLOAT32
 
+    @property
+    def hopper_fwd(self) -> bool:
+        return isinstance(self.fwd, Sm90FwdConfig)
+
     def fwd_name(self) -> str:
         c = "true" if self.causal else "false"
         if not self.tensor_cores:
             return f"cupyflash::flash_fwd_f32_kernel<{self.head_dim_cls}, {c}>"
         f = self.fwd
+        if self.hopper_fwd:
+            return (f"cupyflash::flash_fwd_sm90_kernel<{CXX_TYPE[self.dtype]}, {f.head_dim(self.head_dim_cls)}, "
+                    f"{f.block_n}, {f.num_wg}, {c}>")
         return (f"cupyflash::flash_fwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
                 f"{f.block_m}, {f.block_n}, {f.num_warps}, {c}>")
 
@@ -197,13 +244,15 @@ class KernelSet:
         if not self.tensor_cores:
             return f"fp32 CUDA-core kernels, 32x32 tiles, head_dim padded to {self.head_dim_cls}"
         f, g = self.fwd, self.bwd
-        return (f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; "
-                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}; "
+        fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
+               f"warpgroups={f.num_wg}" if self.hopper_fwd else
+               f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
+        return (f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; "
                 f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
 
 
 def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
-               fwd: FwdConfig | None = None, bwd: BwdConfig | None = None) -> KernelSet:
+               fwd: FwdConfig | Sm90FwdConfig | None = None, bwd: BwdConfig | None = None) -> KernelSet:
     """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
     from the tile table unless ``fwd``/``bwd`` override it (tuning)."""
     dtype = np.dtype(dtype)

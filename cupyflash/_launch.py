@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import cupy
 
-from ._compile import NVRTC_OPTIONS
+from ._compile import NVRTC_OPTIONS, nvrtc_arch
 from ._config import KernelSet
 from ._sources import kernel_source
 
@@ -49,9 +49,15 @@ def pack(dtype: np.dtype, **fields) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(names: tuple) -> cupy.RawModule:
-    # One module per set of instantiations; CuPy compiles it lazily per device and caches it on disk.
-    return cupy.RawModule(code=kernel_source(), options=NVRTC_OPTIONS, name_expressions=list(names))
+def _module(names: tuple, cc: int) -> cupy.RawModule:
+    # One module per set of instantiations and architecture; CuPy compiles it lazily and caches it
+    # on disk. sm_90 builds for sm_90a (wgmma); CuPy's own -arch=sm_90 keeps the suffix.
+    options = (*NVRTC_OPTIONS, f"-arch={nvrtc_arch(cc)}") if cc == 90 else NVRTC_OPTIONS
+    return cupy.RawModule(code=kernel_source(), options=options, name_expressions=list(names))
+
+
+def _device_module(ks: KernelSet) -> cupy.RawModule:
+    return _module(ks.name_expressions(), int(cupy.cuda.Device().compute_capability))
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,7 +72,7 @@ def _kernel(ks: KernelSet, name: str, smem: int):
         raise ValueError(
             f"{name} needs {smem} bytes of shared memory per block but GPU {dev} allows {limit}; "
             f"use a smaller head_dim or a GPU with more shared memory (sm_80 and newer have >= 99 KB)")
-    fn = _module(ks.name_expressions()).get_function(name)
+    fn = _device_module(ks).get_function(name)
     if smem > DEFAULT_SMEM:
         fn.max_dynamic_shared_size_bytes = smem
     return fn
@@ -74,7 +80,7 @@ def _kernel(ks: KernelSet, name: str, smem: int):
 
 def kernel_resources(ks: KernelSet, name: str) -> tuple[int, int]:
     """(local-memory bytes per thread, registers) of a compiled kernel: local > 0 means spills."""
-    fn = _module(ks.name_expressions()).get_function(name)
+    fn = _device_module(ks).get_function(name)
     return int(fn.local_size_bytes), int(fn.num_regs)
 
 

@@ -5,6 +5,7 @@
 #include "traits.cuh"
 #include "softmax.cuh"
 #include "mask.cuh"
+#include "fwd_epilogue.cuh"
 
 namespace cupyflash {
 
@@ -17,12 +18,7 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[MT][DT][4], const float
     for (int kk = 0; kk < NT / 2; ++kk) {
         u32 a[MT][4];
         #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            a[mt][0] = Elem<T>::pack(p[mt][2 * kk][0], p[mt][2 * kk][1]);
-            a[mt][1] = Elem<T>::pack(p[mt][2 * kk][2], p[mt][2 * kk][3]);
-            a[mt][2] = Elem<T>::pack(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
-            a[mt][3] = Elem<T>::pack(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
-        }
+        for (int mt = 0; mt < MT; ++mt) pack_a_frag<T>(a[mt], p[mt], kk);
         #pragma unroll
         for (int dt = 0; dt < DT; dt += 2) {
             u32 b[4];
@@ -34,29 +30,6 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[MT][DT][4], const float
             }
         }
     }
-}
-
-// O_i = diag(1 / l) O_i and lse_i, written for the rows and columns that exist.
-template <typename T, int MT, int DT>
-__device__ __forceinline__ void store_output(const FwdParams& p, int b, int h, int q0, float (&o)[MT][DT][4],
-                                             const float (&inv_l)[MT][2], const float (&lse)[MT][2]) {
-    const int lane = threadIdx.x % 32;
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int i = q0 + acc_row(mt, 2 * hh, lane);
-            if (i >= p.seqlen_q) continue;
-            T* o_row = row_ptr<T>(p.o, b, h, i);
-            #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                const int d = acc_col(dt, 0, lane);
-                if (d < p.head_dim)
-                    *reinterpret_cast<u32*>(o_row + d) =
-                        Elem<T>::pack(o[mt][dt][2 * hh] * inv_l[mt][hh], o[mt][dt][2 * hh + 1] * inv_l[mt][hh]);
-            }
-            if (lane % 4 == 0) p.lse[(i64(b) * p.heads + h) * p.seqlen_q + i] = lse[mt][hh];
-        }
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>

@@ -101,6 +101,17 @@ __device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
             for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
 }
 
+// A-operand fragment (16 rows x k-step kk's 16 columns) from a 16-row strip of fp32 accumulators,
+// packed to 16 bits: the accumulator layout of two adjacent n-tiles is exactly the A layout, so a
+// probability tile P~ feeds the next product without leaving registers.
+template <typename T, int NT>
+__device__ __forceinline__ void pack_a_frag(u32 (&a)[4], const float (&acc)[NT][4], int kk) {
+    a[0] = Elem<T>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+    a[1] = Elem<T>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+    a[2] = Elem<T>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[3] = Elem<T>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
 // Row and column (within the warp's tile) of accumulator element acc[mt][nt][r].
 __device__ __forceinline__ int acc_row(int mt, int r, int lane) { return mt * 16 + lane / 4 + (r >= 2 ? 8 : 0); }
 __device__ __forceinline__ int acc_col(int nt, int r, int lane) { return nt * 8 + (lane % 4) * 2 + (r & 1); }

@@ -2,6 +2,7 @@
 // Mirrored on the Python side by cupyflash/_config.py (FwdConfig, BwdConfig and their smem_bytes).
 #pragma once
 #include "tile.cuh"
+#include "hopper.cuh"
 
 namespace cupyflash {
 
@@ -61,6 +62,25 @@ struct FwdTraits {
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(MT >= 1 && MT * 16 * NUM_WARPS == BLOCK_M, "BLOCK_M must be a multiple of 16 * NUM_WARPS");
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 32 == 0, "BLOCK_N multiple of 16, HEAD_DIM multiple of 32");
+};
+
+// Forward on Hopper (sm_90a): NUM_WG warpgroups, each owning 64 whole query rows; K_j, V_j in
+// STAGES swizzled shared-memory buffers. The accumulators are one 64-row wgmma tile per warpgroup:
+// per warp one 16-row strip of NT (S) and DT (O) 8-column tiles.
+template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_>
+struct FwdTraitsSm90 {
+    using T = T_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, NUM_WG = NUM_WG_;
+    static constexpr int BLOCK_M = 64 * NUM_WG, NUM_THREADS = 128 * NUM_WG, STAGES = 2;
+    static constexpr int NT = BLOCK_N / 8, DT = HEAD_DIM / 8;
+    using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;
+    using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;
+    static constexpr int ALIGN = 1024;  // the swizzle is a function of the address: panels start on 1024-byte boundaries
+    static constexpr int SMEM_BYTES = ALIGN + TileQ::BYTES + 2 * STAGES * TileKV::BYTES;
+    static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
+    static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "wgmma tiles: HEAD_DIM a multiple of 64, at most 256 (N of O += P V)");
+    static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N a multiple of 16, at most 256 (N of S = Q K^T)");
+    static_assert(NUM_WG >= 1 && NUM_WG <= 3, "one to three warpgroups");
 };
 
 // Backward: one thread block per key tile K_j, V_j walking the query tiles Q_i.

@@ -1,0 +1,84 @@
+// Hopper (sm_90a) building blocks: wgmma synchronisation, shared-memory matrix descriptors and
+// tiles stored in the 128-byte-swizzled layout that wgmma reads without bank conflicts.
+#pragma once
+#include "wgmma.cuh"
+#include "params.cuh"
+
+namespace cupyflash {
+
+// ---- wgmma ordering ----
+// Registers written by ordinary instructions (accumulators, A fragments) are ready for wgmma.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// The wgmma instructions issued since the last commit form one group.
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Wait until at most N groups are still running.
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Shared memory written through the generic proxy (cp.async, st.shared) becomes visible to the
+// async proxy (wgmma operand reads); each writing thread issues it before the barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---- 128-byte-swizzled tiles ----
+// A ROWS x COLS tile of 16-bit elements is stored as COLS / 64 panels of ROWS x 64 elements
+// (one 128-byte line per row), each panel 1024-byte aligned. 16-byte chunk c of row r sits at
+// chunk position c ^ (r % 8) of its line: the 8 rows of one 1024-byte block hit 8 different
+// bank groups, which is the layout wgmma's 128-byte swizzle mode decodes.
+template <int ROWS, int COLS>
+struct SwizzledTile {
+    static constexpr int PANEL_COLS = 64, LINE_BYTES = 128, ATOM_BYTES = 8 * LINE_BYTES;
+    static constexpr int PANELS = COLS / PANEL_COLS;
+    static constexpr int PANEL_BYTES = ROWS * LINE_BYTES;
+    static constexpr int BYTES = PANELS * PANEL_BYTES;
+    static_assert(COLS % PANEL_COLS == 0, "swizzled tiles are whole 64-column panels");
+    static_assert(ROWS % 8 == 0, "swizzle atoms are 8 rows");
+    // byte offset of 16-byte chunk `chunk` (8 elements, counted across all panels) of row r
+    __device__ static int offset(int r, int chunk) {
+        return (chunk / 8) * PANEL_BYTES + r * LINE_BYTES + (((chunk % 8) ^ (r % 8)) << 4);
+    }
+};
+
+// All threads copy rows [row0, row0 + ROWS) of one head of `src` into a swizzled tile with cp.async;
+// rows at or past `seqlen` and columns at or past `head_dim` are filled with zeros.
+template <typename T, int ROWS, int COLS, int NUM_THREADS>
+__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const TensorRef& src, int b, int h, int row0,
+                                                    int seqlen, int head_dim) {
+    using Tile = SwizzledTile<ROWS, COLS>;
+    constexpr int CHUNK = 16 / sizeof(T), CHUNKS_PER_ROW = COLS / CHUNK;
+    const T* base = row_ptr<T>(src, b, h, 0);
+    #pragma unroll
+    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
+        const int r = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
+        const bool valid = (row0 + r < seqlen) && (chunk * CHUNK < head_dim);
+        const T* g = valid ? base + i64(row0 + r) * src.stride_s + chunk * CHUNK : base;
+        cp_async_16(tile + Tile::offset(r, chunk), g, valid);
+    }
+}
+
+// ---- shared-memory matrix descriptors (128-byte swizzle) ----
+// bits 0-13: start address / 16; 16-29: leading-dimension byte offset / 16; 32-45: stride-dimension
+// byte offset / 16; 62-63: swizzle mode (1 = 128-byte).
+__device__ __forceinline__ u64 smem_desc_sw128(const void* start, u32 lbo_bytes, u32 sbo_bytes) {
+    return u64((smem_u32(start) & 0x3FFFF) >> 4) | (u64(lbo_bytes >> 4) << 16) | (u64(sbo_bytes >> 4) << 32) | (1ull << 62);
+}
+
+// K-major operand (rows = M or N, columns = the reduction dimension K; Q and K in S = Q K^T):
+// rows [row0, row0 + 64 or N) of the tile, reduction columns [16 kk, 16 kk + 16). Within a
+// 128-byte line the 16-column step is +32 bytes before swizzling; 8-row groups are 1024 bytes apart.
+template <int ROWS, int COLS>
+__device__ __forceinline__ u64 desc_k_major(const unsigned char* tile, int row0, int kk) {
+    using Tile = SwizzledTile<ROWS, COLS>;
+    const unsigned char* start = tile + (kk / 4) * Tile::PANEL_BYTES + row0 * Tile::LINE_BYTES + (kk % 4) * 32;
+    return smem_desc_sw128(start, 16, Tile::ATOM_BYTES);
+}
+
+// N-major B operand (rows = the reduction dimension K, columns = N; V in O = P V): reduction rows
+// [16 kk, 16 kk + 16), all columns. 8-row groups are 1024 bytes apart (stride offset), 64-column
+// panels PANEL_BYTES apart (leading offset).
+template <int ROWS, int COLS>
+__device__ __forceinline__ u64 desc_n_major(const unsigned char* tile, int kk) {
+    using Tile = SwizzledTile<ROWS, COLS>;
+    return smem_desc_sw128(tile + kk * 16 * Tile::LINE_BYTES, Tile::PANEL_BYTES, Tile::ATOM_BYTES);
+}
+
+}  // namespace cupyflash
