@@ -26,6 +26,8 @@ def nvrtc_arch(cc: int) -> str:
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
+# ptxas warning C7512: it could not keep the wgmma instructions asynchronous
+_SERIALIZED = re.compile(r"wgmma.mma_async instructions are serialized.*function '(\S+)'")
 _USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
 
@@ -95,6 +97,10 @@ def _parse_ptxas(log: str) -> dict:
         if m and current:
             out[current].update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
             continue
+        m = _SERIALIZED.search(line)
+        if m:
+            out.setdefault(m.group(1), {})["wgmma_serialized"] = True
+            continue
         m = _USED.search(line)
         if m and current:
             out[current].update(registers=int(m.group(1)), shared_bytes=int(m.group(2) or 0))
@@ -139,7 +145,8 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
 
     Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_preprocess, bwd_convert), dtype,
     head_dim (the compile-time class), causal, arch, registers, spill_stores, spill_loads,
-    stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests).
+    stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests),
+    wgmma_serialized (ptxas had to make the Hopper kernel's wgmma instructions synchronous).
     """
     sets = _kernel_sets(arch, dtypes, head_dims)
     _, stats, lowered = _compile_sets(arch, sets)
@@ -157,5 +164,6 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
                 "registers": s.get("registers", -1), "spill_stores": s.get("spill_stores", 0),
                 "spill_loads": s.get("spill_loads", 0), "stack_bytes": s.get("stack_bytes", 0),
                 "shared_bytes": s.get("shared_bytes", 0), "dynamic_shared_bytes": dyn.get(n, 0),
+                "wgmma_serialized": s.get("wgmma_serialized", False),
             })
     return rows

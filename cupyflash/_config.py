@@ -59,12 +59,12 @@ class FwdConfig:
 @dataclass(frozen=True)
 class Sm90FwdConfig:
     """Hopper forward tile (flash_fwd_sm90.cu, sm_90a wgmma): NUM_WG warpgroups of 64 query rows
-    each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step, K/V in two swizzled stages. head_dim
+    each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step, K/V in three swizzled stages. head_dim
     runs at the next multiple of 64 (wgmma tiles are whole 64-column panels)."""
     block_n: int
     num_wg: int
 
-    STAGES = 2
+    STAGES = 3  # FwdTraitsSm90::STAGES
     ALIGN = 1024  # FwdTraitsSm90::ALIGN: slack to start the panels on 1024-byte boundaries
 
     @property
@@ -157,7 +157,8 @@ HOPPER_FWD = {
     (128, False): H(128, 2), (128, True): H(128, 2),
     (160, False): H(64, 2), (160, True): H(64, 2),
     (192, False): H(64, 2), (192, True): H(64, 2),
-    (256, False): H(64, 2), (256, True): H(64, 2),
+    # head_dim 256 keeps the mma.sync forward until a wgmma tile is measured: H(64, 2) needs
+    # 257 KB of shared memory with three stages
 }
 TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), bwd) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
 # When a table entry needs more shared memory than the GPU lets one block have (sm_86 and

@@ -18,10 +18,11 @@ struct OnlineSoftmax {
             for (int h = 0; h < 2; ++h) { m[mt][h] = -CUPYFLASH_INF; l[mt][h] = 0.f; }
     }
 
-    // One key tile: s becomes P~ = exp2((s - m_new) * scale_log2); l and the output accumulator o
-    // are rescaled by alpha = exp2((m_old - m_new) * scale_log2).
-    template <int NT, int DT>
-    __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][DT][4], float scale_log2) {
+    // One key tile: s becomes P~ = exp2((s - m_new) * scale_log2) and l is rescaled and summed;
+    // alpha = exp2((m_old - m_new) * scale_log2) is the factor the output accumulator still needs
+    // (rescale), applied separately so a pipelined kernel can apply it once O is no longer in use.
+    template <int NT>
+    __device__ __forceinline__ void update_scores(float (&s)[MT][NT][4], float (&alpha)[MT][2], float scale_log2) {
         #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
             #pragma unroll
@@ -33,7 +34,7 @@ struct OnlineSoftmax {
                 const float m_new = fmaxf(m[mt][h], quad_max(m_tile));
                 // A row that has seen only masked keys keeps m = -inf; subtract 0 instead so no inf - inf appears.
                 const float m_scaled = (m_new == -CUPYFLASH_INF) ? 0.f : m_new * scale_log2;
-                const float alpha = exp2f(m[mt][h] * scale_log2 - m_scaled);
+                alpha[mt][h] = exp2f(m[mt][h] * scale_log2 - m_scaled);
                 // P~_ij = exp2(S_ij * scale_log2 - m_new * scale_log2), l = alpha * l + rowsum(P~_ij)
                 float row_sum = 0.f;
                 #pragma unroll
@@ -44,12 +45,29 @@ struct OnlineSoftmax {
                         x = exp2f(x * scale_log2 - m_scaled);
                         row_sum += x;
                     }
-                l[mt][h] = alpha * l[mt][h] + row_sum;
+                l[mt][h] = alpha[mt][h] * l[mt][h] + row_sum;
                 m[mt][h] = m_new;
-                // O_i = diag(alpha) O_i, before P~_ij V_j is added
-                #pragma unroll
-                for (int dt = 0; dt < DT; ++dt) { o[mt][dt][2 * h] *= alpha; o[mt][dt][2 * h + 1] *= alpha; }
             }
+    }
+
+    // O_i = diag(alpha) O_i, before P~_ij V_j is added
+    template <int DT>
+    __device__ __forceinline__ static void rescale(float (&o)[MT][DT][4], const float (&alpha)[MT][2]) {
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[mt][dt][0] *= alpha[mt][0]; o[mt][dt][1] *= alpha[mt][0];
+                o[mt][dt][2] *= alpha[mt][1]; o[mt][dt][3] *= alpha[mt][1];
+            }
+    }
+
+    // Both steps at once (the unpipelined kernels).
+    template <int NT, int DT>
+    __device__ __forceinline__ void update(float (&s)[MT][NT][4], float (&o)[MT][DT][4], float scale_log2) {
+        float alpha[MT][2];
+        update_scores(s, alpha, scale_log2);
+        rescale(o, alpha);
     }
 
     // End of the key loop: the full row sums, 1 / l for the output (0 for rows that saw no key),

@@ -65,13 +65,14 @@ struct FwdTraits {
 };
 
 // Forward on Hopper (sm_90a): NUM_WG warpgroups, each owning 64 whole query rows; K_j, V_j in
-// STAGES swizzled shared-memory buffers. The accumulators are one 64-row wgmma tile per warpgroup:
-// per warp one 16-row strip of NT (S) and DT (O) 8-column tiles.
+// STAGES swizzled shared-memory buffers (tile j+1 loading, K_j and V_{j-1} being read). The
+// accumulators are one 64-row wgmma tile per warpgroup: per warp one 16-row strip of NT (S) and
+// DT (O) 8-column tiles.
 template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_>
 struct FwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, NUM_WG = NUM_WG_;
-    static constexpr int BLOCK_M = 64 * NUM_WG, NUM_THREADS = 128 * NUM_WG, STAGES = 2;
+    static constexpr int BLOCK_M = 64 * NUM_WG, NUM_THREADS = 128 * NUM_WG, STAGES = 3;
     static constexpr int NT = BLOCK_N / 8, DT = HEAD_DIM / 8;
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;
     using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;

@@ -30,6 +30,38 @@ def test_main_kernels_do_not_spill(report):
     assert not spills, f"{arch} (NVRTC {nvrtc.getVersion()}):\n" + "\n".join(spills)
 
 
+def test_hopper_kernels_keep_wgmma_asynchronous(report):
+    arch, rows = report
+    serialized = [r["kernel"] for r in rows if r["wgmma_serialized"]]
+    assert not serialized, f"{arch}: ptxas serialized wgmma (C7512, too few registers) in {serialized}"
+
+
+def test_hopper_forward_tiles_fit_without_falling_back():
+    limit = _config.smem_optin(90)
+    too_big = {key: cfg for key, cfg in _config.HOPPER_FWD.items()
+               if cfg.smem_bytes(key[0], 2) > limit}
+    assert not too_big, f"these wgmma tiles exceed {limit} bytes and would silently run the small fallback: {too_big}"
+
+
+def test_hopper_forward_uses_wgmma():
+    ptx = _compile.kernel_ptx("sm_90", dtypes=["float16", "bfloat16"], head_dims=[64, 128])
+    for instruction in ("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
+                        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
+                        "wgmma.fence.sync.aligned", "wgmma.commit_group.sync.aligned",
+                        "fence.proxy.async.shared::cta"):
+        assert instruction in ptx, f"sm_90: {instruction} missing from the PTX"
+
+
+def test_wgmma_header_is_generated_by_the_script():
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "tools" / "gen_wgmma.py"
+    spec = importlib.util.spec_from_file_location("gen_wgmma", script)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.HEADER.read_text() == gen.render(), "kernels_cu/wgmma.cuh is stale: run python tools/gen_wgmma.py"
+
+
 def test_shared_memory_fits_the_smallest_supported_gpu(report):
     arch, rows = report
     optin = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_90": 227 * 1024}[arch]  # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -53,7 +85,7 @@ def test_tensor_core_kernels_use_mma_ldmatrix_cp_async(arch):
 def test_kernel_source_inlines_every_local_header():
     src = kernel_source()
     assert not re.search(r'#\s*include\s+"', src), "a local #include survived: CuPy's cache would not see its edits"
-    for header in ("ptx.cuh", "params.cuh", "tile.cuh", "traits.cuh", "softmax.cuh", "mask.cuh"):
+    for header in ("ptx.cuh", "params.cuh", "tile.cuh", "traits.cuh", "softmax.cuh", "mask.cuh", "wgmma.cuh", "hopper.cuh"):
         assert f"// ---- {header} ----" in src
 
 
