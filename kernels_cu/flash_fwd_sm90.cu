@@ -74,37 +74,66 @@ __global__ void __launch_bounds__(NUM_WG * 128, 1) flash_fwd_sm90_kernel(const F
     load_swizzled_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
     load_kv(0);
 
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
-        const int n0 = n_block * BLOCK_N;
+    // Step j waits for K_j, V_j, makes every warpgroup visible, and prefetches tile j+1 into the
+    // stage of tile j-2, whose last reader (P~ V_{j-2}) completed in step j-1.
+    auto begin_step = [&](int n_block) {
         cp_async_wait<0>();  // tile j (and Q_i) have landed
         fence_proxy_async();
         __syncthreads();  // K_j, V_j are visible to every warpgroup's wgmma, and every warpgroup is done with step j-1
-        // Prefetch tile j+1 into the stage of tile j-2, whose last reader (P~ V_{j-2}) completed in step j-1.
         load_kv(n_block + 1);
+    };
+    float s[1][NT][4];
+    float alpha[1][2];
 
-        // S_ij = Q_i K_j^T, then O_i += P~_{i,j-1} V_{j-1} behind it on the tensor cores
-        float s[1][NT][4];
+    // Step 0: S_i0 = Q_i K_0^T and P~_i0, with no product to overlap yet.
+    if (n_blocks > 0) {
+        begin_step(0);
         wgmma_fence();
-        issue_scores<Tr>(s[0], sQ, stage_k(n_block), wg_row0);
-        if (n_block > 0) issue_pv<Tr>(o[0], pa, stage_k(n_block - 1) + KV_BYTES);
-        if (n_block > 0) wgmma_wait<1>(); else wgmma_wait<0>();  // S_ij is ready
-
-        // Mask keys past seqlen_k and above the causal diagonal, only on tiles that need it.
-        if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, n0, p.seqlen_q, p.seqlen_k))
-            mask_scores<IS_CAUSAL>(s, m0 + warp * 16, n0, p.seqlen_q, p.seqlen_k);
-        // m, l; s becomes P~_ij (while P~_{i,j-1} V_{j-1} runs)
-        float alpha[1][2];
+        issue_scores<Tr>(s[0], sQ, stage_k(0), wg_row0);
+        wgmma_wait<0>();
+        fence_operands(s[0]);
+        if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, 0, p.seqlen_q, p.seqlen_k))
+            mask_scores<IS_CAUSAL>(s, m0 + warp * 16, 0, p.seqlen_q, p.seqlen_k);
         softmax.update_scores(s, alpha, p.scale_log2);
-        wgmma_wait<0>();  // O_i holds P~_{i,j-1} V_{j-1}; pa is free
-        softmax.rescale(o, alpha);
         #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
     }
+    // Steps j >= 1: issue S_ij = Q_i K_j^T and O_i += P~_{i,j-1} V_{j-1}; the softmax of S_ij runs
+    // while the second product is on the tensor cores. The body has no branch between the issue and
+    // the waits (ptxas waits for every wgmma at a join), so the tiles that need a mask, a suffix of
+    // the key range, run in a second loop.
+    auto step = [&](int n_block, bool masked) {  // inlined at both loops with `masked` a constant
+        begin_step(n_block);
+        wgmma_fence();
+        issue_scores<Tr>(s[0], sQ, stage_k(n_block), wg_row0);
+        // A fence between the groups makes them separate pipeline stages for ptxas: once S_ij is
+        // retired its registers may be rewritten while the P~ V group still runs (in one stage,
+        // ptxas would wait for both before the softmax's first write).
+        wgmma_fence();
+        issue_pv<Tr>(o[0], pa, stage_k(n_block - 1) + KV_BYTES);
+        wgmma_wait<1>();  // S_ij is ready
+        fence_operands(s[0]);
+        if (masked) mask_scores<IS_CAUSAL>(s, m0 + warp * 16, n_block * BLOCK_N, p.seqlen_q, p.seqlen_k);
+        softmax.update_scores(s, alpha, p.scale_log2);
+        fence_operands(s[0]);  // the softmax is done before the wait, not sunk below it
+        fence_operands(alpha);
+        warpgroup_barrier(warp / 4);
+        wgmma_wait<0>();  // O_i holds P~_{i,j-1} V_{j-1}; pa is free
+        fence_operands(o[0]);
+        softmax.rescale(o, alpha);
+        #pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
+    };
+    const int first_masked = first_masked_tile<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, n_blocks, p.seqlen_q, p.seqlen_k);
+    int n_block = 1;
+    for (; n_block < first_masked; ++n_block) step(n_block, false);
+    for (; n_block < n_blocks; ++n_block) step(n_block, true);
     // O_i += P~_{i,last} V_last
     if (n_blocks > 0) {
         wgmma_fence();
         issue_pv<Tr>(o[0], pa, stage_k(n_blocks - 1) + KV_BYTES);
         wgmma_wait<0>();
+        fence_operands(o[0]);
     }
     cp_async_wait<0>();  // no copy may outlive the block
 

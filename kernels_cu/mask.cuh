@@ -15,6 +15,15 @@ __device__ __forceinline__ bool tile_needs_mask(int m0, int n0, int seqlen_q, in
     return past_end || crosses_diagonal;
 }
 
+// The first key tile that needs a mask (n_blocks if none): the tiles that do form a suffix of
+// [0, n_blocks), the diagonal and the tile past seqlen_k coming last.
+template <bool IS_CAUSAL, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ int first_masked_tile(int m0, int n_blocks, int seqlen_q, int seqlen_k) {
+    int j = n_blocks;
+    while (j > 0 && tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, (j - 1) * BLOCK_N, seqlen_q, seqlen_k)) --j;
+    return j;
+}
+
 // Sets masked entries of a warp's score accumulator (rows = queries from q0, columns = keys from k0)
 // to -inf, so exp2 turns them into exactly 0.
 template <bool IS_CAUSAL, int MT, int NT>

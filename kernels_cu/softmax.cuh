@@ -21,8 +21,15 @@ struct OnlineSoftmax {
     // One key tile: s becomes P~ = exp2((s - m_new) * scale_log2) and l is rescaled and summed;
     // alpha = exp2((m_old - m_new) * scale_log2) is the factor the output accumulator still needs
     // (rescale), applied separately so a pipelined kernel can apply it once O is no longer in use.
+    // P~ goes to `pt`, which may be s itself; a pipelined kernel passes a separate array so that
+    // it never writes the registers of a just-finished wgmma while another one is in flight.
     template <int NT>
     __device__ __forceinline__ void update_scores(float (&s)[MT][NT][4], float (&alpha)[MT][2], float scale_log2) {
+        update_scores(s, s, alpha, scale_log2);
+    }
+    template <int NT>
+    __device__ __forceinline__ void update_scores(const float (&s)[MT][NT][4], float (&pt)[MT][NT][4], float (&alpha)[MT][2],
+                                                  float scale_log2) {
         #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
             #pragma unroll
@@ -41,8 +48,8 @@ struct OnlineSoftmax {
                 for (int nt = 0; nt < NT; ++nt)
                     #pragma unroll
                     for (int c = 0; c < 2; ++c) {
-                        float& x = s[mt][nt][2 * h + c];
-                        x = exp2f(x * scale_log2 - m_scaled);
+                        const float x = exp2f(s[mt][nt][2 * h + c] * scale_log2 - m_scaled);
+                        pt[mt][nt][2 * h + c] = x;
                         row_sum += x;
                     }
                 l[mt][h] = alpha[mt][h] * l[mt][h] + row_sum;
