@@ -58,14 +58,17 @@ class FwdConfig:
 
 @dataclass(frozen=True)
 class Sm90FwdConfig:
-    """Hopper forward tile (flash_fwd_sm90.cu, sm_90a wgmma): NUM_WG warpgroups of 64 query rows
-    each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step, K/V in three swizzled stages. head_dim
-    runs at the next multiple of 64 (wgmma tiles are whole 64-column panels)."""
+    """Hopper forward tile (flash_fwd_sm90.cu, sm_90a wgmma): one producer warpgroup and NUM_WG
+    consumer warpgroups of 64 query rows each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step,
+    K/V in three swizzled stages. head_dim runs at the next multiple of 64 (wgmma tiles are
+    whole 64-column panels). Mirrors FwdTraitsSm90 in kernels_cu/traits.cuh."""
     block_n: int
     num_wg: int
 
-    STAGES = 3  # FwdTraitsSm90::STAGES
-    ALIGN = 1024  # FwdTraitsSm90::ALIGN: slack to start the panels on 1024-byte boundaries
+    STAGES = 3
+    ALIGN = 1024        # slack to start the panels on 1024-byte boundaries
+    BARRIER_BYTES = 64  # the mbarriers
+    SCRATCH_BYTES_PER_THREAD = 4  # one word per consumer thread
 
     @property
     def block_m(self) -> int:
@@ -73,7 +76,7 @@ class Sm90FwdConfig:
 
     @property
     def num_warps(self) -> int:
-        return 4 * self.num_wg
+        return 4 * (self.num_wg + 1)  # the producer warpgroup too
 
     @staticmethod
     def head_dim(head_dim_cls: int) -> int:
@@ -81,7 +84,8 @@ class Sm90FwdConfig:
 
     def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
         rows = self.block_m + 2 * self.STAGES * self.block_n
-        return self.ALIGN + rows * self.head_dim(head_dim_cls) * itemsize
+        return (self.ALIGN + rows * self.head_dim(head_dim_cls) * itemsize + self.BARRIER_BYTES
+                + self.SCRATCH_BYTES_PER_THREAD * 128 * self.num_wg)
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,57 @@
-// Forward pass on Hopper (sm_90a): the FlashAttention-2 loop on warpgroup MMAs (wgmma),
-// software-pipelined so the softmax runs while the tensor cores work.
-// One thread block of NUM_WG warpgroups per (query tile Q_i, head, batch); warpgroup w owns query
-// rows [64 w, 64 w + 64) of Q_i, so no warpgroup needs another's row statistics. K_j and V_j stream
-// through three stages of swizzled shared memory by cp.async, one tile ahead (the third stage holds
-// V_{j-1}, still read by the pending P~ V product). Step j issues
-// S_j = Q_i K_j^T and then O += P~_{j-1} V_{j-1}; the softmax of S_j runs while the second product
-// is still on the tensor cores. P~ never leaves registers (the S accumulator packed to 16 bits is
-// wgmma's register A operand). Only O and lse are written to global memory.
+// Forward pass on Hopper (sm_90a): the FlashAttention-2 loop on warpgroup MMAs (wgmma), with
+// warp specialisation.
+// One thread block per (query tile Q_i, head, batch): a producer warpgroup and NUM_WG consumer
+// warpgroups. The producer issues every cp.async (Q_i, then K_j and V_j into STAGES swizzled
+// shared-memory stages) and signals each stage on a "full" mbarrier; consumer warpgroup w owns
+// query rows [64 w, 64 w + 64) of Q_i (no warpgroup needs another's row statistics) and hands a
+// stage back on its "empty" mbarrier. No block-wide barrier in the loop: the consumers drift
+// apart, so one's softmax runs under another's MMAs.
+// Consumer step j issues S_j = Q_i K_j^T and then O += P~_{j-1} V_{j-1}; the softmax of S_j runs
+// while the second product is still on the tensor cores. P~ never leaves registers (the S
+// accumulator packed to 16 bits is wgmma's register A operand). Only O and lse reach global memory.
 #include "traits.cuh"
 #include "softmax.cuh"
 #include "mask.cuh"
 #include "fwd_epilogue.cuh"
 
 namespace cupyflash {
+
+// The shared-memory plan: Q_i, STAGES (K, V) stages, the mbarriers, one scratch word per consumer thread.
+template <typename Tr>
+struct FwdSm90Smem {
+    unsigned char *q, *kv;
+    u64 *q_full, *full, *empty;
+    float* scratch;
+    __device__ FwdSm90Smem(unsigned char* raw) {
+        q = raw + (Tr::ALIGN - smem_u32(raw) % Tr::ALIGN) % Tr::ALIGN;  // the swizzle needs 1024-byte-aligned panels
+        kv = q + Tr::TileQ::BYTES;
+        q_full = reinterpret_cast<u64*>(kv + Tr::STAGES * 2 * Tr::TileKV::BYTES);
+        full = q_full + 1;
+        empty = full + Tr::STAGES;
+        scratch = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(q_full) + Tr::BARRIER_BYTES);
+    }
+    __device__ unsigned char* k(int n_block) const { return kv + (n_block % Tr::STAGES) * 2 * Tr::TileKV::BYTES; }
+    __device__ unsigned char* v(int n_block) const { return k(n_block) + Tr::TileKV::BYTES; }
+};
+
+// Producer warpgroup: Q_i, then K_j, V_j into stage j % STAGES once the consumers have released
+// its previous use; each fill completes the stage's "full" barrier when its copies land.
+template <typename Tr>
+__device__ __forceinline__ void produce(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_blocks) {
+    using T = typename Tr::T;
+    constexpr int NTH = Tr::PRODUCER_THREADS;
+    load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q, p.q, b, h, m0, p.seqlen_q, p.head_dim);
+    cp_async_arrive(sm.q_full);
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+        const int stage = n_block % Tr::STAGES, use = n_block / Tr::STAGES;
+        if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile j - STAGES
+        load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.k(n_block), p.k, b, h, n_block * Tr::BLOCK_N, p.seqlen_k, p.head_dim);
+        load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.v(n_block), p.v, b, h, n_block * Tr::BLOCK_N, p.seqlen_k, p.head_dim);
+        cp_async_arrive(&sm.full[stage]);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();  // no copy outlives its issuing thread
+}
 
 // Issue S = Q_i K_j^T for this warpgroup's 64 rows: HEAD_DIM / 16 k-steps, both operands K-major.
 template <typename Tr>
@@ -36,60 +75,32 @@ __device__ __forceinline__ void issue_pv(float (&o)[Tr::DT][4], const u32 (&pa)[
     wgmma_commit();
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, bool IS_CAUSAL>
-__global__ void __launch_bounds__(NUM_WG * 128, 1) flash_fwd_sm90_kernel(const FwdParams p) {
-    using Tr = FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>;
-    constexpr int BLOCK_M = Tr::BLOCK_M, NT = Tr::NT, DT = Tr::DT, NTH = Tr::NUM_THREADS, STAGES = Tr::STAGES;
-    constexpr int KV_BYTES = Tr::TileKV::BYTES;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    unsigned char* sQ = smem_raw + (Tr::ALIGN - smem_u32(smem_raw) % Tr::ALIGN) % Tr::ALIGN;
-    unsigned char* sKV = sQ + Tr::TileQ::BYTES;  // stage s: K at sKV + 2 s KV_BYTES, V right after
-    auto stage_k = [&](int n_block) { return sKV + (n_block % STAGES) * 2 * KV_BYTES; };
-
-    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int m0 = m_block * BLOCK_M;
-    const int warp = threadIdx.x / 32;
-    const int wg_row0 = (warp / 4) * 64;  // this warpgroup's first row within Q_i
-
-    // Key tiles K_j that any row of Q_i can see: all of them, or up to the causal diagonal.
-    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
-    const int n_blocks = last_key < 0 ? 0 : last_key / BLOCK_N + 1;
-    auto load_kv = [&](int n_block) {  // one commit group per key tile, empty past the end
-        if (n_block < n_blocks) {
-            unsigned char* sK = stage_k(n_block);
-            load_swizzled_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, b, h, n_block * BLOCK_N, p.seqlen_k, p.head_dim);
-            load_swizzled_async<T, BLOCK_N, HEAD_DIM, NTH>(sK + KV_BYTES, p.v, b, h, n_block * BLOCK_N, p.seqlen_k, p.head_dim);
-        }
-        cp_async_commit();
+// Consumer warpgroup `wg`: the online-softmax loop over the key tiles, then O_i and lse_i.
+template <typename Tr, bool IS_CAUSAL>
+__device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_blocks) {
+    using T = typename Tr::T;
+    constexpr int NT = Tr::NT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N;
+    const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
+    const int wg = warp / 4, wg_row0 = wg * 64;                     // this warpgroup's first row within Q_i
+    auto wait_tile = [&](int n_block) {  // K_j, V_j have landed and are visible to wgmma
+        mbarrier_wait(&sm.full[n_block % Tr::STAGES], (n_block / Tr::STAGES) & 1);
+        fence_proxy_async();
     };
+    auto release_tile = [&](int n_block) { mbarrier_arrive(&sm.empty[n_block % Tr::STAGES]); };
 
     float o[1][DT][4];
     zero(o);
     OnlineSoftmax<1> softmax;
     softmax.init();
+    float s[1][NT][4], alpha[1][2];
     u32 pa[BLOCK_N / 16][4];  // P~_{j-1}, packed as the A operand of the pending O += P~ V_{j-1}
-
-    // Load Q_i with K_0, V_0.
-    load_swizzled_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    load_kv(0);
-
-    // Step j waits for K_j, V_j, makes every warpgroup visible, and prefetches tile j+1 into the
-    // stage of tile j-2, whose last reader (P~ V_{j-2}) completed in step j-1.
-    auto begin_step = [&](int n_block) {
-        cp_async_wait<0>();  // tile j (and Q_i) have landed
-        fence_proxy_async();
-        __syncthreads();  // K_j, V_j are visible to every warpgroup's wgmma, and every warpgroup is done with step j-1
-        load_kv(n_block + 1);
-    };
-    float s[1][NT][4];
-    float alpha[1][2];
+    mbarrier_wait(sm.q_full, 0);
 
     // Step 0: S_i0 = Q_i K_0^T and P~_i0, with no product to overlap yet.
     if (n_blocks > 0) {
-        begin_step(0);
+        wait_tile(0);
         wgmma_fence();
-        issue_scores<Tr>(s[0], sQ, stage_k(0), wg_row0);
+        issue_scores<Tr>(s[0], sm.q, sm.k(0), wg_row0);
         wgmma_wait<0>();
         fence_operands(s[0]);
         if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, 0, p.seqlen_q, p.seqlen_k))
@@ -98,27 +109,25 @@ __global__ void __launch_bounds__(NUM_WG * 128, 1) flash_fwd_sm90_kernel(const F
         #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
     }
-    // Steps j >= 1: issue S_ij = Q_i K_j^T and O_i += P~_{i,j-1} V_{j-1}; the softmax of S_ij runs
-    // while the second product is on the tensor cores. The body has no branch between the issue and
-    // the waits (ptxas waits for every wgmma at a join), so the tiles that need a mask, a suffix of
-    // the key range, run in a second loop.
+    // Steps j >= 1: the softmax of S_ij runs while O_i += P~_{i,j-1} V_{j-1} is on the tensor cores.
+    // The body has no branch between the issue and the waits (ptxas waits for every wgmma at a
+    // join), so the tiles that need a mask, a suffix of the key range, run in a second loop.
     auto step = [&](int n_block, bool masked) {  // inlined at both loops with `masked` a constant
-        begin_step(n_block);
+        wait_tile(n_block);
         wgmma_fence();
-        issue_scores<Tr>(s[0], sQ, stage_k(n_block), wg_row0);
+        issue_scores<Tr>(s[0], sm.q, sm.k(n_block), wg_row0);
         // A fence between the groups makes them separate pipeline stages for ptxas: once S_ij is
-        // retired its registers may be rewritten while the P~ V group still runs (in one stage,
-        // ptxas would wait for both before the softmax's first write).
+        // retired its registers may be rewritten while the P~ V group still runs.
         wgmma_fence();
-        issue_pv<Tr>(o[0], pa, stage_k(n_block - 1) + KV_BYTES);
+        issue_pv<Tr>(o[0], pa, sm.v(n_block - 1));
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
         if (masked) mask_scores<IS_CAUSAL>(s, m0 + warp * 16, n_block * BLOCK_N, p.seqlen_q, p.seqlen_k);
         softmax.update_scores(s, alpha, p.scale_log2);
-        fence_operands(s[0]);  // the softmax is done before the wait, not sunk below it
-        fence_operands(alpha);
-        warpgroup_barrier(warp / 4);
+        // the row sums depend on every P~ value: the softmax stays above the wait
+        pin_before_wait(&sm.scratch[threadIdx.x - Tr::PRODUCER_THREADS], softmax.l[0][0] + softmax.l[0][1], wg);
         wgmma_wait<0>();  // O_i holds P~_{i,j-1} V_{j-1}; pa is free
+        release_tile(n_block - 1);
         fence_operands(o[0]);
         softmax.rescale(o, alpha);
         #pragma unroll
@@ -131,16 +140,48 @@ __global__ void __launch_bounds__(NUM_WG * 128, 1) flash_fwd_sm90_kernel(const F
     // O_i += P~_{i,last} V_last
     if (n_blocks > 0) {
         wgmma_fence();
-        issue_pv<Tr>(o[0], pa, stage_k(n_blocks - 1) + KV_BYTES);
+        issue_pv<Tr>(o[0], pa, sm.v(n_blocks - 1));
         wgmma_wait<0>();
         fence_operands(o[0]);
+        release_tile(n_blocks - 1);
     }
-    cp_async_wait<0>();  // no copy may outlive the block
 
     // O_i = O_i / l, lse_i = m * scale + log(l)
     float inv_l[1][2], lse[1][2];
     softmax.finalize(inv_l, lse, p.scale_log2);
     store_output<T>(p, b, h, m0 + warp * 16, o, inv_l, lse);
+}
+
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, bool IS_CAUSAL>
+__global__ void __launch_bounds__(FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>::NUM_THREADS, 1)
+flash_fwd_sm90_kernel(const FwdParams p) {
+    using Tr = FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const FwdSm90Smem<Tr> sm(smem_raw);
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int m0 = m_block * Tr::BLOCK_M;
+    // Key tiles K_j that any row of Q_i can see: all of them, or up to the causal diagonal.
+    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + Tr::BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
+    const int n_blocks = last_key < 0 ? 0 : last_key / Tr::BLOCK_N + 1;
+
+    if (threadIdx.x == 0) {
+        mbarrier_init(sm.q_full, Tr::PRODUCER_THREADS);
+        for (int s = 0; s < Tr::STAGES; ++s) {
+            mbarrier_init(&sm.full[s], Tr::PRODUCER_THREADS);
+            mbarrier_init(&sm.empty[s], Tr::CONSUMER_THREADS);
+        }
+    }
+    __syncthreads();  // the mbarriers are initialised before any warpgroup uses them
+
+    if (threadIdx.x < Tr::PRODUCER_THREADS) {
+        setmaxnreg_dec<Tr::PRODUCER_REGS>();
+        produce<Tr>(p, sm, b, h, m0, n_blocks);
+    } else {
+        setmaxnreg_inc<Tr::CONSUMER_REGS>();
+        consume<Tr, IS_CAUSAL>(p, sm, b, h, m0, n_blocks);
+    }
 }
 
 }  // namespace cupyflash

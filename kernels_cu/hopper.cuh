@@ -35,15 +35,50 @@ __device__ __forceinline__ void fence_operands(u32 (&r)[N][M]) {
 }
 
 // Barrier among the 128 threads of warpgroup wg (named barrier 1 + wg; 0 is __syncthreads).
-// Also a scheduling fence for ptxas, which otherwise hoists a wgmma wait above independent work
-// (the softmax) that was meant to overlap the MMA.
 __device__ __forceinline__ void warpgroup_barrier(int wg) {
     asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
+}
+
+// Order "everything that computed x" before a following wgmma wait. ptxas hoists a wait above
+// independent register work (the softmax meant to overlap the running MMA), and moves register
+// work across barriers, but it keeps a shared-memory store before a barrier and the wait after
+// it: store x (which depends on that work) to this thread's scratch word, then barrier.
+__device__ __forceinline__ void pin_before_wait(float* scratch, float x, int wg) {
+    asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(smem_u32(scratch)), "f"(x) : "memory");
+    warpgroup_barrier(wg);
 }
 
 // Shared memory written through the generic proxy (cp.async, st.shared) becomes visible to the
 // async proxy (wgmma operand reads); each writing thread issues it before the barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---- mbarriers: stage handoff between the producer warpgroup and the consumers ----
+__device__ __forceinline__ void mbarrier_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(u64* bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" :: "r"(smem_u32(bar)) : "memory");
+}
+// Arrive on `bar` once every cp.async this thread issued so far has landed (counts against the
+// barrier's initial count: no pending arrival is added).
+__device__ __forceinline__ void cp_async_arrive(u64* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(smem_u32(bar)) : "memory");
+}
+// Block until the phase with parity `parity` of `bar` has completed.
+__device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
+    u32 done = 0;
+    while (!done)
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+
+// ---- register reallocation between warpgroup roles (needs a register cap at kernel entry) ----
+template <int REGS> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(REGS));
+}
 
 // ---- 128-byte-swizzled tiles ----
 // A ROWS x COLS tile of 16-bit elements is stored as COLS / 64 panels of ROWS x 64 elements

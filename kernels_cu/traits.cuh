@@ -64,24 +64,34 @@ struct FwdTraits {
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 32 == 0, "BLOCK_N multiple of 16, HEAD_DIM multiple of 32");
 };
 
-// Forward on Hopper (sm_90a): NUM_WG warpgroups, each owning 64 whole query rows; K_j, V_j in
-// STAGES swizzled shared-memory buffers (tile j+1 loading, K_j and V_{j-1} being read). The
-// accumulators are one 64-row wgmma tile per warpgroup: per warp one 16-row strip of NT (S) and
-// DT (O) 8-column tiles.
+// Forward on Hopper (sm_90a): a producer warpgroup loading K_j, V_j into STAGES swizzled
+// shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read), and NUM_WG consumer
+// warpgroups each owning 64 whole query rows. The accumulators are one 64-row wgmma tile per
+// consumer warpgroup: per warp one 16-row strip of NT (S) and DT (O) 8-column tiles. Registers
+// move from the producer (address arithmetic only) to the consumers with setmaxnreg.
 template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_>
 struct FwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, NUM_WG = NUM_WG_;
-    static constexpr int BLOCK_M = 64 * NUM_WG, NUM_THREADS = 128 * NUM_WG, STAGES = 3;
+    static constexpr int BLOCK_M = 64 * NUM_WG, STAGES = 3;
+    static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
+    static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+    static constexpr int PRODUCER_REGS = 40;
+    // what the register file (64K) leaves each consumer thread, in setmaxnreg's steps of 8, at most 240
+    static constexpr int CONSUMER_REGS_FIT = (65536 - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
+    static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
     static constexpr int NT = BLOCK_N / 8, DT = HEAD_DIM / 8;
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;
     using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;
-    static constexpr int ALIGN = 1024;  // the swizzle is a function of the address: panels start on 1024-byte boundaries
-    static constexpr int SMEM_BYTES = ALIGN + TileQ::BYTES + 2 * STAGES * TileKV::BYTES;
+    static constexpr int ALIGN = 1024;     // the swizzle is a function of the address: panels start on 1024-byte boundaries
+    static constexpr int BARRIER_BYTES = 64;  // q_full, full[STAGES], empty[STAGES]: 8 bytes each
+    static constexpr int SCRATCH_BYTES = 4 * CONSUMER_THREADS;  // one word per consumer thread (pin_before_wait)
+    static constexpr int SMEM_BYTES = ALIGN + TileQ::BYTES + 2 * STAGES * TileKV::BYTES + BARRIER_BYTES + SCRATCH_BYTES;
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(HEAD_DIM % 64 == 0 && HEAD_DIM <= 256, "wgmma tiles: HEAD_DIM a multiple of 64, at most 256 (N of O += P V)");
     static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "BLOCK_N a multiple of 16, at most 256 (N of S = Q K^T)");
-    static_assert(NUM_WG >= 1 && NUM_WG <= 3, "one to three warpgroups");
+    static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups (three leave too few registers each)");
+    static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 
 // Backward: one thread block per key tile K_j, V_j walking the query tiles Q_i.
