@@ -4,8 +4,8 @@
 // warpgroups. The producer issues every cp.async (Q_i, then K_j and V_j into STAGES swizzled
 // shared-memory stages) and signals each stage on a "full" mbarrier; consumer warpgroup w owns
 // query rows [64 w, 64 w + 64) of Q_i (no warpgroup needs another's row statistics) and hands a
-// stage back on its "empty" mbarrier. No block-wide barrier in the loop; the two consumers take
-// turns issuing MMAs (ping-pong), so one's softmax runs under the other's products.
+// stage back on its "empty" mbarrier. No block-wide barrier in the loop: the consumers drift
+// apart, so one's softmax runs under another's MMAs.
 // Consumer step j issues S_j = Q_i K_j^T and then O += P~_{j-1} V_{j-1}; the softmax of S_j runs
 // while the second product is still on the tensor cores. P~ never leaves registers (the S
 // accumulator packed to 16 bits is wgmma's register A operand). Only O and lse reach global memory.
@@ -35,30 +35,22 @@ struct FwdSm90Smem {
 };
 
 // Producer warpgroup: Q_i, then K_j, V_j into stage j % STAGES once the consumers have released
-// its previous use. A tile is announced on its stage's "full" barrier once its copies have landed
-// and been made visible to the async proxy (wgmma reads shared memory through it): the writer
-// fences, so the consumers' critical path has no fence.
+// its previous use; each fill completes the stage's "full" barrier when its copies land.
 template <typename Tr>
 __device__ __forceinline__ void produce(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_blocks) {
     using T = typename Tr::T;
     constexpr int NTH = Tr::PRODUCER_THREADS;
-    auto announce = [&](u64* bar) {  // this thread's copies before the newest group have landed
-        fence_proxy_async();
-        mbarrier_arrive(bar);
-    };
     load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    cp_async_commit();
+    cp_async_arrive(sm.q_full);
     for (int n_block = 0; n_block < n_blocks; ++n_block) {
         const int stage = n_block % Tr::STAGES, use = n_block / Tr::STAGES;
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile j - STAGES
         load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.k(n_block), p.k, b, h, n_block * Tr::BLOCK_N, p.seqlen_k, p.head_dim);
         load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.v(n_block), p.v, b, h, n_block * Tr::BLOCK_N, p.seqlen_k, p.head_dim);
-        cp_async_commit();
-        cp_async_wait<1>();  // Q_i (first pass) or tile j-1 has landed
-        announce(n_block == 0 ? sm.q_full : &sm.full[(n_block - 1) % Tr::STAGES]);
+        cp_async_arrive(&sm.full[stage]);
     }
-    cp_async_wait<0>();
-    announce(n_blocks == 0 ? sm.q_full : &sm.full[(n_blocks - 1) % Tr::STAGES]);
+    cp_async_commit();
+    cp_async_wait<0>();  // no copy outlives its issuing thread
 }
 
 // Issue S = Q_i K_j^T for this warpgroup's 64 rows: HEAD_DIM / 16 k-steps, both operands K-major.
@@ -90,21 +82,11 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     constexpr int NT = Tr::NT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N;
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
     const int wg = warp / 4, wg_row0 = wg * 64;                     // this warpgroup's first row within Q_i
-    auto wait_tile = [&](int n_block) {  // K_j, V_j have landed and are visible to wgmma (the producer fenced)
+    auto wait_tile = [&](int n_block) {  // K_j, V_j have landed and are visible to wgmma
         mbarrier_wait(&sm.full[n_block % Tr::STAGES], (n_block / Tr::STAGES) & 1);
+        fence_proxy_async();
     };
     auto release_tile = [&](int n_block) { mbarrier_arrive(&sm.empty[n_block % Tr::STAGES]); };
-    // Ping-pong (two consumer warpgroups): they take turns issuing their MMAs, so the tensor cores
-    // run one warpgroup's products while the other runs its softmax. Each warpgroup takes
-    // n_blocks + 1 turns; warpgroup 1 lets warpgroup 0 go first and does not hand back its last turn.
-    constexpr bool PING_PONG = Tr::NUM_WG == 2;
-    int turns_left = n_blocks + 1;
-    auto begin_turn = [&]() { if (PING_PONG) wait_mma_turn(wg); };
-    auto end_turn = [&]() {
-        --turns_left;
-        if (PING_PONG && (wg == 0 || turns_left > 0)) give_mma_turn(1 - wg);
-    };
-    if (PING_PONG && wg == 1 && n_blocks > 0) give_mma_turn(0);
 
     float o[1][DT][4];
     zero(o);
@@ -117,10 +99,8 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     // Step 0: S_i0 = Q_i K_0^T and P~_i0, with no product to overlap yet.
     if (n_blocks > 0) {
         wait_tile(0);
-        begin_turn();
         wgmma_fence();
         issue_scores<Tr>(s[0], sm.q, sm.k(0), wg_row0);
-        end_turn();
         wgmma_wait<0>();
         fence_operands(s[0]);
         if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, 0, p.seqlen_q, p.seqlen_k))
@@ -134,14 +114,12 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     // join), so the tiles that need a mask, a suffix of the key range, run in a second loop.
     auto step = [&](int n_block, bool masked) {  // inlined at both loops with `masked` a constant
         wait_tile(n_block);
-        begin_turn();
         wgmma_fence();
         issue_scores<Tr>(s[0], sm.q, sm.k(n_block), wg_row0);
         // A fence between the groups makes them separate pipeline stages for ptxas: once S_ij is
         // retired its registers may be rewritten while the P~ V group still runs.
         wgmma_fence();
         issue_pv<Tr>(o[0], pa, sm.v(n_block - 1));
-        end_turn();
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
         if (masked) mask_scores<IS_CAUSAL>(s, m0 + warp * 16, n_block * BLOCK_N, p.seqlen_q, p.seqlen_k);
@@ -161,10 +139,8 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     for (; n_block < n_blocks; ++n_block) step(n_block, true);
     // O_i += P~_{i,last} V_last
     if (n_blocks > 0) {
-        begin_turn();
         wgmma_fence();
         issue_pv<Tr>(o[0], pa, sm.v(n_blocks - 1));
-        end_turn();
         wgmma_wait<0>();
         fence_operands(o[0]);
         release_tile(n_blocks - 1);

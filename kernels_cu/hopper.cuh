@@ -39,18 +39,6 @@ __device__ __forceinline__ void warpgroup_barrier(int wg) {
     asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
 }
 
-// Named barriers 1..2: one per consumer warpgroup (warpgroup_barrier); 3..4: the MMA turn of each
-// consumer warpgroup (ping-pong), counted over both warpgroups' 256 threads.
-constexpr int TURN_BARRIER = 3;
-// Wait for this warpgroup's turn to issue MMAs: the other warpgroup has issued its own.
-__device__ __forceinline__ void wait_mma_turn(int wg) {
-    asm volatile("bar.sync %0, 256;\n" :: "r"(TURN_BARRIER + wg) : "memory");
-}
-// Hand the turn to warpgroup `wg`.
-__device__ __forceinline__ void give_mma_turn(int wg) {
-    asm volatile("bar.arrive %0, 256;\n" :: "r"(TURN_BARRIER + wg) : "memory");
-}
-
 // Order "everything that computed x" before a following wgmma wait. ptxas hoists a wait above
 // independent register work (the softmax meant to overlap the running MMA), and moves register
 // work across barriers, but it keeps a shared-memory store before a barrier and the wait after
