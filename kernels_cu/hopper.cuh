@@ -15,23 +15,15 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
-// Pin registers in program order against the wgmma waits: the compiler sees wgmma_wait as touching
-// no registers, so without this it may sink the softmax below a wait (or hoist accumulator reads
-// above one), and the softmax would no longer overlap the running MMA.
+// Pin accumulator registers in program order against the wgmma waits: NVCC sees wgmma_wait as
+// touching no registers, so it could move reads of an accumulator above the wait that completes
+// it (ptxas would then wait earlier on its own, ending the overlap with the running MMA).
 template <int N, int M>
 __device__ __forceinline__ void fence_operands(float (&r)[N][M]) {
     #pragma unroll
     for (int i = 0; i < N; ++i)
         #pragma unroll
         for (int j = 0; j < M; ++j) asm volatile("" : "+f"(r[i][j]) :: "memory");
-}
-
-template <int N, int M>
-__device__ __forceinline__ void fence_operands(u32 (&r)[N][M]) {
-    #pragma unroll
-    for (int i = 0; i < N; ++i)
-        #pragma unroll
-        for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j]) :: "memory");
 }
 
 // Barrier among the 128 threads of warpgroup wg (named barrier 1 + wg; 0 is __syncthreads).

@@ -742,3 +742,18 @@ def test_gpu_info_describes_the_device():
     for text in ("compute capability", "multiprocessors", "shared memory per block", "NVRTC",
                  "Kernel paths on GPU 0"):
         assert text in r.output, text
+
+
+def test_readme_table_is_generated_from_a_published_run():
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("readme_table", root / "bench" / "readme_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    published = sorted((root / "bench" / "results").glob("nvidia-h200-*-bfloat16.json"))[-1]
+    result = CliRunner().invoke(mod.main, [str(published), "--seqlens", "4096"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| fwd") or line.startswith("| bwd")]
+    assert len(rows) == 8, result.output  # fwd/bwd x D 64/128 x causal
+    assert all(line.count("x)") == 3 for line in rows), "each peer with cupyflash's ratio to it"

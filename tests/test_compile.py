@@ -97,6 +97,23 @@ def test_smem_mirror_matches_the_footprint_formula():
     assert g.smem_bytes(128, 2) == (2 * 128 * 136 + 2 * 2 * 64 * 136 + 2 * 128 * 72) * 2 + 2 * 2 * 64 * 4
 
 
+def test_hopper_smem_mirror_matches_the_traits_formula():
+    # FwdTraitsSm90::SMEM_BYTES = ALIGN + (BLOCK_M + 2 STAGES BLOCK_N) * HEAD_DIM * 2 + BARRIER_BYTES + 4 * consumer threads
+    h = _config.Sm90FwdConfig(112, 2)
+    assert h.smem_bytes(128, 2) == 1024 + (128 + 2 * 3 * 112) * 128 * 2 + 64 + 4 * 256
+    assert h.smem_bytes(96, 2) == h.smem_bytes(128, 2), "head_dim runs at the next multiple of 64"
+
+
+def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
+    for (cls, causal), cfg in _config.HOPPER_FWD.items():
+        assert _config.kernel_set("bfloat16", cls, causal, 90).hopper_fwd
+        assert "flash_fwd_sm90_kernel" in _config.kernel_set("float16", cls, causal, 90).fwd_name()
+    for cc in (80, 86, 89):
+        assert not any(_config.kernel_set("bfloat16", c, k, cc).hopper_fwd for c in _config.HEAD_DIM_CLASSES
+                       for k in (False, True))
+    assert not _config.kernel_set("bfloat16", 96, False, 90).hopper_fwd  # padding would cost more than wgmma gains
+
+
 def test_bad_arch_is_a_value_error():
     with pytest.raises(ValueError, match="arch"):
         _compile.compile_report("hopper")
