@@ -95,12 +95,12 @@ def torch_sdpa(q, k, v, do, causal, backend_name):
     return t_f, t_b
 
 
-F, G, H = _config.FwdConfig, _config.BwdConfig, _config.Sm90FwdConfig
+F, G, H, HB = _config.FwdConfig, _config.BwdConfig, _config.Sm90FwdConfig, _config.Sm90BwdConfig
 CANDIDATES = {
     128: dict(fwd=[F(128, 64, 4), H(128, 2), H(112, 2), H(64, 2)],
-              bwd=[G(64, 128, 8, 2), G(64, 128, 8, 1), G(64, 64, 8, 2)]),
+              bwd=[G(64, 128, 8, 1), G(64, 128, 8, 2, balanced=False), HB(2)]),
     64: dict(fwd=[F(128, 64, 4), H(128, 2), H(192, 2), H(64, 2)],
-             bwd=[G(64, 64, 4, 2), G(128, 128, 8, 2), G(64, 128, 8, 2)]),
+             bwd=[G(64, 64, 4, 2), G(128, 128, 8, 2), HB(2), HB(1)]),
     256: dict(fwd=[F(64, 64, 4), H(32, 2), H(64, 1)], bwd=[]),
 }
 
@@ -169,7 +169,7 @@ def main():
     print(f"\n{gpu} cc {dev.compute_capability}, bf16, batch*seqlen=16384, heads*head_dim=2048, TFLOP/s")
     print(f"{'pass':>4} {'D':>4} {'S':>6} {'causal':>6} {'impl':>10} {'config':>30} {'regs':>4} {'spill':>5} {'err':>8} {'TFLOP/s':>7}")
     for r in rows:
-        cfg = r.get("config", "").replace("Sm90FwdConfig", "wgmma").replace("FwdConfig", "").replace("BwdConfig", "").replace("block_", "") \
+        cfg = r.get("config", "").replace("Sm90FwdConfig", "wgmma").replace("Sm90BwdConfig", "wgmma-bwd").replace("FwdConfig", "").replace("BwdConfig", "").replace("block_", "") \
             .replace("num_warps", "w").replace("q_stages", "st")
         print(f"{r['pass_']:>4} {r['D']:>4} {r['S']:>6} {str(r['causal']):>6} {r['impl']:>10} {cfg:>30} "
               f"{r.get('regs', ''):>4} {r.get('local_bytes', ''):>5} {r.get('max_rel_err', float('nan')):>8.1e} {r['tflops']:>7.0f}")

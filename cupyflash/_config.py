@@ -89,6 +89,35 @@ class Sm90FwdConfig:
 
 
 @dataclass(frozen=True)
+class Sm90BwdConfig:
+    """EXPERIMENTAL Hopper backward tile (flash_bwd_sm90.cu, sm_90a wgmma; not in the tile table,
+    reachable only by passing it as a tuning override): one producer warpgroup and NUM_WG consumer
+    warpgroups of 64 keys each (BLOCK_N = 64 * NUM_WG), query tiles of 64 rows in two stages.
+    Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    num_wg: int
+
+    block_m = 64
+    STAGES = 2
+    ALIGN = 1024
+    BARRIER_BYTES = 64
+
+    @property
+    def block_n(self) -> int:
+        return 64 * self.num_wg
+
+    @property
+    def num_warps(self) -> int:
+        return 4 * (self.num_wg + 1)
+
+    def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        hd = Sm90FwdConfig.head_dim(head_dim_cls)
+        kv = 2 * self.block_n * hd
+        qdo = 2 * self.STAGES * self.block_m * hd
+        ds = self.num_wg * 64 * self.block_m
+        return self.ALIGN + (kv + qdo + ds) * itemsize + self.STAGES * 2 * self.block_m * 4 + self.BARRIER_BYTES
+
+
+@dataclass(frozen=True)
 class BwdConfig:
     """Backward tile: BLOCK_N keys per block, BLOCK_M queries per step, NUM_WARPS warps,
     Q_STAGES query-tile buffers (2: the next Q_i, dO_i load during the current one), and the
@@ -188,7 +217,7 @@ class KernelSet:
     head_dim_cls: int
     causal: bool
     fwd: FwdConfig | Sm90FwdConfig | F32Config
-    bwd: BwdConfig | F32Config
+    bwd: BwdConfig | Sm90BwdConfig | F32Config
 
     @property
     def tensor_cores(self) -> bool:
@@ -214,6 +243,9 @@ class KernelSet:
         if not self.tensor_cores:
             return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
         g = self.bwd
+        if isinstance(g, Sm90BwdConfig):
+            return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
+                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
                 f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {'true' if g.balanced else 'false'}, {c}>")
 
@@ -249,12 +281,15 @@ class KernelSet:
         fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
                f"warpgroups={f.num_wg}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
-        return (f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; "
-                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
+        bwd = (f"bwd wgmma (sm_90a, experimental) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg}"
+               if isinstance(g, Sm90BwdConfig) else
+               f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
+        return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"
 
 
 def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
-               fwd: FwdConfig | Sm90FwdConfig | None = None, bwd: BwdConfig | None = None) -> KernelSet:
+               fwd: FwdConfig | Sm90FwdConfig | None = None,
+               bwd: BwdConfig | Sm90BwdConfig | None = None) -> KernelSet:
     """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
     from the tile table unless ``fwd``/``bwd`` override it (tuning)."""
     dtype = np.dtype(dtype)

@@ -5,19 +5,9 @@
 //   phase B: dV_j += P^T dO_i, dK_j += dS^T Q_i (registers, for the whole walk);
 //   phase C: dQ_i += dS K_j, reduced in fp32 into a scratch buffer (a convert kernel scales and casts it).
 #include "traits.cuh"
+#include "bwd_rows.cuh"
 
 namespace cupyflash {
-
-// sLse = lse * log2(e) (+inf where the row does not exist or saw no key, so P = 0 there) and sD = D_i.
-template <int BLOCK_M, int NUM_THREADS>
-__device__ __forceinline__ void load_row_stats(float* sLse, float* sD, const BwdParams& p, i64 row_base, int m0) {
-    for (int r = threadIdx.x; r < BLOCK_M; r += NUM_THREADS) {
-        const int i = m0 + r;
-        const float lse = i < p.seqlen_q ? p.lse[row_base + i] : -CUPYFLASH_INF;
-        sLse[r] = (lse == -CUPYFLASH_INF) ? CUPYFLASH_INF : lse * LOG2E;
-        sD[r] = i < p.seqlen_q ? p.dsum[row_base + i] : 0.f;
-    }
-}
 
 // Phase A for one warp: P^T and dS^T for its (keys x queries) part of the tile, written to shared memory.
 template <typename Tr, bool IS_CAUSAL>

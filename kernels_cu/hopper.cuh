@@ -125,13 +125,14 @@ __device__ __forceinline__ u64 desc_k_major(const unsigned char* tile, int row0,
     return smem_desc_sw128(start, 16, Tile::ATOM_BYTES);
 }
 
-// N-major B operand (rows = the reduction dimension K, columns = N; V in O = P V): reduction rows
-// [16 kk, 16 kk + 16), all columns. 8-row groups are 1024 bytes apart (stride offset), 64-column
-// panels PANEL_BYTES apart (leading offset).
+// N-major B operand, or M-major A (rows = the reduction dimension K, columns = N or M; V in O = P V):
+// reduction rows [16 kk, 16 kk + 16), columns from 64-column panel `panel0` on. 8-row groups are
+// 1024 bytes apart (stride offset), 64-column panels PANEL_BYTES apart (leading offset).
 template <int ROWS, int COLS>
-__device__ __forceinline__ u64 desc_n_major(const unsigned char* tile, int kk) {
+__device__ __forceinline__ u64 desc_n_major(const unsigned char* tile, int kk, int panel0 = 0) {
     using Tile = SwizzledTile<ROWS, COLS>;
-    return smem_desc_sw128(tile + kk * 16 * Tile::LINE_BYTES, Tile::PANEL_BYTES, Tile::ATOM_BYTES);
+    return smem_desc_sw128(tile + panel0 * Tile::PANEL_BYTES + kk * 16 * Tile::LINE_BYTES, Tile::PANEL_BYTES,
+                           Tile::ATOM_BYTES);
 }
 
 }  // namespace cupyflash

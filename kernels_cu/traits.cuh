@@ -94,6 +94,35 @@ struct FwdTraitsSm90 {
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 
+// Backward on Hopper (sm_90a), EXPERIMENTAL (not in the tile table; see bench/NOTES.md): one
+// block per key tile of BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys
+// [64 w, 64 w + 64) and walks the query tiles of BLOCK_M = 64 rows that a producer warpgroup
+// stages (Q_i, dO_i, lse_i, D_i, two stages).
+template <typename T_, int HEAD_DIM_, int NUM_WG_>
+struct BwdTraitsSm90 {
+    using T = T_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_;
+    static constexpr int BLOCK_M = 64, BLOCK_N = 64 * NUM_WG, STAGES = 2;
+    static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
+    static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+    static constexpr int PRODUCER_REGS = 40;
+    static constexpr int CONSUMER_REGS_FIT = (65536 - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
+    static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
+    static constexpr int MT = BLOCK_M / 8, DT = HEAD_DIM / 8;  // 8-column tiles of S^T (queries) and of dK, dV, dQ
+    using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;  // K_j, V_j
+    using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;   // Q_i, dO_i
+    using TileDS = SwizzledTile<64, BLOCK_M>;        // one warpgroup's dS^T, [key][query]
+    static constexpr int ALIGN = 1024;
+    static constexpr int ROW_STATS_BYTES = STAGES * 2 * BLOCK_M * 4;  // lse_i * log2(e) and D_i per stage
+    static constexpr int BARRIER_BYTES = 64;                           // kv_full, full[STAGES], empty[STAGES]
+    static constexpr int SMEM_BYTES = ALIGN + 2 * TileKV::BYTES + 2 * STAGES * TileQ::BYTES + NUM_WG * TileDS::BYTES +
+                                      ROW_STATS_BYTES + BARRIER_BYTES;
+    static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV accumulators for more than 128 columns do not fit in registers");
+    static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups");
+    static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
+};
+
 // Backward: one thread block per key tile K_j, V_j walking the query tiles Q_i.
 // Phase A computes S^T and dP^T (BLOCK_N x BLOCK_M), phase B dK, dV (BLOCK_N x HEAD_DIM),
 // phase C dQ_i (BLOCK_M x HEAD_DIM); each phase has its own warp grid.

@@ -114,6 +114,16 @@ def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
     assert not _config.kernel_set("bfloat16", 96, False, 90).hopper_fwd  # padding would cost more than wgmma gains
 
 
+def test_experimental_hopper_backward_compiles_without_spills_at_head_dim_64():
+    # head_dim 128 spills ~88 B with the cp.async producer's 40 registers (bench/NOTES.md); it is not in the table
+    sets = tuple(_config.kernel_set(dt, 64, causal, 90, bwd=_config.Sm90BwdConfig(wg))
+                 for dt in ("float16", "bfloat16") for causal in (False, True) for wg in (1, 2))
+    _, stats, lowered = _compile._compile_sets("sm_90", sets)
+    for ks in sets:
+        s = stats[lowered[ks.bwd_name()]]
+        assert s["registers"] > 0 and not s.get("spill_stores") and not s.get("wgmma_serialized"), (ks.bwd_name(), s)
+
+
 def test_bad_arch_is_a_value_error():
     with pytest.raises(ValueError, match="arch"):
         _compile.compile_report("hopper")

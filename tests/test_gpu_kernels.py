@@ -235,3 +235,30 @@ def test_memory_is_linear_in_seqlen(rng):
     assert hook.peak <= 10 * one_input, f"peak extra {hook.peak / 2**20:.1f} MiB > 10 x input ({one_input / 2**20:.1f} MiB)"
     assert hook.peak * 50 < s_by_s, "one S x S score matrix alone would be 50x this peak"
     assert np.isfinite(to_host64(dq)).all()
+
+
+def _hopper_gpu():
+    import cupy
+    return int(cupy.cuda.Device().compute_capability) == 90
+
+
+@pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("num_wg", [1, 2])
+@pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_experimental_hopper_backward(rng, dtype, num_wg, Sq, Sk, causal):
+    """The wgmma backward (a tuning override, not in the tile table) meets the same bounds."""
+    if not _hopper_gpu():
+        pytest.skip("the wgmma backward needs compute capability 9.0")
+    from cupyflash import _config, _cuda_backend
+    q, k, v, dout = backward_inputs(rng, dtype, 2, Sq, Sk, 2, 64)
+    o, l = run_forward(q, k, v, causal)
+    grads = [nan_like(x.shape, dtype) for x in (q, k, v)]
+    dq, dk, dv = _cuda_backend.backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l, causal=causal,
+                                        scale=64 ** -0.5, dq=grads[0], dk=grads[1], dv=grads[2],
+                                        bwd_config=_config.Sm90BwdConfig(num_wg))
+    ref = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
+    naive = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
+    tag = f"wgmma bwd num_wg={num_wg} Sq{Sq} Sk{Sk} causal={causal}"
+    for name, got, want, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
+        assert_within(f"{name} [{tag}]", got, want, nv, dtype)

@@ -1,0 +1,253 @@
+// Backward pass on Hopper (sm_90a), EXPERIMENTAL: compiled and checked offline, not yet run on a
+// GPU, and not in the tile table (only bench/tune.py and the tests ask for it; bench/NOTES.md).
+// FlashAttention-2's Algorithm 2 on warpgroup MMAs, laid out as FA3 does: one block per key tile
+// (K_j, V_j stay in shared memory), a producer warpgroup staging each query tile (Q_i, dO_i by
+// cp.async; lse_i, D_i), and consumer warpgroups that each own 64 keys:
+//   S^T = K_j Q_i^T and dP^T = V_j dO_i^T (both operands from shared memory);
+//   P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T (dP^T - D_i) in registers;
+//   dV_j += P^T dO_i and dK_j += dS^T Q_i with P^T, dS^T as the register A operand;
+//   dQ_i += dS K_j over this warpgroup's keys (dS^T through shared memory, read M-major),
+//   reduced in fp32 into the scratch buffer that the convert kernel scales and casts.
+#include "traits.cuh"
+#include "bwd_rows.cuh"
+
+namespace cupyflash {
+
+template <typename Tr>
+struct BwdSm90Smem {
+    unsigned char *k, *v, *qdo, *ds;
+    float* stats;
+    u64 *kv_full, *full, *empty;
+    __device__ BwdSm90Smem(unsigned char* raw) {
+        k = raw + (Tr::ALIGN - smem_u32(raw) % Tr::ALIGN) % Tr::ALIGN;  // the swizzle needs 1024-byte-aligned panels
+        v = k + Tr::TileKV::BYTES;
+        qdo = v + Tr::TileKV::BYTES;                        // stage s: Q at qdo + 2 s TileQ::BYTES, dO right after
+        ds = qdo + 2 * Tr::STAGES * Tr::TileQ::BYTES;       // warpgroup w: ds + w TileDS::BYTES
+        stats = reinterpret_cast<float*>(ds + Tr::NUM_WG * Tr::TileDS::BYTES);  // stage s: lse, then D
+        kv_full = reinterpret_cast<u64*>(reinterpret_cast<unsigned char*>(stats) + Tr::ROW_STATS_BYTES);
+        full = kv_full + 1;
+        empty = full + Tr::STAGES;
+    }
+    __device__ unsigned char* q(int it) const { return qdo + (it % Tr::STAGES) * 2 * Tr::TileQ::BYTES; }
+    __device__ unsigned char* dout(int it) const { return q(it) + Tr::TileQ::BYTES; }
+    __device__ float* lse(int it) const { return stats + (it % Tr::STAGES) * 2 * Tr::BLOCK_M; }
+    __device__ float* dsum(int it) const { return lse(it) + Tr::BLOCK_M; }
+};
+
+// Producer warpgroup: K_j, V_j once, then each query tile into stage it % STAGES once the
+// consumers have released its previous use. A stage's "full" barrier completes when the
+// producer's plain stores of lse_i, D_i (one arrive each) and its copies of Q_i, dO_i (one
+// arrive each on landing) are done.
+template <typename Tr>
+__device__ __forceinline__ void produce_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h, int n0,
+                                            i64 row_base, int m_begin, int m_end) {
+    using T = typename Tr::T;
+    constexpr int NTH = Tr::PRODUCER_THREADS;
+    load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.k, p.k, b, h, n0, p.seqlen_k, p.head_dim);
+    load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.v, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+    cp_async_arrive(sm.kv_full);
+    for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
+        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, m0 = m_block * Tr::BLOCK_M;
+        if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
+        load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q(it), p.q, b, h, m0, p.seqlen_q, p.head_dim);
+        load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.dout(it), p.dout, b, h, m0, p.seqlen_q, p.head_dim);
+        load_row_stats<Tr::BLOCK_M, NTH>(sm.lse(it), sm.dsum(it), p, row_base, m0);
+        mbarrier_arrive(&sm.full[stage]);
+        cp_async_arrive(&sm.full[stage]);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();  // no copy outlives its issuing thread
+}
+
+// P^T and dS^T of this warpgroup's 64 keys (rows) x BLOCK_M queries (columns), in place of S^T and
+// dP^T; keys a query may not see (causal, or past seqlen_k) get P = 0.
+template <typename Tr, bool IS_CAUSAL>
+__device__ __forceinline__ void probabilities_and_ds(float (&st)[Tr::MT][4], float (&dpt)[Tr::MT][4], const BwdParams& p,
+                                                     const float* sLse, const float* sD, int key0, int m0) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int nt = 0; nt < Tr::MT; ++nt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int j = key0 + acc_row(0, r, lane), c = acc_col(nt, r, lane);
+            const bool visible = j <= last_visible_key<IS_CAUSAL>(m0 + c, p.seqlen_q, p.seqlen_k);
+            // P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)); dS_ij = P_ij (dP_ij - D_i)
+            const float pv = visible ? exp2f(st[nt][r] * p.scale_log2 - sLse[c]) : 0.f;
+            dpt[nt][r] = pv * (dpt[nt][r] - sD[c]);
+            st[nt][r] = pv;
+        }
+}
+
+// This warp's 16 rows of dS^T into the warpgroup's swizzled [key][query] tile.
+template <typename Tr>
+__device__ __forceinline__ void store_ds(unsigned char* sDS, const float (&ds)[Tr::MT][4], int warp_in_wg) {
+    using Tile = typename Tr::TileDS;
+    using T = typename Tr::T;
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int nt = 0; nt < Tr::MT; ++nt)
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = warp_in_wg * 16 + acc_row(0, 2 * hh, lane), col = acc_col(nt, 0, lane);
+            *reinterpret_cast<u32*>(sDS + Tile::offset(row, col / 8) + (col % 8) * 2) =
+                Elem<T>::pack(ds[nt][2 * hh], ds[nt][2 * hh + 1]);
+        }
+}
+
+// dQ_i (this warpgroup's share: its 64 keys), head_dim columns [d0, d0 + 64), from the accumulator
+// into the fp32 scratch buffer.
+__device__ __forceinline__ void reduce_dq(const BwdParams& p, float* dq_accum_head, const float (&dq)[8][4], int m0,
+                                          int warp_in_wg, int d0) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int i = m0 + warp_in_wg * 16 + acc_row(0, 2 * hh, lane);
+        if (i >= p.seqlen_q) continue;
+        #pragma unroll
+        for (int dt = 0; dt < 8; ++dt) {
+            const int d = d0 + acc_col(dt, 0, lane);
+            if (d < p.head_dim) red_add_f32x2(dq_accum_head + i64(i) * p.head_dim + d, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
+        }
+    }
+}
+
+// dK_j (times softmax_scale) and dV_j of this warp's 16 keys to global memory.
+template <typename Tr>
+__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int b, int h, int key0,
+                                            const float (&dk)[Tr::DT][4], const float (&dv)[Tr::DT][4]) {
+    using T = typename Tr::T;
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = key0 + acc_row(0, 2 * hh, lane);
+        if (j >= p.seqlen_k) continue;
+        T* dk_row = row_ptr<T>(p.dk, b, h, j);
+        T* dv_row = row_ptr<T>(p.dv, b, h, j);
+        #pragma unroll
+        for (int dt = 0; dt < Tr::DT; ++dt) {
+            const int d = acc_col(dt, 0, lane);
+            if (d >= p.head_dim) continue;
+            *reinterpret_cast<u32*>(dk_row + d) = Elem<T>::pack(dk[dt][2 * hh] * p.scale, dk[dt][2 * hh + 1] * p.scale);
+            *reinterpret_cast<u32*>(dv_row + d) = Elem<T>::pack(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
+        }
+    }
+}
+
+// Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
+template <typename Tr, bool IS_CAUSAL>
+__device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h, int n0,
+                                            i64 row_base, int m_begin, int m_end) {
+    using T = typename Tr::T;
+    constexpr int MT = Tr::MT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
+    const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
+    const int wg = warp / 4, warp_in_wg = warp % 4;
+    const int key0 = n0 + wg * 64 + warp_in_wg * 16;  // this warp's first key
+    unsigned char* sDS = sm.ds + wg * Tr::TileDS::BYTES;
+    float* dq_accum_head = p.dq_accum + row_base * p.head_dim;
+
+    float dk[1][DT][4], dv[1][DT][4];  // one 16-key strip per warp
+    zero(dk);
+    zero(dv);
+    mbarrier_wait(sm.kv_full, 0);
+    fence_proxy_async();  // K_j, V_j (cp.async, generic proxy) are read by wgmma (async proxy)
+
+    for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
+        const int m0 = m_block * BLOCK_M;
+        mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
+        fence_proxy_async();
+        const unsigned char *sQ = sm.q(it), *sdO = sm.dout(it);
+
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T for this warpgroup's keys
+        float st[MT][4], dpt[MT][4];
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            Wgmma<T, BLOCK_M>::template ss<0, 0>(st, desc_k_major<BLOCK_N, HEAD_DIM>(sm.k, wg * 64, kk),
+                                                 desc_k_major<BLOCK_M, HEAD_DIM>(sQ, 0, kk), kk > 0);
+        #pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            Wgmma<T, BLOCK_M>::template ss<0, 0>(dpt, desc_k_major<BLOCK_N, HEAD_DIM>(sm.v, wg * 64, kk),
+                                                 desc_k_major<BLOCK_M, HEAD_DIM>(sdO, 0, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(st);
+        fence_operands(dpt);
+
+        // P^T, dS^T; dS^T also to shared memory, where dQ's product reads it transposed
+        probabilities_and_ds<Tr, IS_CAUSAL>(st, dpt, p, sm.lse(it), sm.dsum(it), key0, m0);
+        u32 pa[BLOCK_M / 16][4], dsa[BLOCK_M / 16][4];
+        #pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+            pack_a_frag<T>(pa[kk], st, kk);
+            pack_a_frag<T>(dsa[kk], dpt, kk);
+        }
+        warpgroup_barrier(wg);  // every warp of this warpgroup is done reading dS^T of the previous tile
+        store_ds<Tr>(sDS, dpt, warp_in_wg);
+        fence_proxy_async();
+        warpgroup_barrier(wg);  // dS^T is complete and visible to this warpgroup's wgmma
+
+        // dV_j += P^T dO_i, dK_j += dS^T Q_i (B N-major)
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
+            Wgmma<T, HEAD_DIM>::template rs<1>(dv[0], pa[kk], desc_n_major<BLOCK_M, HEAD_DIM>(sdO, kk), true);
+            Wgmma<T, HEAD_DIM>::template rs<1>(dk[0], dsa[kk], desc_n_major<BLOCK_M, HEAD_DIM>(sQ, kk), true);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();  // separate from dQ's product: P^T, dS^T and dQ together do not fit in registers at D=128
+        fence_operands(dk[0]);
+        fence_operands(dv[0]);
+        mbarrier_arrive(&sm.empty[it % Tr::STAGES]);  // Q_i, dO_i, lse_i, D_i are no longer read
+        // dQ_i = dS K_j over this warpgroup's keys, one 64-column panel of head_dim at a time (fewer
+        // registers): A = dS^T read M-major, B = K_j N-major
+        #pragma unroll
+        for (int panel = 0; panel < HEAD_DIM / 64; ++panel) {
+            float dq[8][4];
+            wgmma_fence();
+            #pragma unroll
+            for (int kk = 0; kk < 64 / 16; ++kk)
+                Wgmma<T, 64>::template ss<1, 1>(dq, desc_n_major<64, BLOCK_M>(sDS, kk),
+                                                desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, wg * 4 + kk, panel), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(dq);
+            reduce_dq(p, dq_accum_head, dq, m0, warp_in_wg, panel * 64);
+        }
+    }
+    store_dk_dv<Tr>(p, b, h, key0, dk[0], dv[0]);
+}
+
+template <typename T, int HEAD_DIM, int NUM_WG, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, NUM_WG>::NUM_THREADS, 1)
+flash_bwd_sm90_kernel(const BwdParams p) {
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, NUM_WG>;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const BwdSm90Smem<Tr> sm(smem_raw);
+
+    const int n_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int n0 = n_block * Tr::BLOCK_N;
+    const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;  // (b, h) row of lse, D and dQ_accum
+    // Query tiles that see some key of K_j: all of them, or from the causal diagonal down.
+    const int first_q = IS_CAUSAL ? max(0, n0 - (p.seqlen_k - p.seqlen_q)) : 0;
+    const int m_begin = first_q / Tr::BLOCK_M, m_end = (p.seqlen_q + Tr::BLOCK_M - 1) / Tr::BLOCK_M;
+
+    if (threadIdx.x == 0) {
+        mbarrier_init(sm.kv_full, Tr::PRODUCER_THREADS);
+        for (int s = 0; s < Tr::STAGES; ++s) {
+            mbarrier_init(&sm.full[s], 2 * Tr::PRODUCER_THREADS);  // a plain arrive and a cp.async arrive per thread
+            mbarrier_init(&sm.empty[s], Tr::CONSUMER_THREADS);
+        }
+    }
+    __syncthreads();  // the mbarriers are initialised before any warpgroup uses them
+
+    if (threadIdx.x < Tr::PRODUCER_THREADS) {
+        setmaxnreg_dec<Tr::PRODUCER_REGS>();
+        produce_bwd<Tr>(p, sm, b, h, n0, row_base, m_begin, m_end);
+    } else {
+        setmaxnreg_inc<Tr::CONSUMER_REGS>();
+        consume_bwd<Tr, IS_CAUSAL>(p, sm, b, h, n0, row_base, m_begin, m_end);
+    }
+}
+
+}  // namespace cupyflash
