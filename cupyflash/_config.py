@@ -90,10 +90,10 @@ class Sm90FwdConfig:
 
 @dataclass(frozen=True)
 class Sm90BwdConfig:
-    """EXPERIMENTAL Hopper backward tile (flash_bwd_sm90.cu, sm_90a wgmma; not in the tile table,
-    reachable only by passing it as a tuning override): one producer warpgroup and NUM_WG consumer
-    warpgroups of 64 keys each (BLOCK_N = 64 * NUM_WG), query tiles of 64 rows in two stages.
-    Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    """Hopper backward tile (flash_bwd_sm90.cu, sm_90a wgmma): one producer warpgroup and NUM_WG
+    consumer warpgroups of 64 keys each (BLOCK_N = 64 * NUM_WG), query tiles of 64 rows in two
+    stages. In the table for head_dim 64 only (at 128 it spills). Mirrors BwdTraitsSm90 in
+    kernels_cu/traits.cuh."""
     num_wg: int
 
     block_m = 64
@@ -190,7 +190,10 @@ HOPPER_FWD = {
     # head_dim 32, 96 and 160 would run padded to 64, 128 and 192 (+100%, +33%, +20% FLOPs): they
     # keep the mma.sync forward; 192 is not measured yet and keeps it too (bench/NOTES.md, v2.3)
 }
-TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), bwd) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
+# Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0); head_dim 128
+# spills ~88 B in this kernel and keeps the mma.sync backward.
+HOPPER_BWD = {(64, False): Sm90BwdConfig(2), (64, True): Sm90BwdConfig(2)}
+TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
 # When a table entry needs more shared memory than the GPU lets one block have (sm_86 and
 # sm_89 allow 99 KB), the smallest tiles run instead: correct everywhere, not tuned.
 SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1))
@@ -281,7 +284,7 @@ class KernelSet:
         fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
                f"warpgroups={f.num_wg}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
-        bwd = (f"bwd wgmma (sm_90a, experimental) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg}"
+        bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg}"
                if isinstance(g, Sm90BwdConfig) else
                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
         return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"

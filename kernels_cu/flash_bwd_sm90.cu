@@ -1,5 +1,5 @@
-// Backward pass on Hopper (sm_90a), EXPERIMENTAL: compiled and checked offline, not yet run on a
-// GPU, and not in the tile table (only bench/tune.py and the tests ask for it; bench/NOTES.md).
+// Backward pass on Hopper (sm_90a), the tile table's choice for head_dim 64 (at 128 the consumers
+// need more registers than a cp.async producer leaves them; bench/NOTES.md v3.0).
 // FlashAttention-2's Algorithm 2 on warpgroup MMAs, laid out as FA3 does: one block per key tile
 // (K_j, V_j stay in shared memory), a producer warpgroup staging each query tile (Q_i, dO_i by
 // cp.async; lse_i, D_i), and consumer warpgroups that each own 64 keys:

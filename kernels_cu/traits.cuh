@@ -94,8 +94,7 @@ struct FwdTraitsSm90 {
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 
-// Backward on Hopper (sm_90a), EXPERIMENTAL (not in the tile table; see bench/NOTES.md): one
-// block per key tile of BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys
+// Backward on Hopper (sm_90a), used for head_dim 64 (bench/NOTES.md v3.0): one block per key tile of BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys
 // [64 w, 64 w + 64) and walks the query tiles of BLOCK_M = 64 rows that a producer warpgroup
 // stages (Q_i, dO_i, lse_i, D_i, two stages).
 template <typename T_, int HEAD_DIM_, int NUM_WG_>

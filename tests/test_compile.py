@@ -114,7 +114,7 @@ def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
     assert not _config.kernel_set("bfloat16", 96, False, 90).hopper_fwd  # padding would cost more than wgmma gains
 
 
-def test_experimental_hopper_backward_compiles_without_spills_at_head_dim_64():
+def test_hopper_backward_compiles_without_spills_at_head_dim_64():
     # head_dim 128 spills ~88 B with the cp.async producer's 40 registers (bench/NOTES.md); it is not in the table
     sets = tuple(_config.kernel_set(dt, 64, causal, 90, bwd=_config.Sm90BwdConfig(wg))
                  for dt in ("float16", "bfloat16") for causal in (False, True) for wg in (1, 2))

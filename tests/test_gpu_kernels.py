@@ -246,8 +246,8 @@ def _hopper_gpu():
 @pytest.mark.parametrize("num_wg", [1, 2])
 @pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_experimental_hopper_backward(rng, dtype, num_wg, Sq, Sk, causal):
-    """The wgmma backward (a tuning override, not in the tile table) meets the same bounds."""
+def test_hopper_backward_both_tiles(rng, dtype, num_wg, Sq, Sk, causal):
+    """The wgmma backward with one and two consumer warpgroups (the table uses two) meets the same bounds."""
     if not _hopper_gpu():
         pytest.skip("the wgmma backward needs compute capability 9.0")
     from cupyflash import _config, _cuda_backend
