@@ -473,6 +473,9 @@ def kernels(arch, dtypes, head_dims, json_path, fail_on_spill):
     click.echo(bench.format_grid(header, cells))
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     click.echo(f"{len(spilling)} of {len(rows)} spill registers" if spilling else "no register spills")
+    if any("_sm90_kernel" in r["kernel"] for r in rows):
+        click.echo("sm90 kernels: `registers` is the cap at entry; setmaxnreg then moves registers from the "
+                   "producer warpgroup (40) to the consumers (up to 240)")
     if json_path:
         bench.write_json(json_path, {"arch": arch, "kernels": list(rows)})
         click.echo(f"wrote {json_path}")
