@@ -21,12 +21,12 @@ NVRTC_OPTIONS = ("-std=c++17",)
 
 def nvrtc_arch(cc: int) -> str:
     """The architecture the kernels are built for on compute capability ``cc``: sm_90 becomes
-    sm_90a, whose wgmma instructions the Hopper forward kernel uses."""
+    sm_90a, whose wgmma and setmaxnreg instructions the Hopper kernels use."""
     return "sm_90a" if cc == 90 else f"sm_{cc}"
 
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
-# ptxas warning C7512: it could not keep the wgmma instructions asynchronous
+# ptxas infos C7511-C7513: it could not keep the wgmma instructions asynchronous
 _SERIALIZED = re.compile(r"wgmma.mma_async instructions are serialized.*function '(\S+)'")
 _USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
