@@ -112,7 +112,7 @@ def main():
     ap.add_argument("--bwd-only", action="store_true", help="time backward tiles only")
     ap.add_argument("--fwd-only", action="store_true", help="time forward tiles only")
     ap.add_argument("--seqlens", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1024,4096")
-    ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of 64,128")
+    ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     dev = cupy.cuda.Device()
@@ -132,7 +132,8 @@ def main():
                 scale = D ** -0.5
                 o, l = _cuda_backend.forward(q, k, v, causal=causal, scale=scale)
                 fl_f, fl_b = flops(B, H, S, D, causal, "fwd"), flops(B, H, S, D, causal, "bwd")
-                passes = [(p, cands[p]) for p in ("fwd", "bwd") if not getattr(args, f"{'bwd' if p == 'fwd' else 'fwd'}_only")]
+                skip = {"fwd": args.bwd_only, "bwd": args.fwd_only}
+                passes = [(p, cands[p]) for p in ("fwd", "bwd") if not skip[p]]
                 for pass_, cfgs in passes:
                     for cfg in cfgs:
                         kw = {"fwd_cfg": cfg} if pass_ == "fwd" else {"bwd_cfg": cfg}

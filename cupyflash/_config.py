@@ -154,8 +154,8 @@ F, G, H = FwdConfig, BwdConfig, Sm90FwdConfig
 # Tile table for the tensor-core path (fp16 and bf16): (head_dim class, causal) -> (forward, backward).
 # Measured on an H200 with bench/tune.py (bench/NOTES.md, bench/results/tune-*.json) among the
 # configurations that compile without register spills for sm_90; entries not yet measured follow
-# FlashAttention-2's tile choices. These are the mma.sync (sm_80+) kernels; sm_90 replaces the
-# forward with the wgmma kernel (HOPPER_FWD below).
+# FlashAttention-2's tile choices. These are the mma.sync (sm_80+) kernels; sm_90 replaces some
+# of them with the wgmma kernels (HOPPER_FWD and HOPPER_BWD below).
 _TILES_SM90_MMA = {
     (32, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (32, True): (F(128, 64, 4), G(64, 64, 8, 2)),
@@ -230,6 +230,10 @@ class KernelSet:
     def hopper_fwd(self) -> bool:
         return isinstance(self.fwd, Sm90FwdConfig)
 
+    @property
+    def hopper_bwd(self) -> bool:
+        return isinstance(self.bwd, Sm90BwdConfig)
+
     def fwd_name(self) -> str:
         c = "true" if self.causal else "false"
         if not self.tensor_cores:
@@ -246,7 +250,7 @@ class KernelSet:
         if not self.tensor_cores:
             return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
         g = self.bwd
-        if isinstance(g, Sm90BwdConfig):
+        if self.hopper_bwd:
             return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
                     f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
@@ -285,7 +289,7 @@ class KernelSet:
                f"warpgroups={f.num_wg}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
         bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg}"
-               if isinstance(g, Sm90BwdConfig) else
+               if self.hopper_bwd else
                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
         return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"
 
