@@ -238,6 +238,8 @@ def _progress(total: int, enabled: bool):
 @click.option("--compare", "peers", type=PEERS, multiple=True,
               help="Peers: naive, torch-flash, torch-cudnn, jax-cudnn, 'all' or 'none' [default: all]. "
                    "A peer that cannot run is reported as skipped with the reason.")
+@click.option("--deterministic", is_flag=True,
+              help="Also time cupyflash's bitwise-reproducible backward (deterministic=True) beside the default.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Untimed calls before timing (the first also measures peak memory).")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
@@ -252,7 +254,7 @@ def _progress(total: int, enabled: bool):
               help="Write a PNG of TFLOP/s against seqlen (needs matplotlib).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr during sweeps.")
-def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, modes, peers,
+def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, modes, peers, deterministic,
                   warmup, repeats, max_time, seed, device_id, json_path, csv_path, plot_path, progress):
     """Time cupyflash beside its peers, same process, inputs and stream.
 
@@ -275,7 +277,7 @@ def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, mo
                              batch=batch, heads=heads, seqlen_k=seqlen_k)
     device = _bench_device(device_id)
     all_impls = bench.implementations()
-    impls = [all_impls["cupyflash"]] + [all_impls[p] for p in peers]
+    impls = [all_impls["cupyflash"]] + [all_impls["cupyflash-deterministic"]] * deterministic + [all_impls[p] for p in peers]
 
     gpu = bench.gpu_info(device_id) if device.on_gpu else None
     where = f"{gpu['name']} (cc {gpu['cc']})" if gpu else "CPU (numpy)"

@@ -1,7 +1,7 @@
 """Time tile configurations of the tensor-core kernels side by side with PyTorch SDPA's flash
 backend (FlashAttention-2), in one process on one GPU, after checking each variant's output.
 
-    PYTHONPATH=. python bench/tune.py [--quick] [--json PATH]
+    PYTHONPATH=. python bench/tune.py [--quick] [--json PATH] [--fwd-only | --bwd-only | --ab FIELD]
 
 Convention: batch * seqlen = 16384 tokens, heads * head_dim = 2048; FLOPs 4*B*H*Sq*Sk*D
 forward, 2.5x backward, half for causal. Prints one table row per (shape, variant).
@@ -9,6 +9,7 @@ forward, 2.5x backward, half for causal. Prints one table row per (shape, varian
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -113,7 +114,11 @@ def main():
     ap.add_argument("--fwd-only", action="store_true", help="time forward tiles only")
     ap.add_argument("--seqlens", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1024,4096")
     ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256)")
+    ap.add_argument("--ab", metavar="FIELD",
+                    help="forward only: each table tile of the Hopper forward against the same tile with the boolean "
+                         "FIELD set (an A/B of one kernel change, e.g. --ab persistent)")
     args = ap.parse_args()
+    args.fwd_only |= bool(args.ab)
     rng = np.random.default_rng(0)
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
@@ -132,6 +137,9 @@ def main():
                 scale = D ** -0.5
                 o, l = _cuda_backend.forward(q, k, v, causal=causal, scale=scale)
                 fl_f, fl_b = flops(B, H, S, D, causal, "fwd"), flops(B, H, S, D, causal, "bwd")
+                if args.ab:
+                    table = _config.TILES_SM90[(D, causal)][0]
+                    cands = dict(fwd=[table, dataclasses.replace(table, **{args.ab: True})], bwd=[])
                 skip = {"fwd": args.bwd_only, "bwd": args.fwd_only}
                 passes = [(p, cands[p]) for p in ("fwd", "bwd") if not skip[p]]
                 for pass_, cfgs in passes:

@@ -108,7 +108,8 @@ def _parse_ptxas(log: str) -> dict:
 
 
 def _kind(name: str) -> str:
-    for key, kind in (("preprocess", "bwd_preprocess"), ("convert", "bwd_convert"), ("bwd", "bwd"), ("fwd", "fwd")):
+    for key, kind in (("preprocess", "bwd_preprocess"), ("convert", "bwd_convert"), ("bwd_dq", "bwd_dq"), ("bwd", "bwd"),
+                      ("fwd", "fwd")):
         if key in name:
             return kind
     return "other"
@@ -125,7 +126,8 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
     dtypes = [FLOAT16, BFLOAT16, FLOAT32] if dtypes is None else [_config.np.dtype(d) for d in dtypes]
     head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
     cc = arch_cc(arch)
-    return tuple(_config.kernel_set(dt, hd, causal, cc) for dt in dtypes for hd in head_dims for causal in (False, True))
+    return tuple(_config.kernel_set(dt, hd, causal, cc, deterministic=det)
+                 for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True))
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,7 +145,7 @@ def kernel_ptx(arch: str = "sm_90", dtypes=None, head_dims=None) -> str:
 def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dict]:
     """Compile every instantiation that ``arch`` would run, with no GPU, and report each kernel.
 
-    Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_preprocess, bwd_convert), dtype,
+    Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_dq, bwd_preprocess, bwd_convert), dtype,
     head_dim (the compile-time class), causal, arch, registers, spill_stores, spill_loads,
     stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests),
     wgmma_serialized (ptxas had to make the Hopper kernel's wgmma instructions synchronous).
@@ -153,6 +155,8 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
     rows, done = [], set()
     for ks in sets:
         dyn = {ks.fwd_name(): ks.fwd_smem(), ks.bwd_name(): ks.bwd_smem()}
+        if ks.deterministic:
+            dyn[ks.dq_name()] = ks.dq_smem()
         for n in ks.name_expressions():
             if n in done:
                 continue

@@ -136,6 +136,20 @@ class BwdConfig:
 
 
 @dataclass(frozen=True)
+class DqConfig:
+    """The deterministic dQ pass (flash_bwd_dq.cu): BLOCK_M query rows per block walking key tiles of
+    BLOCK_N in two stages, NUM_WARPS warps of 16 * MT whole rows. Mirrors DqTraits in traits.cuh."""
+    block_m: int
+    block_n: int
+    num_warps: int
+
+    KV_STAGES = 2
+
+    def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        return (2 * self.block_m + 2 * self.KV_STAGES * self.block_n) * _padded(head_dim_cls) * itemsize
+
+
+@dataclass(frozen=True)
 class F32Config:
     """The fp32 CUDA-core path: fixed 32 x 32 tiles, 128 threads (see flash_f32.cu)."""
     block_m: int = 32
@@ -147,6 +161,9 @@ class F32Config:
 
     def bwd_smem_bytes(self, head_dim_cls: int) -> int:
         return (4 * 32 * (head_dim_cls + 1) + 2 * 32 * 33 + 2 * 32) * 4
+
+    def dq_smem_bytes(self, head_dim_cls: int) -> int:
+        return (4 * 32 * (head_dim_cls + 1) + 32 * 33) * 4
 
 
 F, G, H = FwdConfig, BwdConfig, Sm90FwdConfig
@@ -194,9 +211,17 @@ HOPPER_FWD = {
 # spills ~88 B in this kernel and keeps the mma.sync backward.
 HOPPER_BWD = {(64, False): Sm90BwdConfig(2), (64, True): Sm90BwdConfig(2)}
 TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
+# deterministic=True on Hopper runs the mma.sync backward without its dQ phase: _TILES_SM90_MMA's
+# entry, except where that instantiation spills (G(128, 128, 8, 2) without the dQ phase: 4 B).
+DETERMINISTIC_BWD_SM90 = {**{key: bwd for key, (_, bwd) in _TILES_SM90_MMA.items()}, (64, False): G(64, 128, 8, 2)}
+# The deterministic dQ pass (deterministic=True), by head_dim class, every GPU: one 16-row strip per
+# warp as in the forward; chosen to fit without spills, not tuned (bench/NOTES.md).
+DQ_TILES = {32: DqConfig(128, 64, 8), 64: DqConfig(128, 64, 8), 96: DqConfig(64, 64, 4), 128: DqConfig(64, 64, 4),
+            160: DqConfig(64, 32, 4), 192: DqConfig(64, 32, 4), 256: DqConfig(64, 32, 4)}
 # When a table entry needs more shared memory than the GPU lets one block have (sm_86 and
 # sm_89 allow 99 KB), the smallest tiles run instead: correct everywhere, not tuned.
 SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1))
+SMALL_DQ = (DqConfig(64, 32, 4), DqConfig(32, 32, 2), DqConfig(16, 32, 1))  # the first that fits
 F32 = F32Config()
 
 #: shared memory one block may opt in to, by compute capability (cudaDevAttrMaxSharedMemoryPerBlockOptin)
@@ -221,6 +246,12 @@ class KernelSet:
     causal: bool
     fwd: FwdConfig | Sm90FwdConfig | F32Config
     bwd: BwdConfig | Sm90BwdConfig | F32Config
+    #: the deterministic dQ pass, or None: dQ accumulated with atomics by the backward kernel
+    dq: DqConfig | F32Config | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.dq is not None
 
     @property
     def tensor_cores(self) -> bool:
@@ -254,7 +285,16 @@ class KernelSet:
             return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
                     f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
-                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {'true' if g.balanced else 'false'}, {c}>")
+                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {'true' if g.balanced else 'false'}, {c}, "
+                f"{'false' if self.deterministic else 'true'}>")
+
+    def dq_name(self) -> str:
+        c = "true" if self.causal else "false"
+        if not self.tensor_cores:
+            return f"cupyflash::flash_bwd_dq_f32_kernel<{self.head_dim_cls}, {c}>"
+        d = self.dq
+        return (f"cupyflash::flash_bwd_dq_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
+                f"{d.block_m}, {d.block_n}, {d.num_warps}, {c}>")
 
     def preprocess_name(self) -> str:
         return f"cupyflash::flash_bwd_preprocess_kernel<{CXX_TYPE[self.dtype]}>"
@@ -263,7 +303,8 @@ class KernelSet:
         return f"cupyflash::flash_bwd_convert_dq_kernel<{CXX_TYPE[self.dtype]}>"
 
     def name_expressions(self) -> tuple[str, ...]:
-        return (self.fwd_name(), self.bwd_name(), self.preprocess_name(), self.convert_name())
+        last = self.dq_name() if self.deterministic else self.convert_name()
+        return (self.fwd_name(), self.bwd_name(), self.preprocess_name(), last)
 
     def fwd_threads(self) -> int:
         return 32 * self.fwd.num_warps
@@ -281,7 +322,22 @@ class KernelSet:
             return self.bwd.bwd_smem_bytes(self.head_dim_cls)
         return self.bwd.smem_bytes(self.head_dim_cls, self.dtype.itemsize)
 
+    def dq_threads(self) -> int:
+        return 32 * self.dq.num_warps
+
+    def dq_smem(self) -> int:
+        if not self.tensor_cores:
+            return self.dq.dq_smem_bytes(self.head_dim_cls)
+        return self.dq.smem_bytes(self.head_dim_cls, self.dtype.itemsize)
+
     def describe(self) -> str:
+        det = ""
+        if self.deterministic:
+            det = ("; deterministic dQ pass" if not self.tensor_cores else
+                   f"; deterministic dQ pass BLOCK_M={self.dq.block_m} BLOCK_N={self.dq.block_n} warps={self.dq.num_warps}")
+        return self._describe() + det
+
+    def _describe(self) -> str:
         if not self.tensor_cores:
             return f"fp32 CUDA-core kernels, 32x32 tiles, head_dim padded to {self.head_dim_cls}"
         f, g = self.fwd, self.bwd
@@ -296,19 +352,29 @@ class KernelSet:
 
 def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
                fwd: FwdConfig | Sm90FwdConfig | None = None,
-               bwd: BwdConfig | Sm90BwdConfig | None = None) -> KernelSet:
+               bwd: BwdConfig | Sm90BwdConfig | None = None,
+               deterministic: bool = False) -> KernelSet:
     """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
-    from the tile table unless ``fwd``/``bwd`` override it (tuning)."""
+    from the tile table unless ``fwd``/``bwd`` override it (tuning). ``deterministic``: the
+    backward pass leaves dQ to the dQ pass (no atomics), and so runs the mma.sync backward
+    kernel, whose dK, dV are reproducible and whose dQ phase can be skipped."""
     dtype = np.dtype(dtype)
     cls = head_dim_class(head_dim)
     if dtype == FLOAT32:
-        return KernelSet(dtype, cls, causal, F32, F32)
+        return KernelSet(dtype, cls, causal, F32, F32, F32 if deterministic else None)
     if dtype not in (FLOAT16, BFLOAT16):
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
+    if deterministic and isinstance(bwd, Sm90BwdConfig):
+        raise ValueError("the wgmma backward (Sm90BwdConfig) has no deterministic mode; pass a BwdConfig")
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
+    if deterministic and cc == 90:
+        table_bwd = DETERMINISTIC_BWD_SM90[(cls, causal)]
     limit = smem_optin(cc)
     if table_fwd.smem_bytes(cls, dtype.itemsize) > limit:
         table_fwd = SMALL_TILES[0]
     if table_bwd.smem_bytes(cls, dtype.itemsize) > limit:
         table_bwd = SMALL_TILES[1]
-    return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd)
+    dq = None
+    if deterministic:
+        dq = next(c for c in (DQ_TILES[cls], *SMALL_DQ) if c.smem_bytes(cls, dtype.itemsize) <= limit)
+    return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd, dq)

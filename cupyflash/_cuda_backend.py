@@ -74,7 +74,7 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
 
 
 def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
-             bwd_config=None, workspace=None):
+             bwd_config=None, workspace=None, deterministic: bool = False):
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
@@ -86,23 +86,33 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         else:
             dout, q, k, v, out = (_kernel_ready(x) for x in (dout, q, k, v, out))
             lse = cupy.ascontiguousarray(lse)
-            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config)
-            dsum, dq_accum = workspace or backward_workspace(B, H, Sq, D)
+            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic)
+            if workspace is not None:
+                dsum, dq_accum = workspace
+            else:  # the deterministic dQ pass needs no fp32 accumulator
+                dsum = cupy.empty((B, H, Sq), dtype=np.float32)
+                dq_accum = None if deterministic else cupy.empty((B, H, Sq, D), dtype=np.float32)
+            # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
+            dq_accum_ptr = 0 if deterministic else dq_accum.data.ptr
             params = _launch.pack(
                 _launch.BWD_PARAMS, q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                 o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(g_dq),
                 dk=_launch.tensor_ref(g_dk), dv=_launch.tensor_ref(g_dv), lse=np.uint64(lse.data.ptr),
-                dsum=np.uint64(dsum.data.ptr), dq_accum=np.uint64(dq_accum.data.ptr), batch=np.int32(B),
+                dsum=np.uint64(dsum.data.ptr), dq_accum=np.uint64(dq_accum_ptr), batch=np.int32(B),
                 heads=np.int32(H), seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
                 scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
             rows_per_block = _config.ROWWISE_ROWS_PER_BLOCK
             # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
             _launch.launch(ks, ks.preprocess_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
-            # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j
+            # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j (not when deterministic)
             _launch.launch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
                            ks.bwd_smem(), params)
-            # 3. dQ = scale * dQ_accum in the input dtype
-            _launch.launch(ks, ks.convert_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
+            if deterministic:
+                # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
+                _launch.launch(ks, ks.dq_name(), _grid(Sq, ks.dq.block_m, H, B), ks.dq_threads(), ks.dq_smem(), params)
+            else:
+                # 3. dQ = scale * dQ_accum in the input dtype
+                _launch.launch(ks, ks.convert_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
         result = []
         for g, user in ((g_dq, u_dq), (g_dk, u_dk), (g_dv, u_dv)):
             if user is not None:

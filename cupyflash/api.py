@@ -103,8 +103,8 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
                              out: ArrayInput, lse: ArrayInput, *, causal: bool = False,
                              softmax_scale: float | None = None, dq: ArrayInput | None = None,
                              dk: ArrayInput | None = None, dv: ArrayInput | None = None,
-                             workspace: tuple[Array, Array] | None = None
-                             ) -> tuple[Array, Array, Array]:
+                             workspace: tuple[Array, Array] | None = None,
+                             deterministic: bool = False) -> tuple[Array, Array, Array]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
 
     Recomputes the attention tile by tile from ``lse``; nothing of size
@@ -131,7 +131,14 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     workspace : tuple of two cupy arrays, optional
         GPU only: the fp32 scratch from :func:`backward_workspace`. With it and ``dq``,
         ``dk``, ``dv`` given (and a C-contiguous ``lse``), the backward pass allocates
-        nothing and never synchronises with the host (CUDA-graph capturable).
+        nothing and never synchronises with the host (CUDA-graph capturable). With
+        ``deterministic=True`` only its first array (D) is used.
+    deterministic : bool
+        GPU: bitwise-reproducible gradients. dQ is then computed by a separate pass over
+        the query tiles that sums the key tiles in a fixed order, instead of being
+        accumulated with atomic adds whose order varies from run to run; dK and dV are
+        reproducible either way. It costs time (the pass recomputes S and dP) and needs no
+        fp32 dQ accumulator. The NumPy path is always deterministic.
 
     Returns
     -------
@@ -156,11 +163,12 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     _checks.check_like("lse", arrays["lse"], (shape.batch, shape.heads, shape.seqlen_q),
                        lse_dtype(dtype), "the forward log-sum-exp")
     causal = _checks.check_bool("causal", causal)
+    deterministic = _checks.check_bool("deterministic", deterministic)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         grads[name] = None if buf is None else _checks.check_output_buffer(name, buf, like.shape, dtype, dev)
-    extra = {}
+    extra = {"deterministic": deterministic} if on_gpu else {}
     if workspace is not None:
         if not on_gpu:
             raise ValueError("workspace is only used by the GPU path; omit it for numpy arrays")

@@ -998,15 +998,18 @@ def dropout(a, p: float, *, rng, training: bool = True) -> Tensor:
 
 # --------------------------------------------------------------------------- attention
 
-def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None) -> Tensor:
+def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                    deterministic: bool = False) -> Tensor:
     """:func:`cupyflash.flash_attention` on the tape.
 
     q (batch, seqlen_q, heads, head_dim), k and v (batch, seqlen_k, heads, head_dim). The
     tape saves only q, k, v, out and the log-sum-exp; backward calls
     :func:`cupyflash.flash_attention_backward`, which recomputes the attention tile by
-    tile. Nothing of size seqlen_q x seqlen_k is kept.
+    tile. Nothing of size seqlen_q x seqlen_k is kept. ``deterministic=True`` makes that
+    backward call bitwise reproducible (see :func:`cupyflash.flash_attention_backward`).
     """
-    from . import api
+    from . import api, _checks
+    deterministic = _checks.check_bool("deterministic", deterministic)
     qt, kt, vt = _as_tensor(q), _as_tensor(k), _as_tensor(v)
     xp = qt.xp
     qd, kd, vd = (xp.ascontiguousarray(t.data) for t in (qt, kt, vt))
@@ -1016,7 +1019,7 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     def backward(g, qd, kd, vd, out, lse):
         g = _xp(g).ascontiguousarray(g.astype(out.dtype, copy=False))
         return api.flash_attention_backward(g, qd, kd, vd, out, lse, causal=causal,
-                                            softmax_scale=softmax_scale)
+                                            softmax_scale=softmax_scale, deterministic=deterministic)
     return record(out, (q, k, v), backward, saved=(qd, kd, vd, out, lse), op="flash_attention")
 
 

@@ -601,20 +601,26 @@ class Impl:
 
 
 class CupyflashImpl(Impl):
-    """cupyflash itself, on the device's arrays (cupy, or numpy on the CPU)."""
-    name = "cupyflash"
+    """cupyflash itself, on the device's arrays (cupy, or numpy on the CPU); with
+    ``deterministic``, its bitwise-reproducible backward pass."""
     gated = True
+
+    def __init__(self, deterministic: bool = False):
+        self.deterministic = deterministic
+        self.name = "cupyflash-deterministic" if deterministic else "cupyflash"
 
     def prepare(self, case, inputs, device):
         from . import api  # looked up at call time, so tests can patch api's functions
         q, k, v, do = inputs.q, inputs.k, inputs.v, inputs.dout
-        causal = case.causal
+        causal, det = case.causal, self.deterministic
 
         def forward():
             return api.flash_attention(q, k, v, causal=causal, return_lse=True)
 
         def backward(out, lse):
-            return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal)
+            if not det:  # the plain call, as users write it
+                return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal)
+            return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal, deterministic=True)
 
         if case.mode == "fwd":
             run = lambda: api.flash_attention(q, k, v, causal=causal)  # noqa: E731
@@ -889,7 +895,7 @@ def _jax_fwd_and_bwd(jax, f):
 
 def implementations() -> dict[str, Impl]:
     """Every implementation by name; cupyflash first."""
-    impls = [CupyflashImpl(), NaiveImpl(), TorchSDPAImpl("torch-flash", "FLASH_ATTENTION"),
+    impls = [CupyflashImpl(), CupyflashImpl(deterministic=True), NaiveImpl(), TorchSDPAImpl("torch-flash", "FLASH_ATTENTION"),
              TorchSDPAImpl("torch-cudnn", "CUDNN_ATTENTION"), JaxCudnnImpl()]
     return {i.name: i for i in impls}
 

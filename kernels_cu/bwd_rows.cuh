@@ -1,19 +1,54 @@
-// Per-query-row statistics the backward kernels stage in shared memory for each query tile.
+// What the backward kernels share: the row statistics they read (lse_i, D_i), the element formula
+// that turns a recomputed score into P_ij and dS_ij, and the store of dK_j, dV_j.
 #pragma once
 #include "params.cuh"
 #include "traits.cuh"
 
 namespace cupyflash {
 
-// sLse = lse * log2(e) (+inf where the row does not exist or saw no key, so P = 0 there) and sD = D_i.
+// Row i's lse_i * log2(e) (+inf where the row does not exist or saw no key, so P = 0 there) and D_i.
+__device__ __forceinline__ void row_stats(const BwdParams& p, i64 row_base, int i, float& lse_log2, float& d) {
+    const float lse = i < p.seqlen_q ? p.lse[row_base + i] : -CUPYFLASH_INF;
+    lse_log2 = (lse == -CUPYFLASH_INF) ? CUPYFLASH_INF : lse * LOG2E;
+    d = i < p.seqlen_q ? p.dsum[row_base + i] : 0.f;
+}
+
+// Rows m0 .. m0 + BLOCK_M of lse * log2(e) and D into shared memory, all threads taking a share.
 template <int BLOCK_M, int NUM_THREADS>
 __device__ __forceinline__ void load_row_stats(float* sLse, float* sD, const BwdParams& p, i64 row_base, int m0) {
-    for (int r = threadIdx.x; r < BLOCK_M; r += NUM_THREADS) {
-        const int i = m0 + r;
-        const float lse = i < p.seqlen_q ? p.lse[row_base + i] : -CUPYFLASH_INF;
-        sLse[r] = (lse == -CUPYFLASH_INF) ? CUPYFLASH_INF : lse * LOG2E;
-        sD[r] = i < p.seqlen_q ? p.dsum[row_base + i] : 0.f;
-    }
+    for (int r = threadIdx.x; r < BLOCK_M; r += NUM_THREADS) row_stats(p, row_base, m0 + r, sLse[r], sD[r]);
+}
+
+// P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)) where key j is visible to query i (0 elsewhere),
+// and dS_ij = P_ij (dP_ij - D_i).
+__device__ __forceinline__ void prob_and_ds(float s, float dp, bool visible, float lse_log2, float d, float scale_log2,
+                                            float& p, float& ds) {
+    p = visible ? exp2f(s * scale_log2 - lse_log2) : 0.f;
+    ds = p * (dp - d);
+}
+
+// dK_j (times softmax_scale) and dV_j from a warp's register accumulators (rows: keys from key0,
+// columns: head_dim from col0) to global memory, for the keys and columns that exist.
+template <typename T, int MT, int DT>
+__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int b, int h, int key0, int col0,
+                                            const float (&dk)[MT][DT][4], const float (&dv)[MT][DT][4]) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int j = key0 + acc_row(mt, 2 * hh, lane);
+            if (j >= p.seqlen_k) continue;
+            T* dk_row = row_ptr<T>(p.dk, b, h, j);
+            T* dv_row = row_ptr<T>(p.dv, b, h, j);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const int d = col0 + acc_col(dt, 0, lane);
+                if (d >= p.head_dim) continue;
+                *reinterpret_cast<u32*>(dk_row + d) = Elem<T>::pack(dk[mt][dt][2 * hh] * p.scale, dk[mt][dt][2 * hh + 1] * p.scale);
+                *reinterpret_cast<u32*>(dv_row + d) = Elem<T>::pack(dv[mt][dt][2 * hh], dv[mt][dt][2 * hh + 1]);
+            }
+        }
 }
 
 }  // namespace cupyflash

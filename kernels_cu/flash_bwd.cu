@@ -3,7 +3,8 @@
 // recomputing P_ij = exp(S_ij * scale - lse_i) instead of reading a stored attention matrix:
 //   phase A: S^T = K_j Q_i^T, dP^T = V_j dO_i^T, then P^T and dS^T = P^T * (dP^T - D_i) to shared memory;
 //   phase B: dV_j += P^T dO_i, dK_j += dS^T Q_i (registers, for the whole walk);
-//   phase C: dQ_i += dS K_j, reduced in fp32 into a scratch buffer (a convert kernel scales and casts it).
+//   phase C: dQ_i += dS K_j, reduced in fp32 into a scratch buffer (a convert kernel scales and casts it);
+//            not in the instantiation with ACCUMULATE_DQ = false (deterministic=True: flash_bwd_dq.cu computes dQ).
 #include "traits.cuh"
 #include "bwd_rows.cuh"
 
@@ -38,7 +39,8 @@ __device__ __forceinline__ void recompute_p_ds(const BwdParams& p, const typenam
                 for (int c = 0; c < 2; ++c) {
                     const int qc = c0 + acc_col(nt, c, lane);  // query column within the tile
                     const bool visible = n0 + kr <= last_visible_key<IS_CAUSAL>(m0 + qc, p.seqlen_q, p.seqlen_k);
-                    // P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)); dS_ij = P_ij (dP_ij - D_i)
+                    // P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)); dS_ij = P_ij (dP_ij - D_i): prob_and_ds
+                    // (bwd_rows.cuh) written out, because the call makes ptxas spill this kernel at 255 registers
                     pv[c] = visible ? exp2f(s[mt][nt][2 * hh + c] * p.scale_log2 - sLse[qc]) : 0.f;
                     dsv[c] = pv[c] * (dp[mt][nt][2 * hh + c] - sD[qc]);
                 }
@@ -53,25 +55,13 @@ template <typename Tr>
 __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const typename Tr::T* sdSt, const typename Tr::T* sK,
                                               float* dq_accum_head, int m0) {
     using G = typename Tr::GridC;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
     const int r0 = G::row0(warp), c0 = G::col0(warp);  // queries r0.., head dims c0..
     float dq[G::MT][G::NT][4];
     zero(dq);
     // dS is stored transposed ([key][query]), so it is read as a k-major A operand.
     warp_gemm<G::MT, G::NT, Tr::BLOCK_N, true, true>(dq, sdSt + r0, Tr::P_STRIDE, sK + c0, Tr::STRIDE);
-    #pragma unroll
-    for (int mt = 0; mt < G::MT; ++mt)
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int i = m0 + r0 + acc_row(mt, 2 * hh, lane);
-            if (i >= p.seqlen_q) continue;
-            #pragma unroll
-            for (int nt = 0; nt < G::NT; ++nt) {
-                const int d = c0 + acc_col(nt, 0, lane);
-                if (d < p.head_dim)
-                    red_add_f32x2(dq_accum_head + i64(i) * p.head_dim + d, dq[mt][nt][2 * hh], dq[mt][nt][2 * hh + 1]);
-            }
-        }
+    red_add_acc_tile(dq_accum_head, m0 + r0, c0, p.seqlen_q, p.head_dim, dq);
 }
 
 // dK_j (times softmax_scale) and dV_j from their register accumulators to global memory.
@@ -100,7 +90,8 @@ __device__ __forceinline__ void store_dkdv(const BwdParams& p, int b, int h, int
         }
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int Q_STAGES, bool BALANCED, bool IS_CAUSAL>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int Q_STAGES, bool BALANCED, bool IS_CAUSAL,
+          bool ACCUMULATE_DQ>
 __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdParams p) {
     using Tr = BwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS, Q_STAGES, BALANCED>;
     using GB = typename Tr::GridB;
@@ -163,11 +154,11 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
         warp_gemm<GB::MT, GB::NT, BLOCK_M, false, true>(dv, sPt + GB::row0(warp) * Tr::P_STRIDE, Tr::P_STRIDE, sdO_i + GB::col0(warp), STRIDE);
         warp_gemm<GB::MT, GB::NT, BLOCK_M, false, true>(dk, sdSt + GB::row0(warp) * Tr::P_STRIDE, Tr::P_STRIDE, sQ_i + GB::col0(warp), STRIDE);
         // dQ_i += dS K_j
-        accumulate_dq<Tr>(p, sdSt, sK, dq_accum_head, m0);
+        if constexpr (ACCUMULATE_DQ) accumulate_dq<Tr>(p, sdSt, sK, dq_accum_head, m0);
         __syncthreads();  // every warp is done with this Q_i, dO_i, P^T, dS^T before they are overwritten
     }
     cp_async_wait<0>();
-    store_dkdv<Tr>(p, b, h, n0, dk, dv);
+    store_dk_dv<T>(p, b, h, n0 + GB::row0(warp), GB::col0(warp), dk, dv);
 }
 
 }  // namespace cupyflash

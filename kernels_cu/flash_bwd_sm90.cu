@@ -71,10 +71,7 @@ __device__ __forceinline__ void probabilities_and_ds(float (&st)[Tr::MT][4], flo
         for (int r = 0; r < 4; ++r) {
             const int j = key0 + acc_row(0, r, lane), c = acc_col(nt, r, lane);
             const bool visible = j <= last_visible_key<IS_CAUSAL>(m0 + c, p.seqlen_q, p.seqlen_k);
-            // P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)); dS_ij = P_ij (dP_ij - D_i)
-            const float pv = visible ? exp2f(st[nt][r] * p.scale_log2 - sLse[c]) : 0.f;
-            dpt[nt][r] = pv * (dpt[nt][r] - sD[c]);
-            st[nt][r] = pv;
+            prob_and_ds(st[nt][r], dpt[nt][r], visible, sLse[c], sD[c], p.scale_log2, st[nt][r], dpt[nt][r]);
         }
 }
 
@@ -92,45 +89,6 @@ __device__ __forceinline__ void store_ds(unsigned char* sDS, const float (&ds)[T
             *reinterpret_cast<u32*>(sDS + Tile::offset(row, col / 8) + (col % 8) * 2) =
                 Elem<T>::pack(ds[nt][2 * hh], ds[nt][2 * hh + 1]);
         }
-}
-
-// dQ_i (this warpgroup's share: its 64 keys), head_dim columns [d0, d0 + 64), from the accumulator
-// into the fp32 scratch buffer.
-__device__ __forceinline__ void reduce_dq(const BwdParams& p, float* dq_accum_head, const float (&dq)[8][4], int m0,
-                                          int warp_in_wg, int d0) {
-    const int lane = threadIdx.x % 32;
-    #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int i = m0 + warp_in_wg * 16 + acc_row(0, 2 * hh, lane);
-        if (i >= p.seqlen_q) continue;
-        #pragma unroll
-        for (int dt = 0; dt < 8; ++dt) {
-            const int d = d0 + acc_col(dt, 0, lane);
-            if (d < p.head_dim) red_add_f32x2(dq_accum_head + i64(i) * p.head_dim + d, dq[dt][2 * hh], dq[dt][2 * hh + 1]);
-        }
-    }
-}
-
-// dK_j (times softmax_scale) and dV_j of this warp's 16 keys to global memory.
-template <typename Tr>
-__device__ __forceinline__ void store_dk_dv(const BwdParams& p, int b, int h, int key0,
-                                            const float (&dk)[Tr::DT][4], const float (&dv)[Tr::DT][4]) {
-    using T = typename Tr::T;
-    const int lane = threadIdx.x % 32;
-    #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const int j = key0 + acc_row(0, 2 * hh, lane);
-        if (j >= p.seqlen_k) continue;
-        T* dk_row = row_ptr<T>(p.dk, b, h, j);
-        T* dv_row = row_ptr<T>(p.dv, b, h, j);
-        #pragma unroll
-        for (int dt = 0; dt < Tr::DT; ++dt) {
-            const int d = acc_col(dt, 0, lane);
-            if (d >= p.head_dim) continue;
-            *reinterpret_cast<u32*>(dk_row + d) = Elem<T>::pack(dk[dt][2 * hh] * p.scale, dk[dt][2 * hh + 1] * p.scale);
-            *reinterpret_cast<u32*>(dv_row + d) = Elem<T>::pack(dv[dt][2 * hh], dv[dt][2 * hh + 1]);
-        }
-    }
 }
 
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
@@ -202,19 +160,20 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         // registers): A = dS^T read M-major, B = K_j N-major
         #pragma unroll
         for (int panel = 0; panel < HEAD_DIM / 64; ++panel) {
-            float dq[8][4];
+            float dq[1][8][4];
             wgmma_fence();
             #pragma unroll
             for (int kk = 0; kk < 64 / 16; ++kk)
-                Wgmma<T, 64>::template ss<1, 1>(dq, desc_n_major<64, BLOCK_M>(sDS, kk),
+                Wgmma<T, 64>::template ss<1, 1>(dq[0], desc_n_major<64, BLOCK_M>(sDS, kk),
                                                 desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, wg * 4 + kk, panel), kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
-            fence_operands(dq);
-            reduce_dq(p, dq_accum_head, dq, m0, warp_in_wg, panel * 64);
+            fence_operands(dq[0]);
+            // this warpgroup's share (its 64 keys) of head_dim columns [64 panel, 64 panel + 64)
+            red_add_acc_tile(dq_accum_head, m0 + warp_in_wg * 16, panel * 64, p.seqlen_q, p.head_dim, dq);
         }
     }
-    store_dk_dv<Tr>(p, b, h, key0, dk[0], dv[0]);
+    store_dk_dv<T>(p, b, h, key0, 0, dk, dv);
 }
 
 template <typename T, int HEAD_DIM, int NUM_WG, bool IS_CAUSAL>

@@ -3,6 +3,7 @@
 // (a quad of consecutive lanes), each taking every 4th column.
 #include "params.cuh"
 #include "traits.cuh"
+#include "bwd_rows.cuh"
 
 namespace cupyflash {
 
@@ -136,23 +137,16 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
         __syncthreads();  // every thread is done with the previous Q_i, dO_i, P^T, dS^T
         load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
         load_tile_f32<HEAD_DIM>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
-        if (threadIdx.x < Tr::BLOCK_M) {
-            const int i = m0 + threadIdx.x;
-            const float lse = i < p.seqlen_q ? p.lse[row_base + i] : -CUPYFLASH_INF;
-            sLse[threadIdx.x] = (lse == -CUPYFLASH_INF) ? CUPYFLASH_INF : lse * LOG2E;
-            sD[threadIdx.x] = i < p.seqlen_q ? p.dsum[row_base + i] : 0.f;
-        }
+        load_row_stats<Tr::BLOCK_M, Tr::NUM_THREADS>(sLse, sD, p, row_base, m0);
         __syncthreads();  // Q_i, dO_i, lse_i, D_i are visible to every thread
-        // P_ij = exp2(S_ij * scale_log2 - lse_i log2(e)), dS_ij = P_ij (dP_ij - D_i), stored transposed
+        // P_ij and dS_ij, stored transposed
         #pragma unroll
         for (int jj = 0; jj < Tr::COLS; ++jj) {
             const int qc = c4 + 4 * jj;
             const float s = dot_rows<HEAD_DIM>(sK + r * Tr::STRIDE, sQ + qc * Tr::STRIDE);
             const float dp = dot_rows<HEAD_DIM>(sV + r * Tr::STRIDE, sdO + qc * Tr::STRIDE);
             const bool visible = n0 + r <= last_visible_key<IS_CAUSAL>(m0 + qc, p.seqlen_q, p.seqlen_k);
-            const float pj = visible ? exp2f(s * p.scale_log2 - sLse[qc]) : 0.f;
-            sPt[r * Tr::P_STRIDE + qc] = pj;
-            sdSt[r * Tr::P_STRIDE + qc] = pj * (dp - sD[qc]);
+            prob_and_ds(s, dp, visible, sLse[qc], sD[qc], p.scale_log2, sPt[r * Tr::P_STRIDE + qc], sdSt[r * Tr::P_STRIDE + qc]);
         }
         __syncthreads();  // P^T and dS^T are complete before rows written by other quads are read
         // dV_j += P^T dO_i, dK_j += dS^T Q_i
@@ -164,8 +158,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
                 dk[dd] = fmaf(dst, sQ[q * Tr::STRIDE + c4 + 4 * dd], dk[dd]);
             }
         }
-        // dQ_i += dS K_j (row r of this tile is query m0 + r here)
-        if (m0 + r < p.seqlen_q) {
+        // dQ_i += dS K_j (row r of this tile is query m0 + r here), unless the deterministic dQ pass computes dQ
+        if (p.dq_accum != nullptr && m0 + r < p.seqlen_q) {
             float* dq_row = p.dq_accum + (row_base + m0 + r) * p.head_dim;
             for (int d = c4; d < p.head_dim; d += 4) {
                 float acc = 0.f;
@@ -182,6 +176,64 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
     for (int dd = 0; dd < Tr::DCOLS; ++dd) {
         const int d = c4 + 4 * dd;
         if (d < p.head_dim) { dk_row[d] = dk[dd] * p.scale; dv_row[d] = dv[dd]; }
+    }
+}
+
+// Deterministic dQ pass (deterministic=True): one block per query tile Q_i walking the key tiles,
+// dQ_i in registers (no atomics, a fixed order), written as softmax_scale * dQ_i.
+template <int HEAD_DIM, bool IS_CAUSAL>
+__global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParams p) {
+    using Tr = F32Traits<HEAD_DIM>;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* sQ = reinterpret_cast<float*>(smem);
+    float* sdO = sQ + Tr::SMEM_TILE;
+    float* sK = sdO + Tr::SMEM_TILE;
+    float* sV = sK + Tr::SMEM_TILE;
+    float* sdS = sV + Tr::SMEM_TILE;  // [query][key]
+
+    const int h = blockIdx.y, b = blockIdx.z, m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
+    const int r = threadIdx.x / 4, c4 = threadIdx.x % 4, i = m0 + r;
+    const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
+    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + Tr::BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
+    const int n_blocks = last_key < 0 ? 0 : last_key / Tr::BLOCK_N + 1;
+
+    float lse_log2, d_i, dq[Tr::DCOLS];
+    row_stats(p, row_base, i, lse_log2, d_i);
+    #pragma unroll
+    for (int dd = 0; dd < Tr::DCOLS; ++dd) dq[dd] = 0.f;
+    load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
+    load_tile_f32<HEAD_DIM>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
+
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+        const int n0 = n_block * Tr::BLOCK_N;
+        __syncthreads();  // every thread is done reading K_{j-1}
+        load_tile_f32<HEAD_DIM>(sK, p.k, b, h, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+        __syncthreads();  // Q_i, dO_i, K_j, V_j are visible to every thread
+        // dS_ij = P_ij (dP_ij - D_i) with S_ij = Q_i K_j^T, dP_ij = dO_i V_j^T
+        #pragma unroll
+        for (int jj = 0; jj < Tr::COLS; ++jj) {
+            const int col = c4 + 4 * jj;
+            const float s = dot_rows<HEAD_DIM>(sQ + r * Tr::STRIDE, sK + col * Tr::STRIDE);
+            const float dp = dot_rows<HEAD_DIM>(sdO + r * Tr::STRIDE, sV + col * Tr::STRIDE);
+            const bool visible = n0 + col <= last_visible_key<IS_CAUSAL>(i, p.seqlen_q, p.seqlen_k);
+            float p_ij;
+            prob_and_ds(s, dp, visible, lse_log2, d_i, p.scale_log2, p_ij, sdS[r * Tr::P_STRIDE + col]);
+        }
+        __syncwarp();  // the quad that owns row r has written all of dS_r before reading it
+        // dQ_i += dS_ij K_j
+        for (int j = 0; j < Tr::BLOCK_N; ++j) {
+            const float ds = sdS[r * Tr::P_STRIDE + j];
+            #pragma unroll
+            for (int dd = 0; dd < Tr::DCOLS; ++dd) dq[dd] = fmaf(ds, sK[j * Tr::STRIDE + c4 + 4 * dd], dq[dd]);
+        }
+    }
+    if (i >= p.seqlen_q) return;
+    float* dq_row = row_ptr<float>(p.dq, b, h, i);
+    #pragma unroll
+    for (int dd = 0; dd < Tr::DCOLS; ++dd) {
+        const int d = c4 + 4 * dd;
+        if (d < p.head_dim) dq_row[d] = dq[dd] * p.scale;
     }
 }
 

@@ -9,29 +9,6 @@
 
 namespace cupyflash {
 
-// O (16*MT x 8*DT) += P~ (16*MT x BLOCK_N, fp32 accumulator fragments) * V_j (BLOCK_N x HEAD_DIM, shared).
-// The S accumulator layout is exactly the A-operand layout of the next mma, so P~ never leaves registers.
-template <typename T, int MT, int NT, int DT, int STRIDE>
-__device__ __forceinline__ void accumulate_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4], const T* sV) {
-    const int lane = threadIdx.x % 32;
-    #pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-        u32 a[MT][4];
-        #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) pack_a_frag<T>(a[mt], p[mt], kk);
-        #pragma unroll
-        for (int dt = 0; dt < DT; dt += 2) {
-            u32 b[4];
-            load_b_frag_x2<true>(b, sV, STRIDE, kk * 16, dt * 8, lane);
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                mma_16816<T>(o[mt][dt], a[mt], b[0], b[1]);
-                mma_16816<T>(o[mt][dt + 1], a[mt], b[2], b[3]);
-            }
-        }
-    }
-}
-
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
 __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdParams p) {
     using Tr = FwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
@@ -84,7 +61,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
         cp_async_commit();
 
         // O_i += P~_ij V_j
-        accumulate_pv<T, MT, NT, DT, STRIDE>(o, s, sV);
+        warp_gemm_rs<T, MT, NT, DT, STRIDE>(o, s, sV);
     }
     cp_async_wait<0>();  // no copy may outlive the block (only matters when n_blocks == 0)
 

@@ -116,4 +116,88 @@ __device__ __forceinline__ void pack_a_frag(u32 (&a)[4], const float (&acc)[NT][
 __device__ __forceinline__ int acc_row(int mt, int r, int lane) { return mt * 16 + lane / 4 + (r >= 2 ? 8 : 0); }
 __device__ __forceinline__ int acc_col(int nt, int r, int lane) { return nt * 8 + (lane % 4) * 2 + (r & 1); }
 
+// acc (16*MT x 8*DT) += A (16*MT x 8*NT, fp32 accumulator fragments in registers) * B (8*NT x 8*DT,
+// shared memory stored [k][n], like V in P V). The accumulator layout of S is exactly the A-operand
+// layout of the next mma, so P~ (forward) or dS (backward dQ pass) never leaves registers.
+template <typename T, int MT, int NT, int DT, int STRIDE>
+__device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][DT][4], const float (&a_acc)[MT][NT][4], const T* sB) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        u32 a[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) pack_a_frag<T>(a[mt], a_acc[mt], kk);
+        #pragma unroll
+        for (int dt = 0; dt < DT; dt += 2) {
+            u32 b[4];
+            load_b_frag_x2<true>(b, sB, STRIDE, kk * 16, dt * 8, lane);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(acc[mt][dt], a[mt], b[0], b[1]);
+                mma_16816<T>(acc[mt][dt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// A 16*MT x 8*DT accumulator tile (this warp's rows row0 + acc_row, columns col0 + acc_col), each row
+// times row_scale[mt][hh], written as T to one head of dst: only rows < n_rows, columns < head_dim.
+// per_row(mt, hh, i) runs once per written row (the forward writes lse_i there).
+template <typename T, int MT, int DT, typename PerRow>
+__device__ __forceinline__ void store_acc_tile(const TensorRef& dst, int b, int h, int row0, int col0, int n_rows, int head_dim,
+                                               const float (&acc)[MT][DT][4], const float (&row_scale)[MT][2], PerRow per_row) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = row0 + acc_row(mt, 2 * hh, lane);
+            if (i >= n_rows) continue;
+            T* row = row_ptr<T>(dst, b, h, i);
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const int d = col0 + acc_col(dt, 0, lane);
+                if (d < head_dim)
+                    *reinterpret_cast<u32*>(row + d) =
+                        Elem<T>::pack(acc[mt][dt][2 * hh] * row_scale[mt][hh], acc[mt][dt][2 * hh + 1] * row_scale[mt][hh]);
+            }
+            per_row(mt, hh, i);
+        }
+}
+template <typename T, int MT, int DT>
+__device__ __forceinline__ void store_acc_tile(const TensorRef& dst, int b, int h, int row0, int col0, int n_rows, int head_dim,
+                                               const float (&acc)[MT][DT][4], const float (&row_scale)[MT][2]) {
+    store_acc_tile<T>(dst, b, h, row0, col0, n_rows, head_dim, acc, row_scale, [](int, int, int) {});
+}
+
+// The same tile added into a dense fp32 [n_rows][head_dim] buffer with red.global.add (dQ's
+// accumulator: several key tiles add to the same rows).
+template <int MT, int DT>
+__device__ __forceinline__ void red_add_acc_tile(float* dst, int row0, int col0, int n_rows, int head_dim,
+                                                 const float (&acc)[MT][DT][4]) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = row0 + acc_row(mt, 2 * hh, lane);
+            if (i >= n_rows) continue;
+            #pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const int d = col0 + acc_col(dt, 0, lane);
+                if (d < head_dim) red_add_f32x2(dst + i64(i) * head_dim + d, acc[mt][dt][2 * hh], acc[mt][dt][2 * hh + 1]);
+            }
+        }
+}
+
+// row_scale for store_acc_tile: the same factor on every row.
+template <int MT>
+struct UniformScale {
+    float v[MT][2];
+    __device__ __forceinline__ explicit UniformScale(float c) {
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) v[mt][0] = v[mt][1] = c;
+    }
+};
+
 }  // namespace cupyflash

@@ -145,4 +145,21 @@ struct BwdTraits {
     static_assert(HEAD_DIM % 32 == 0 && BLOCK_M % 32 == 0 && BLOCK_N % 16 == 0, "tile sizes");
 };
 
+// Deterministic dQ pass: one thread block per query tile Q_i (with dO_i) walking the key tiles
+// K_j, V_j in two stages; each warp owns 16 * MT whole query rows, as in the forward.
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NUM_WARPS_>
+struct DqTraits {
+    using T = T_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_M = BLOCK_M_, BLOCK_N = BLOCK_N_, NUM_WARPS = NUM_WARPS_;
+    static constexpr int NUM_THREADS = NUM_WARPS * 32, KV_STAGES = 2;
+    static constexpr int MT = BLOCK_M / (16 * NUM_WARPS);  // 16-row m-tiles per warp
+    static constexpr int NT = BLOCK_N / 8;                 // 8-key n-tiles of S and dP per warp
+    static constexpr int DT = HEAD_DIM / 8;                // 8-wide d-tiles of dQ per warp
+    static constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;
+    static constexpr int SMEM_BYTES = (2 * BLOCK_M + 2 * KV_STAGES * BLOCK_N) * STRIDE * int(sizeof(T));
+    static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
+    static_assert(MT >= 1 && MT * 16 * NUM_WARPS == BLOCK_M, "BLOCK_M must be a multiple of 16 * NUM_WARPS");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 32 == 0, "BLOCK_N multiple of 16, HEAD_DIM multiple of 32");
+};
+
 }  // namespace cupyflash

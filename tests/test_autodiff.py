@@ -361,6 +361,24 @@ def test_flash_attention_op_on_gpu_matches_float64_cpu(rng, causal):
         assert np.allclose(n, w, atol=2e-3 * scale), f"naive {name}: " + error_report(n, w)
 
 
+@pytest.mark.gpu
+def test_flash_attention_op_deterministic_backward_is_bitwise_reproducible(rng):
+    import cupy
+    from functools import partial
+    dev = [cupy.asarray(a.astype(np.float32)).astype(np.float16) for a in qkv(rng, 2, 300, 300, 2, 64)]
+    dout = cupy.asarray(randn(rng, 2, 300, 2, 64)).astype(np.float16)
+    op = partial(ad.flash_attention, deterministic=True)
+    first, second = (attention_grads(op, dev, True, dout) for _ in range(2))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert a.tobytes() == b.tobytes(), f"{name}: " + error_report(b, a)
+
+
+def test_flash_attention_op_checks_deterministic_at_the_call(rng):
+    q, k, v = (ad.Tensor(a, requires_grad=True) for a in qkv(rng, 1, 4, 4, 1, 8))
+    with pytest.raises(TypeError, match="^deterministic must be a bool, got int"):
+        ad.flash_attention(q, k, v, deterministic=1)
+
+
 def test_flash_attention_tape_saves_only_q_k_v_out_lse(rng):
     B, S, H, D = 1, 64, 2, 8
     q, k, v = (ad.Tensor(a, requires_grad=True) for a in qkv(rng, B, S, S, H, D))

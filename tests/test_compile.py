@@ -18,7 +18,7 @@ def report(request):
 
 def test_every_instantiation_compiles(report):
     arch, rows = report
-    expected = {ks.fwd_name() for ks in _compile._kernel_sets(arch)} | {ks.bwd_name() for ks in _compile._kernel_sets(arch)}
+    expected = {n for ks in _compile._kernel_sets(arch) for n in ks.name_expressions()}
     compiled = {r["kernel"] for r in rows if r["registers"] > 0}
     assert expected <= compiled, f"{arch}: not compiled: {sorted(expected - compiled)}"
 
@@ -26,7 +26,7 @@ def test_every_instantiation_compiles(report):
 def test_main_kernels_do_not_spill(report):
     arch, rows = report
     spills = [f"{r['kernel']}: {r['registers']} regs, {r['spill_stores']} B spilled, {r['stack_bytes']} B stack"
-              for r in rows if r["kind"] in ("fwd", "bwd") and (r["spill_stores"] or r["spill_loads"] or r["stack_bytes"])]
+              for r in rows if r["kind"] in ("fwd", "bwd", "bwd_dq") and (r["spill_stores"] or r["spill_loads"] or r["stack_bytes"])]
     assert not spills, f"{arch} (NVRTC {nvrtc.getVersion()}):\n" + "\n".join(spills)
 
 
@@ -127,3 +127,32 @@ def test_hopper_backward_compiles_without_spills_at_head_dim_64():
 def test_bad_arch_is_a_value_error():
     with pytest.raises(ValueError, match="arch"):
         _compile.compile_report("hopper")
+
+
+@pytest.mark.parametrize("cc", [80, 86, 90])
+def test_deterministic_backward_is_the_mma_kernel_without_dq_phase_plus_the_dq_pass(cc):
+    for dtype in ("float16", "bfloat16"):
+        for hd in _config.HEAD_DIM_CLASSES:
+            for causal in (False, True):
+                ks = _config.kernel_set(dtype, hd, causal, cc, deterministic=True)
+                names = ks.name_expressions()
+                assert ks.deterministic and not ks.hopper_bwd, ks
+                assert ks.bwd_name().endswith(", false>") and ks.dq_name() in names, names
+                assert ks.convert_name() not in names, names
+                assert ks.dq_smem() <= _config.smem_optin(cc), (ks, ks.dq_smem())
+                plain = _config.kernel_set(dtype, hd, causal, cc)
+                assert not plain.deterministic and plain.convert_name() in plain.name_expressions()
+    f32 = _config.kernel_set("float32", 64, True, cc, deterministic=True)
+    assert "flash_bwd_dq_f32_kernel<64, true>" in f32.dq_name()
+
+
+def test_deterministic_refuses_the_wgmma_backward_override():
+    with pytest.raises(ValueError, match="no deterministic mode"):
+        _config.kernel_set("bfloat16", 64, False, 90, bwd=_config.Sm90BwdConfig(2), deterministic=True)
+
+
+def test_dq_smem_mirror_matches_the_traits_formula():
+    source = kernel_source()
+    assert "SMEM_BYTES = (2 * BLOCK_M + 2 * KV_STAGES * BLOCK_N) * STRIDE * int(sizeof(T))" in source
+    cfg = _config.DqConfig(64, 64, 4)
+    assert cfg.smem_bytes(128, 2) == (2 * 64 + 2 * 2 * 64) * (128 + 8) * 2

@@ -114,17 +114,23 @@ def backward_inputs(rng, dtype, B, Sq, Sk, H, D):
     return q, k, v, dout
 
 
-def check_backward(rng, dtype, B, Sq, Sk, H, D, causal):
+def run_backward(dout, q, k, v, o, l, causal, **kw):
+    """flash_attention_backward into NaN-poisoned gradient buffers."""
+    grads = [nan_like(x.shape, q.dtype) for x in (q, k, v)]
+    return cupyflash.flash_attention_backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l, causal=causal,
+                                              dq=grads[0], dk=grads[1], dv=grads[2], **kw)
+
+
+def check_backward(rng, dtype, B, Sq, Sk, H, D, causal, **kw):
     q, k, v, dout = backward_inputs(rng, dtype, B, Sq, Sk, H, D)
     o, l = run_forward(q, k, v, causal)
-    grads = [nan_like(x.shape, dtype) for x in (q, k, v)]
-    dq, dk, dv = cupyflash.flash_attention_backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l,
-                                                    causal=causal, dq=grads[0], dk=grads[1], dv=grads[2])
+    dq, dk, dv = run_backward(dout, q, k, v, o, l, causal, **kw)
     ref = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
     naive = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
-    tag = f"B{B} Sq{Sq} Sk{Sk} H{H} D{D} causal={causal}"
+    tag = f"B{B} Sq{Sq} Sk{Sk} H{H} D{D} causal={causal} {kw or ''}"
     for name, got, want, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
         assert_within(f"{name} [{tag}]", got, want, nv, dtype)
+    return (dout, q, k, v, o, l), (dq, dk, dv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16", "fp32"])
@@ -139,6 +145,40 @@ def test_backward_every_head_dim(rng, dtype, D, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_odd_lengths(rng, dtype, Sq, Sk, causal):
     check_backward(rng, dtype, 1, Sq, Sk, 2, 64, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("D", [40, 64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_backward_is_accurate_and_bitwise_reproducible(rng, dtype, D, causal):
+    """deterministic=True: the same bounds as the default, and every byte the same on every run
+    (dQ sums 16 key tiles here, the case where atomic adds would reorder)."""
+    inputs, first = check_backward(rng, dtype, 2, 257, 1023, 2, D, causal, deterministic=True)
+    for run in range(3):
+        again = run_backward(*inputs, causal, deterministic=True)
+        for name, a, b in zip(("dq", "dk", "dv"), first, again):
+            a, b = _cp().asnumpy(a), _cp().asnumpy(b)
+            assert a.tobytes() == b.tobytes(), f"{name}, run {run + 2}: not bitwise equal: {error_report(b, a)}"
+
+
+@pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 300), (300, 1), (1023, 257), (1023, 1023)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_backward_odd_lengths(rng, dtype, Sq, Sk, causal):
+    check_backward(rng, dtype, 1, Sq, Sk, 2, 64, causal, deterministic=True)
+
+
+def test_deterministic_backward_with_a_workspace_and_strided_inputs(rng):
+    cp = _cp()
+    B, H, S, D = 2, 3, 200, 64
+    q, k, v, dout = (to_gpu(randn(rng, (B, H, S, D), BFLOAT16)).transpose(0, 2, 1, 3) for _ in range(4))
+    o, l = cupyflash.flash_attention(q, k, v, causal=True, return_lse=True)
+    ws = cupyflash.backward_workspace(q)
+    g = cupyflash.flash_attention_backward(dout, q, k, v, o, l, causal=True, deterministic=True, workspace=ws)
+    g2 = cupyflash.flash_attention_backward(*(cp.ascontiguousarray(x) for x in (dout, q, k, v)), o, l, causal=True,
+                                            deterministic=True)
+    for name, a, b in zip(("dq", "dk", "dv"), g, g2):
+        assert cp.asnumpy(a).tobytes() == cp.asnumpy(b).tobytes(), f"{name}: {error_report(to_host64(a), to_host64(b))}"
 
 
 def test_strided_inputs_run_without_copy(rng):

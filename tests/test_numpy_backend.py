@@ -124,6 +124,15 @@ def test_backward_matches_float64_reference(rng, case, causal, dtype):
         assert_within_naive_bound(name, g, g_ref, g_naive, dtype)
 
 
+def test_deterministic_flag_is_accepted_and_the_cpu_path_is_always_reproducible(rng):
+    q, k, v, dout = random_inputs(rng, 1, 37, 53, 2, 16, dtype=FLOAT32)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    plain = flash_attention_backward(dout, q, k, v, out, lse, causal=True)
+    det = flash_attention_backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    for name, a, b in zip(("dq", "dk", "dv"), plain, det):
+        assert np.array_equal(a, b), f"{name}: {error_report(a, b)}"
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seqlens", [(37, 53), (53, 37), (40, 40)], ids=lambda s: f"sq{s[0]}-sk{s[1]}")
 def test_tiny_blocks_exercise_rescaling_and_block_skipping(rng, monkeypatch, seqlens, causal):
@@ -417,6 +426,7 @@ USER_ERRORS = {
                      r"^dk must have dtype float32"),
     "bwd-dv-list": (lambda: bwd(dv=[0.0]), TypeError, r"^dv must be a numpy or cupy array"),
     "bwd-causal-int": (lambda: bwd(causal=0), TypeError, r"^causal must be a bool"),
+    "bwd-deterministic-str": (lambda: bwd(deterministic="yes"), TypeError, r"^deterministic must be a bool, got str"),
     "bwd-scale-negative": (lambda: bwd(softmax_scale=-0.5), ValueError, r"^softmax_scale must be finite and > 0"),
     "bwd-k-rank": (lambda: bwd(k=K[0]), ValueError, r"^k must have 4 dimensions"),
 }
