@@ -126,8 +126,10 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
     dtypes = [FLOAT16, BFLOAT16, FLOAT32] if dtypes is None else [_config.np.dtype(d) for d in dtypes]
     head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
     cc = arch_cc(arch)
-    return tuple(_config.kernel_set(dt, hd, causal, cc, deterministic=det)
-                 for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True))
+    short = _config.HOPPER_FWD_SHORT_SEQLEN_K  # the forward of short problems too
+    return tuple(_config.kernel_set(dt, hd, causal, cc, deterministic=det, seqlen_k=sk)
+                 for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True)
+                 for sk in (None, short))
 
 
 @functools.lru_cache(maxsize=8)

@@ -207,6 +207,10 @@ HOPPER_FWD = {
     # head_dim 32, 96 and 160 would run padded to 64, 128 and 192 (+100%, +33%, +20% FLOPs): they
     # keep the mma.sync forward; 192 is not measured yet and keeps it too (bench/NOTES.md, v2.3)
 }
+# Up to this many keys the mma.sync forward runs instead of HOPPER_FWD's: several of its blocks
+# share an SM and hide each other's loads, where the wgmma forward (one block per SM) waits on
+# its own; measured equal at 512 and 10-40% faster at 128-256 (bench/NOTES.md, short sequences).
+HOPPER_FWD_SHORT_SEQLEN_K = 512
 # Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0); head_dim 128
 # spills ~88 B in this kernel and keeps the mma.sync backward.
 HOPPER_BWD = {(64, False): Sm90BwdConfig(2), (64, True): Sm90BwdConfig(2)}
@@ -353,11 +357,12 @@ class KernelSet:
 def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
                fwd: FwdConfig | Sm90FwdConfig | None = None,
                bwd: BwdConfig | Sm90BwdConfig | None = None,
-               deterministic: bool = False) -> KernelSet:
+               deterministic: bool = False, seqlen_k: int | None = None) -> KernelSet:
     """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
     from the tile table unless ``fwd``/``bwd`` override it (tuning). ``deterministic``: the
     backward pass leaves dQ to the dQ pass (no atomics), and so runs the mma.sync backward
-    kernel, whose dK, dV are reproducible and whose dQ phase can be skipped."""
+    kernel, whose dK, dV are reproducible and whose dQ phase can be skipped. ``seqlen_k`` at
+    or below HOPPER_FWD_SHORT_SEQLEN_K picks the mma.sync forward on Hopper (None: long)."""
     dtype = np.dtype(dtype)
     cls = head_dim_class(head_dim)
     if dtype == FLOAT32:
@@ -367,6 +372,8 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
     if deterministic and isinstance(bwd, Sm90BwdConfig):
         raise ValueError("the wgmma backward (Sm90BwdConfig) has no deterministic mode; pass a BwdConfig")
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
+    if isinstance(table_fwd, Sm90FwdConfig) and seqlen_k is not None and seqlen_k <= HOPPER_FWD_SHORT_SEQLEN_K:
+        table_fwd = _TILES_SM90_MMA[(cls, causal)][0]
     if deterministic and cc == 90:
         table_bwd = DETERMINISTIC_BWD_SM90[(cls, causal)]
     limit = smem_optin(cc)

@@ -34,10 +34,10 @@ def _cc(device_id=None) -> int:
     return int(cupy.cuda.Device(device_id).compute_capability)
 
 
-def kernel_path(dtype, head_dim: int, device=None, causal: bool = False) -> str:
+def kernel_path(dtype, head_dim: int, device=None, causal: bool = False, seqlen_k: int | None = None) -> str:
     """Which kernels a (dtype, head_dim, causal) problem runs on this device, in words."""
     cc = _cc(device)
-    return f"sm_{cc}: " + _config.kernel_set(dtype, head_dim, causal, cc).describe()
+    return f"sm_{cc}: " + _config.kernel_set(dtype, head_dim, causal, cc, seqlen_k=seqlen_k).describe()
 
 
 def _grid(n_rows: int, block: int, heads: int, batch: int) -> tuple:
@@ -59,7 +59,7 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
             l.fill(-np.inf)
             return (out if out is not None else o), l
         q, k, v = (_kernel_ready(x) for x in (q, k, v))
-        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config)
+        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk)
         params = _launch.pack(
             _launch.FWD_PARAMS, q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
             o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
@@ -86,7 +86,8 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         else:
             dout, q, k, v, out = (_kernel_ready(x) for x in (dout, q, k, v, out))
             lse = cupy.ascontiguousarray(lse)
-            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic)
+            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
+                                    seqlen_k=Sk)  # the forward's kernel set too: one module per problem
             if workspace is not None:
                 dsum, dq_accum = workspace
             else:  # the deterministic dQ pass needs no fp32 accumulator

@@ -77,9 +77,14 @@ struct FwdTraitsSm90 {
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
     static constexpr int PRODUCER_REGS = 40;
-    // what the register file (64K) leaves each consumer thread, in setmaxnreg's steps of 8, at most 240
-    static constexpr int CONSUMER_REGS_FIT = (65536 - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
+    // setmaxnreg only moves the registers the block was launched with (NUM_THREADS x the per-thread
+    // launch allocation); what the producer gives up is what the consumers may take, in steps of 8, at most 240
+    static constexpr int LAUNCH_REGS = 65536 / NUM_THREADS / 8 * 8 < 248 ? 65536 / NUM_THREADS / 8 * 8 : 248;
+    static constexpr int CONSUMER_REGS_FIT =
+        (NUM_THREADS * LAUNCH_REGS - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
     static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
+    static_assert(PRODUCER_THREADS * PRODUCER_REGS + CONSUMER_THREADS * CONSUMER_REGS <= NUM_THREADS * LAUNCH_REGS,
+                  "setmaxnreg.inc would wait forever for registers the block does not have");
     static constexpr int NT = BLOCK_N / 8, DT = HEAD_DIM / 8;
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;
     using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;
@@ -105,8 +110,12 @@ struct BwdTraitsSm90 {
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
     static constexpr int PRODUCER_REGS = 40;
-    static constexpr int CONSUMER_REGS_FIT = (65536 - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
+    static constexpr int LAUNCH_REGS = 65536 / NUM_THREADS / 8 * 8 < 248 ? 65536 / NUM_THREADS / 8 * 8 : 248;
+    static constexpr int CONSUMER_REGS_FIT =
+        (NUM_THREADS * LAUNCH_REGS - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
     static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
+    static_assert(PRODUCER_THREADS * PRODUCER_REGS + CONSUMER_THREADS * CONSUMER_REGS <= NUM_THREADS * LAUNCH_REGS,
+                  "setmaxnreg.inc would wait forever for registers the block does not have");
     static constexpr int MT = BLOCK_M / 8, DT = HEAD_DIM / 8;  // 8-column tiles of S^T (queries) and of dK, dV, dQ
     using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;  // K_j, V_j
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;   // Q_i, dO_i

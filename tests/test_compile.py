@@ -156,3 +156,25 @@ def test_dq_smem_mirror_matches_the_traits_formula():
     assert "SMEM_BYTES = (2 * BLOCK_M + 2 * KV_STAGES * BLOCK_N) * STRIDE * int(sizeof(T))" in source
     cfg = _config.DqConfig(64, 64, 4)
     assert cfg.smem_bytes(128, 2) == (2 * 64 + 2 * 2 * 64) * (128 + 8) * 2
+
+
+def test_short_key_lengths_take_the_mma_forward_on_hopper():
+    k = _config.HOPPER_FWD_SHORT_SEQLEN_K
+    for (cls, causal) in _config.HOPPER_FWD:
+        assert not _config.kernel_set("bfloat16", cls, causal, 90, seqlen_k=k).hopper_fwd
+        assert _config.kernel_set("bfloat16", cls, causal, 90, seqlen_k=k + 1).hopper_fwd
+
+
+def test_kernel_parameters_pack_every_field_at_its_offset():
+    import numpy as np
+    from cupyflash import _launch
+    values = {name: (np.arange(4) + i) if _launch.BWD_PARAMS[name].names else i + 0.5
+              for i, name in enumerate(_launch.BWD_PARAMS.names)}
+    fields = {n: tuple(v) if isinstance(v, np.ndarray) else v for n, v in values.items()}
+    packed = _launch.pack(_launch.BWD_PARAMS, **fields)
+    expected = np.zeros(1, dtype=_launch.BWD_PARAMS)
+    for name, v in fields.items():
+        expected[name] = v
+    assert packed.tobytes() == expected.tobytes()
+    with pytest.raises(TypeError, match="missing \\['scale'\\]"):
+        _launch.pack(_launch.BWD_PARAMS, **{n: v for n, v in fields.items() if n != "scale"})
