@@ -28,7 +28,8 @@ __device__ __forceinline__ void prob_and_ds(float s, float dp, bool visible, flo
 }
 
 // dK_j (times softmax_scale) and dV_j from a warp's register accumulators (rows: keys from key0,
-// columns: head_dim from col0) to global memory, for the keys and columns that exist.
+// columns: head_dim from col0) to global memory, for the keys and columns that exist. One loop
+// for both tiles: two store_acc_tile calls made ptxas spill the mma.sync backward at 255 registers.
 template <typename T, int MT, int DT>
 __device__ __forceinline__ void store_dk_dv(const BwdParams& p, int b, int h, int key0, int col0,
                                             const float (&dk)[MT][DT][4], const float (&dv)[MT][DT][4]) {
