@@ -22,21 +22,23 @@ from cupyflash import _config, _cuda_backend, _launch, reference
 from cupyflash._dtypes import BFLOAT16
 
 
-def time_ms(fn, warmup=3, repeats=10, events=None, elapsed=None):
-    """Median ms of fn() between two events on the current stream (CuPy's by default; pass
-    torch's events and elapsed for PyTorch, whose work runs on its own current stream)."""
+def time_ms(fn, warmup=3, repeats=10, make_event=None, elapsed=None):
+    """Median ms of fn() between events on the current stream (CuPy's by default; pass torch's
+    event factory and elapsed for PyTorch, whose work runs on its own current stream). The calls
+    are recorded back to back and synchronised once at the end, as `cupyflash bench` does, so a
+    call's host-side cost stays hidden while the GPU is busy (timing each call to a sync would
+    count it: tens of microseconds, a large share at seqlen <= 1024)."""
     for _ in range(warmup):
         fn()
-    start, end = events or (cupy.cuda.Event(), cupy.cuda.Event())
+    make_event = make_event or cupy.cuda.Event
     elapsed = elapsed or cupy.cuda.get_elapsed_time
-    times = []
-    for _ in range(repeats):
+    marks = [(make_event(), make_event()) for _ in range(repeats)]
+    for start, end in marks:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(elapsed(start, end))
-    return float(np.median(times))
+    marks[-1][1].synchronize()
+    return float(np.median([elapsed(start, end) for start, end in marks]))
 
 
 def flops(B, H, S, D, causal, mode):
@@ -69,8 +71,7 @@ def spill_bytes(dtype, D, causal, fwd_cfg=None, bwd_cfg=None):
 
 def time_torch_ms(fn):
     import torch
-    events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-    return time_ms(fn, events=events, elapsed=lambda a, b: a.elapsed_time(b))
+    return time_ms(fn, make_event=lambda: torch.cuda.Event(enable_timing=True), elapsed=lambda a, b: a.elapsed_time(b))
 
 
 def torch_sdpa(q, k, v, do, causal, backend_name):
