@@ -64,6 +64,22 @@ struct FwdTraits {
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 32 == 0, "BLOCK_N multiple of 16, HEAD_DIM multiple of 32");
 };
 
+// The registers per thread of a warp-specialised Hopper block (one producer warpgroup, consumer
+// warpgroups), for setmaxnreg. setmaxnreg only moves the registers the block was launched with
+// (NUM_THREADS x the per-thread launch allocation): what the producer (address arithmetic only)
+// gives up is what the consumers may take, in setmaxnreg's steps of 8, at most 240.
+template <int PRODUCER_THREADS, int CONSUMER_THREADS>
+struct SetmaxnregSplit {
+    static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
+    static constexpr int PRODUCER_REGS = 40;
+    static constexpr int LAUNCH_REGS = 65536 / NUM_THREADS / 8 * 8 < 248 ? 65536 / NUM_THREADS / 8 * 8 : 248;
+    static constexpr int CONSUMER_REGS_FIT =
+        (NUM_THREADS * LAUNCH_REGS - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
+    static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
+    static_assert(PRODUCER_THREADS * PRODUCER_REGS + CONSUMER_THREADS * CONSUMER_REGS <= NUM_THREADS * LAUNCH_REGS,
+                  "setmaxnreg.inc would wait forever for registers the block does not have");
+};
+
 // Forward on Hopper (sm_90a): a producer warpgroup loading K_j, V_j into STAGES swizzled
 // shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read), and NUM_WG consumer
 // warpgroups each owning 64 whole query rows. The accumulators are one 64-row wgmma tile per
@@ -76,15 +92,8 @@ struct FwdTraitsSm90 {
     static constexpr int BLOCK_M = 64 * NUM_WG, STAGES = 3;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
-    static constexpr int PRODUCER_REGS = 40;
-    // setmaxnreg only moves the registers the block was launched with (NUM_THREADS x the per-thread
-    // launch allocation); what the producer gives up is what the consumers may take, in steps of 8, at most 240
-    static constexpr int LAUNCH_REGS = 65536 / NUM_THREADS / 8 * 8 < 248 ? 65536 / NUM_THREADS / 8 * 8 : 248;
-    static constexpr int CONSUMER_REGS_FIT =
-        (NUM_THREADS * LAUNCH_REGS - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
-    static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
-    static_assert(PRODUCER_THREADS * PRODUCER_REGS + CONSUMER_THREADS * CONSUMER_REGS <= NUM_THREADS * LAUNCH_REGS,
-                  "setmaxnreg.inc would wait forever for registers the block does not have");
+    static constexpr int PRODUCER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::PRODUCER_REGS;
+    static constexpr int CONSUMER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::CONSUMER_REGS;
     static constexpr int NT = BLOCK_N / 8, DT = HEAD_DIM / 8;
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;
     using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;
@@ -109,13 +118,8 @@ struct BwdTraitsSm90 {
     static constexpr int BLOCK_M = 64, BLOCK_N = 64 * NUM_WG, STAGES = 2;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
-    static constexpr int PRODUCER_REGS = 40;
-    static constexpr int LAUNCH_REGS = 65536 / NUM_THREADS / 8 * 8 < 248 ? 65536 / NUM_THREADS / 8 * 8 : 248;
-    static constexpr int CONSUMER_REGS_FIT =
-        (NUM_THREADS * LAUNCH_REGS - PRODUCER_THREADS * PRODUCER_REGS) / CONSUMER_THREADS / 8 * 8;
-    static constexpr int CONSUMER_REGS = CONSUMER_REGS_FIT < 240 ? CONSUMER_REGS_FIT : 240;
-    static_assert(PRODUCER_THREADS * PRODUCER_REGS + CONSUMER_THREADS * CONSUMER_REGS <= NUM_THREADS * LAUNCH_REGS,
-                  "setmaxnreg.inc would wait forever for registers the block does not have");
+    static constexpr int PRODUCER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::PRODUCER_REGS;
+    static constexpr int CONSUMER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::CONSUMER_REGS;
     static constexpr int MT = BLOCK_M / 8, DT = HEAD_DIM / 8;  // 8-column tiles of S^T (queries) and of dK, dV, dQ
     using TileKV = SwizzledTile<BLOCK_N, HEAD_DIM>;  // K_j, V_j
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;   // Q_i, dO_i
