@@ -618,9 +618,7 @@ class CupyflashImpl(Impl):
             return api.flash_attention(q, k, v, causal=causal, return_lse=True)
 
         def backward(out, lse):
-            if not det:  # the plain call, as users write it
-                return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal)
-            return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal, deterministic=True)
+            return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal, deterministic=det)
 
         if case.mode == "fwd":
             run = lambda: api.flash_attention(q, k, v, causal=causal)  # noqa: E731
