@@ -242,6 +242,11 @@ def tile_table(cc: int) -> dict:
     return TILES_SM90 if cc == 90 else TILES_DEFAULT
 
 
+def _cxx(flag: bool) -> str:
+    """A C++ bool template argument."""
+    return "true" if flag else "false"
+
+
 @dataclass(frozen=True)
 class KernelSet:
     """The kernels one (dtype, head_dim class, causal) problem runs, with their template arguments."""
@@ -270,7 +275,7 @@ class KernelSet:
         return isinstance(self.bwd, Sm90BwdConfig)
 
     def fwd_name(self) -> str:
-        c = "true" if self.causal else "false"
+        c = _cxx(self.causal)
         if not self.tensor_cores:
             return f"cupyflash::flash_fwd_f32_kernel<{self.head_dim_cls}, {c}>"
         f = self.fwd
@@ -281,7 +286,7 @@ class KernelSet:
                 f"{f.block_m}, {f.block_n}, {f.num_warps}, {c}>")
 
     def bwd_name(self) -> str:
-        c = "true" if self.causal else "false"
+        c = _cxx(self.causal)
         if not self.tensor_cores:
             return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
         g = self.bwd
@@ -289,11 +294,11 @@ class KernelSet:
             return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
                     f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
-                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {'true' if g.balanced else 'false'}, {c}, "
-                f"{'false' if self.deterministic else 'true'}>")
+                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {_cxx(g.balanced)}, {c}, "
+                f"{_cxx(not self.deterministic)}>")
 
     def dq_name(self) -> str:
-        c = "true" if self.causal else "false"
+        c = _cxx(self.causal)
         if not self.tensor_cores:
             return f"cupyflash::flash_bwd_dq_f32_kernel<{self.head_dim_cls}, {c}>"
         d = self.dq
