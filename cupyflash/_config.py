@@ -92,9 +92,11 @@ class Sm90FwdConfig:
 class Sm90BwdConfig:
     """Hopper backward tile (flash_bwd_sm90.cu, sm_90a wgmma): one producer warpgroup and NUM_WG
     consumer warpgroups of 64 keys each (BLOCK_N = 64 * NUM_WG), query tiles of 64 rows in two
-    stages. In the table for head_dim 64 only (at 128 it spills). Mirrors BwdTraitsSm90 in
-    kernels_cu/traits.cuh."""
+    stages; dq_by_panel: warpgroup w computes dQ's head_dim columns [64 w, 64 w + 64) over all
+    keys (needs head_dim = 64 * NUM_WG) instead of every column over its own keys. Mirrors
+    BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
+    dq_by_panel: bool = False
 
     block_m = 64
     STAGES = 2
@@ -292,7 +294,7 @@ class KernelSet:
         g = self.bwd
         if self.hopper_bwd:
             return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
-                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {c}>")
+                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {_cxx(g.dq_by_panel)}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
                 f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {_cxx(g.balanced)}, {c}, "
                 f"{_cxx(not self.deterministic)}>")
@@ -376,6 +378,9 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
     if deterministic and isinstance(bwd, Sm90BwdConfig):
         raise ValueError("the wgmma backward (Sm90BwdConfig) has no deterministic mode; pass a BwdConfig")
+    if isinstance(bwd, Sm90BwdConfig) and bwd.dq_by_panel and Sm90FwdConfig.head_dim(cls) != 64 * bwd.num_wg:
+        raise ValueError(f"Sm90BwdConfig(dq_by_panel=True) needs head_dim = 64 * num_wg, got head_dim class {cls} "
+                         f"with num_wg={bwd.num_wg}")
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
     if isinstance(table_fwd, Sm90FwdConfig) and seqlen_k is not None and seqlen_k <= HOPPER_FWD_SHORT_SEQLEN_K:
         table_fwd = _TILES_SM90_MMA[(cls, causal)][0]

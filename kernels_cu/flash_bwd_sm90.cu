@@ -82,13 +82,23 @@ __device__ __forceinline__ void store_ds(unsigned char* sDS, const float (&ds)[T
     using T = typename Tr::T;
     const int lane = threadIdx.x % 32;
     #pragma unroll
-    for (int nt = 0; nt < Tr::MT; ++nt)
+    for (int hh = 0; hh < 2; ++hh) {
+        const int row = warp_in_wg * 16 + acc_row(0, 2 * hh, lane);
+        const u32 line = Tile::line_addr(smem_u32(sDS), row) + (acc_col(0, 0, lane) % 8) * 2;
         #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int row = warp_in_wg * 16 + acc_row(0, 2 * hh, lane), col = acc_col(nt, 0, lane);
-            *reinterpret_cast<u32*>(sDS + Tile::offset(row, col / 8) + (col % 8) * 2) =
-                Elem<T>::pack(ds[nt][2 * hh], ds[nt][2 * hh + 1]);
-        }
+        for (int nt = 0; nt < Tr::MT; ++nt)  // columns 8 nt + acc_col(0, 0, lane): chunk nt of the row
+            st_shared_u32(Tile::chunk_addr(line, nt), Elem<T>::pack(ds[nt][2 * hh], ds[nt][2 * hh + 1]));
+    }
+}
+
+// Barrier among the consumers that read warpgroup wg's dS^T tile: its own 128 threads, or all
+// consumers when dQ is split by panel (named barrier 1 + NUM_WG; warpgroup_barrier uses 1 + wg).
+template <typename Tr>
+__device__ __forceinline__ void ds_barrier(int wg) {
+    if constexpr (Tr::DQ_BY_PANEL)
+        named_barrier(1 + Tr::NUM_WG, Tr::CONSUMER_THREADS);
+    else
+        warpgroup_barrier(wg);
 }
 
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
@@ -139,10 +149,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             pack_a_frag<T>(pa[kk], st, kk);
             pack_a_frag<T>(dsa[kk], dpt, kk);
         }
-        warpgroup_barrier(wg);  // every warp of this warpgroup is done reading dS^T of the previous tile
+        ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
         store_ds<Tr>(sDS, dpt, warp_in_wg);
         fence_proxy_async();
-        warpgroup_barrier(wg);  // dS^T is complete and visible to this warpgroup's wgmma
+        ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
 
         // dV_j += P^T dO_i, dK_j += dS^T Q_i (B N-major)
         wgmma_fence();
@@ -156,30 +166,33 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         fence_operands(dk[0]);
         fence_operands(dv[0]);
         mbarrier_arrive(&sm.empty[it % Tr::STAGES]);  // Q_i, dO_i, lse_i, D_i are no longer read
-        // dQ_i = dS K_j over this warpgroup's keys, one 64-column panel of head_dim at a time (fewer
-        // registers): A = dS^T read M-major, B = K_j N-major
+        // dQ_i = dS K_j, one 64-column panel of head_dim at a time (fewer registers): A = dS^T read
+        // M-major, B = K_j N-major; by panel: this warpgroup's panel over all keys (every
+        // warpgroup's dS^T tile in turn), by key: every panel over this warpgroup's keys
+        constexpr int PANELS = Tr::DQ_BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = Tr::DQ_BY_PANEL ? BLOCK_N : 64;
         #pragma unroll
-        for (int panel = 0; panel < HEAD_DIM / 64; ++panel) {
+        for (int pi = 0; pi < PANELS; ++pi) {
+            const int panel = Tr::DQ_BY_PANEL ? wg : pi, key_step0 = Tr::DQ_BY_PANEL ? 0 : wg * 4;
             float dq[1][8][4];
             wgmma_fence();
             #pragma unroll
-            for (int kk = 0; kk < 64 / 16; ++kk)
-                Wgmma<T, 64>::template ss<1, 1>(dq[0], desc_n_major<64, BLOCK_M>(sDS, kk),
-                                                desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, wg * 4 + kk, panel), kk > 0);
+            for (int kk = 0; kk < KEYS / 16; ++kk)
+                Wgmma<T, 64>::template ss<1, 1>(
+                    dq[0], desc_n_major<64, BLOCK_M>(Tr::DQ_BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4),
+                    desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, panel), kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_operands(dq[0]);
-            // this warpgroup's share (its 64 keys) of head_dim columns [64 panel, 64 panel + 64)
             red_add_acc_tile(dq_accum_head, m0 + warp_in_wg * 16, panel * 64, p.seqlen_q, p.head_dim, dq);
         }
     }
     store_dk_dv<T>(p, b, h, key0, 0, dk, dv);
 }
 
-template <typename T, int HEAD_DIM, int NUM_WG, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, NUM_WG>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int NUM_WG, bool DQ_BY_PANEL, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_BY_PANEL>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const BwdParams p) {
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, NUM_WG>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_BY_PANEL>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);
 

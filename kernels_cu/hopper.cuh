@@ -26,10 +26,12 @@ __device__ __forceinline__ void fence_operands(float (&r)[N][M]) {
         for (int j = 0; j < M; ++j) asm volatile("" : "+f"(r[i][j]) :: "memory");
 }
 
-// Barrier among the 128 threads of warpgroup wg (named barrier 1 + wg; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_barrier(int wg) {
-    asm volatile("bar.sync %0, 128;\n" :: "r"(1 + wg) : "memory");
+// Barrier among `threads` threads (whole warps) at named barrier `id` (0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
+// Barrier among the 128 threads of warpgroup wg (named barrier 1 + wg).
+__device__ __forceinline__ void warpgroup_barrier(int wg) { named_barrier(1 + wg, 128); }
 
 // Order "everything that computed x" before a following wgmma wait. ptxas hoists a wait above
 // independent register work (the softmax meant to overlap the running MMA), and moves register
@@ -89,6 +91,12 @@ struct SwizzledTile {
     __device__ static int offset(int r, int chunk) {
         return (chunk / 8) * PANEL_BYTES + r * LINE_BYTES + (((chunk % 8) ^ (r % 8)) << 4);
     }
+    // The same as shared-memory addresses, for a tile at a 1024-byte-aligned `tile_addr`: chunk
+    // position c ^ (r % 8) is bits 4-6 of the address, so row r's chunks are one per-row base
+    // XOR (chunk << 4). One register per row instead of one per (row, chunk), which a loop would
+    // otherwise hoist and keep live (the wgmma backward spilled 16 such addresses at head_dim 128).
+    __device__ static u32 line_addr(u32 tile_addr, int r) { return tile_addr + r * LINE_BYTES + ((r % 8) << 4); }
+    __device__ static u32 chunk_addr(u32 line, int chunk) { return (line ^ ((chunk % 8) << 4)) + (chunk / 8) * PANEL_BYTES; }
 };
 
 // All threads copy rows [row0, row0 + ROWS) of one head of `src` into a swizzled tile with cp.async;

@@ -55,6 +55,9 @@ template <> __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], con
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     return static_cast<u32>(__cvta_generic_to_shared(p));
 }
+__device__ __forceinline__ void st_shared_u32(u32 addr, u32 x) {
+    asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
+}
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(smem_row)));

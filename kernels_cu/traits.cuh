@@ -111,10 +111,14 @@ struct FwdTraitsSm90 {
 // Backward on Hopper (sm_90a), used for head_dim 64 (bench/NOTES.md v3.0): one block per key tile of BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys
 // [64 w, 64 w + 64) and walks the query tiles of BLOCK_M = 64 rows that a producer warpgroup
 // stages (Q_i, dO_i, lse_i, D_i, two stages).
-template <typename T_, int HEAD_DIM_, int NUM_WG_>
+template <typename T_, int HEAD_DIM_, int NUM_WG_, bool DQ_BY_PANEL_>
 struct BwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_;
+    // dQ_i = dS K_j split by 64-column panel of head_dim, warpgroup w computing panel w over all
+    // BLOCK_N keys (each dQ element reduced once per block); otherwise split by key, each warpgroup
+    // computing every panel over its own 64 keys (each element reduced NUM_WG times).
+    static constexpr bool DQ_BY_PANEL = DQ_BY_PANEL_;
     static constexpr int BLOCK_M = 64, BLOCK_N = 64 * NUM_WG, STAGES = 2;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
@@ -132,6 +136,7 @@ struct BwdTraitsSm90 {
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV accumulators for more than 128 columns do not fit in registers");
     static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups");
+    static_assert(!DQ_BY_PANEL || HEAD_DIM == 64 * NUM_WG, "dQ by panel: one 64-column panel per warpgroup");
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 

@@ -114,14 +114,20 @@ def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
     assert not _config.kernel_set("bfloat16", 96, False, 90).hopper_fwd  # padding would cost more than wgmma gains
 
 
-def test_hopper_backward_compiles_without_spills_at_head_dim_64():
-    # head_dim 128 spills ~88 B with the cp.async producer's 40 registers (bench/NOTES.md); it is not in the table
-    sets = tuple(_config.kernel_set(dt, 64, causal, 90, bwd=_config.Sm90BwdConfig(wg))
-                 for dt in ("float16", "bfloat16") for causal in (False, True) for wg in (1, 2))
+def test_hopper_backward_compiles_without_spills():
+    tiles = ((64, _config.Sm90BwdConfig(1)), (64, _config.Sm90BwdConfig(2)), (128, _config.Sm90BwdConfig(2)),
+             (128, _config.Sm90BwdConfig(2, dq_by_panel=True)))
+    sets = tuple(_config.kernel_set(dt, hd, causal, 90, bwd=cfg)
+                 for dt in ("float16", "bfloat16") for causal in (False, True) for hd, cfg in tiles)
     _, stats, lowered = _compile._compile_sets("sm_90", sets)
     for ks in sets:
         s = stats[lowered[ks.bwd_name()]]
         assert s["registers"] > 0 and not s.get("spill_stores") and not s.get("wgmma_serialized"), (ks.bwd_name(), s)
+
+
+def test_dq_by_panel_needs_one_panel_per_warpgroup():
+    with pytest.raises(ValueError, match="dq_by_panel"):
+        _config.kernel_set("bfloat16", 64, False, 90, bwd=_config.Sm90BwdConfig(2, dq_by_panel=True))
 
 
 def test_bad_arch_is_a_value_error():
