@@ -88,15 +88,21 @@ class Sm90FwdConfig:
                 + self.SCRATCH_BYTES_PER_THREAD * 128 * self.num_wg)
 
 
+DQ_SPLITS = ("keys", "rows", "panel")  # DqSplit's values 0, 1, 2 in kernels_cu/traits.cuh
+
+
 @dataclass(frozen=True)
 class Sm90BwdConfig:
     """Hopper backward tile (flash_bwd_sm90.cu, sm_90a wgmma): one producer warpgroup and NUM_WG
     consumer warpgroups of 64 keys each (BLOCK_N = 64 * NUM_WG), query tiles of 64 rows in two
-    stages; dq_by_panel: warpgroup w computes dQ's head_dim columns [64 w, 64 w + 64) over all
-    keys (needs head_dim = 64 * NUM_WG) instead of every column over its own keys. Mirrors
+    stages. dq_split, how the warpgroups share dQ = dS K (DqSplit in kernels_cu/traits.cuh):
+    "keys" (each warpgroup every column over its own keys, each adding its partial: NUM_WG atomic
+    adds per element), "rows" (the same partials summed through shared memory, each warpgroup
+    adding half the rows: one add; needs NUM_WG = 2), "panel" (warpgroup w computes head_dim
+    columns [64 w, 64 w + 64) over all keys: one add; needs head_dim = 64 * NUM_WG). Mirrors
     BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
-    dq_by_panel: bool = False
+    dq_split: str = "keys"
 
     block_m = 64
     STAGES = 2
@@ -107,6 +113,12 @@ class Sm90BwdConfig:
     def block_n(self) -> int:
         return 64 * self.num_wg
 
+    def __post_init__(self):
+        if self.dq_split not in DQ_SPLITS:
+            raise ValueError(f"dq_split must be one of {DQ_SPLITS}, got {self.dq_split!r}")
+        if self.dq_split == "rows" and self.num_wg != 2:
+            raise ValueError("dq_split='rows' exchanges halves between two warpgroups: needs num_wg=2")
+
     @property
     def num_warps(self) -> int:
         return 4 * (self.num_wg + 1)
@@ -116,7 +128,9 @@ class Sm90BwdConfig:
         kv = 2 * self.block_n * hd
         qdo = 2 * self.STAGES * self.block_m * hd
         ds = self.num_wg * 64 * self.block_m
-        return self.ALIGN + (kv + qdo + ds) * itemsize + self.STAGES * 2 * self.block_m * 4 + self.BARRIER_BYTES
+        exchange = self.block_m * 64 * 4 if self.dq_split == "rows" else 0
+        return (self.ALIGN + (kv + qdo + ds) * itemsize + self.STAGES * 2 * self.block_m * 4 + exchange
+                + self.BARRIER_BYTES)
 
 
 @dataclass(frozen=True)
@@ -213,9 +227,10 @@ HOPPER_FWD = {
 # share an SM and hide each other's loads, where the wgmma forward (one block per SM) waits on
 # its own; measured equal at 512 and 10-40% faster at 128-256 (bench/NOTES.md, short sequences).
 HOPPER_FWD_SHORT_SEQLEN_K = 512
-# Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0); head_dim 128
-# spills ~88 B in this kernel and keeps the mma.sync backward.
-HOPPER_BWD = {(64, False): Sm90BwdConfig(2), (64, True): Sm90BwdConfig(2)}
+# Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0 and v3.1): at
+# head_dim 128 dQ split by panel is 29-35% faster than by keys and 27-60% faster than mma.sync.
+HOPPER_BWD = {(64, False): Sm90BwdConfig(2), (64, True): Sm90BwdConfig(2),
+              (128, False): Sm90BwdConfig(2, "panel"), (128, True): Sm90BwdConfig(2, "panel")}
 TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
 # deterministic=True on Hopper runs the mma.sync backward without its dQ phase: _TILES_SM90_MMA's
 # entry, except where that instantiation spills (G(128, 128, 8, 2) without the dQ phase: 4 B).
@@ -294,7 +309,7 @@ class KernelSet:
         g = self.bwd
         if self.hopper_bwd:
             return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
-                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {_cxx(g.dq_by_panel)}, {c}>")
+                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {DQ_SPLITS.index(g.dq_split)}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
                 f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {_cxx(g.balanced)}, {c}, "
                 f"{_cxx(not self.deterministic)}>")
@@ -355,7 +370,7 @@ class KernelSet:
         fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
                f"warpgroups={f.num_wg}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
-        bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg}"
+        bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg} dQ by {g.dq_split}"
                if self.hopper_bwd else
                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
         return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"
@@ -378,8 +393,8 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
     if deterministic and isinstance(bwd, Sm90BwdConfig):
         raise ValueError("the wgmma backward (Sm90BwdConfig) has no deterministic mode; pass a BwdConfig")
-    if isinstance(bwd, Sm90BwdConfig) and bwd.dq_by_panel and Sm90FwdConfig.head_dim(cls) != 64 * bwd.num_wg:
-        raise ValueError(f"Sm90BwdConfig(dq_by_panel=True) needs head_dim = 64 * num_wg, got head_dim class {cls} "
+    if isinstance(bwd, Sm90BwdConfig) and bwd.dq_split == "panel" and Sm90FwdConfig.head_dim(cls) != 64 * bwd.num_wg:
+        raise ValueError(f"Sm90BwdConfig(dq_split='panel') needs head_dim = 64 * num_wg, got head_dim class {cls} "
                          f"with num_wg={bwd.num_wg}")
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
     if isinstance(table_fwd, Sm90FwdConfig) and seqlen_k is not None and seqlen_k <= HOPPER_FWD_SHORT_SEQLEN_K:

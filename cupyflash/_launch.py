@@ -41,15 +41,17 @@ def tensor_ref(x: cupy.ndarray) -> tuple:
 
 
 def pack(dtype: np.dtype, **fields) -> np.ndarray:
-    """A one-element structured array: CuPy passes it to the kernel as the struct, by value.
-    Every field must be given (assigned as one tuple: ~10 us, a third of field-by-field
-    assignment, which matters on the host path of short problems)."""
+    """The struct's bytes as a one-element array of an opaque itemsize-byte type: CuPy passes
+    it to the kernel by value. Every field must be given (assigned as one tuple: ~10 us, a third
+    of field-by-field assignment). Opaque because CuPy reads the argument's
+    __array_interface__, which costs ~65 us per launch for the nested structured type (numpy
+    describes every field) and ~3 us for raw bytes: most of a short call's host time."""
     if fields.keys() != set(dtype.names):
         raise TypeError(f"kernel parameters: missing {sorted(set(dtype.names) - fields.keys())}, "
                         f"unknown {sorted(fields.keys() - set(dtype.names))}")
     p = np.zeros(1, dtype=dtype)  # padding bytes zero, not whatever the allocation held
     p[0] = tuple(fields[name] for name in dtype.names)
-    return p
+    return p.view(np.dtype((np.void, dtype.itemsize)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,13 +72,19 @@ def _smem_optin(device_id: int) -> int:
 
 
 def _kernel(ks: KernelSet, name: str, smem: int):
-    dev = cupy.cuda.Device().id
+    return _device_kernel(ks.name_expressions(), name, smem, cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_kernel(names: tuple, name: str, smem: int, dev: int):
+    # Cached per device: the lookup and the shared-memory attribute are set once, not per launch
+    # (host time of short calls). Errors are not cached: a call that raises raises every time.
     limit = _smem_optin(dev)
     if smem > limit:
         raise ValueError(
             f"{name} needs {smem} bytes of shared memory per block but GPU {dev} allows {limit}; "
             f"use a smaller head_dim or a GPU with more shared memory (sm_80 and newer have >= 99 KB)")
-    fn = _device_module(ks).get_function(name)
+    fn = _module(names, int(cupy.cuda.Device(dev).compute_capability)).get_function(name)
     if smem > DEFAULT_SMEM:
         fn.max_dynamic_shared_size_bytes = smem
     return fn

@@ -16,7 +16,7 @@ namespace cupyflash {
 template <typename Tr>
 struct BwdSm90Smem {
     unsigned char *k, *v, *qdo, *ds;
-    float* stats;
+    float *stats, *dq_x;
     u64 *kv_full, *full, *empty;
     __device__ BwdSm90Smem(unsigned char* raw) {
         k = raw + (Tr::ALIGN - smem_u32(raw) % Tr::ALIGN) % Tr::ALIGN;  // the swizzle needs 1024-byte-aligned panels
@@ -24,7 +24,8 @@ struct BwdSm90Smem {
         qdo = v + Tr::TileKV::BYTES;                        // stage s: Q at qdo + 2 s TileQ::BYTES, dO right after
         ds = qdo + 2 * Tr::STAGES * Tr::TileQ::BYTES;       // warpgroup w: ds + w TileDS::BYTES
         stats = reinterpret_cast<float*>(ds + Tr::NUM_WG * Tr::TileDS::BYTES);  // stage s: lse, then D
-        kv_full = reinterpret_cast<u64*>(reinterpret_cast<unsigned char*>(stats) + Tr::ROW_STATS_BYTES);
+        dq_x = stats + Tr::ROW_STATS_BYTES / 4;             // DQ_ROWS: one warpgroup's partial dQ panel
+        kv_full = reinterpret_cast<u64*>(reinterpret_cast<unsigned char*>(dq_x) + Tr::DQ_EXCHANGE_BYTES);
         full = kv_full + 1;
         empty = full + Tr::STAGES;
     }
@@ -92,13 +93,40 @@ __device__ __forceinline__ void store_ds(unsigned char* sDS, const float (&ds)[T
 }
 
 // Barrier among the consumers that read warpgroup wg's dS^T tile: its own 128 threads, or all
-// consumers when dQ is split by panel (named barrier 1 + NUM_WG; warpgroup_barrier uses 1 + wg).
+// consumers when dQ is split by panel.
 template <typename Tr>
 __device__ __forceinline__ void ds_barrier(int wg) {
-    if constexpr (Tr::DQ_BY_PANEL)
-        named_barrier(1 + Tr::NUM_WG, Tr::CONSUMER_THREADS);
+    if constexpr (Tr::DQ_SPLIT == DQ_PANEL)
+        named_barrier(Tr::BAR_DS, Tr::CONSUMER_THREADS);
     else
         warpgroup_barrier(wg);
+}
+
+// DQ_ROWS: warps 0-1 of warpgroup 0 and warps 2-3 of warpgroup 1 own their 16 query rows; each
+// other warp hands its partial dQ panel to the owner of its rows, the same warp of the other
+// warpgroup, which holds the same fragment positions (so the exchange is in fragment order,
+// float4 per thread, conflict-free). Returns whether this warp owns its rows (dq then holds
+// both warpgroups' sum). `first`/`last`: the block's first and last exchange.
+template <typename Tr>
+__device__ __forceinline__ bool exchange_dq(const BwdSm90Smem<Tr>& sm, float (&dq)[8][4], int wg, int warp_in_wg,
+                                            bool first, bool last) {
+    constexpr int SLOTS = Tr::CONSUMER_THREADS / 2;  // float4 slots per fragment position (one per thread of a warpgroup)
+    float4* slot = reinterpret_cast<float4*>(sm.dq_x) + warp_in_wg * 32 + threadIdx.x % 32;
+    if (warp_in_wg / 2 != wg) {
+        if (!first) named_barrier(Tr::BAR_DQ_FREE, Tr::CONSUMER_THREADS);  // the owner has read the previous panel
+        #pragma unroll
+        for (int t = 0; t < 8; ++t) slot[t * SLOTS] = make_float4(dq[t][0], dq[t][1], dq[t][2], dq[t][3]);
+        named_barrier_arrive(Tr::BAR_DQ_FULL, Tr::CONSUMER_THREADS);  // this partial is in shared memory
+        return false;
+    }
+    named_barrier(Tr::BAR_DQ_FULL, Tr::CONSUMER_THREADS);  // the other warpgroup's partial is in shared memory
+    #pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const float4 x = slot[t * SLOTS];
+        dq[t][0] += x.x, dq[t][1] += x.y, dq[t][2] += x.z, dq[t][3] += x.w;
+    }
+    if (!last) named_barrier_arrive(Tr::BAR_DQ_FREE, Tr::CONSUMER_THREADS);  // the writer may reuse the buffer
+    return true;
 }
 
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
@@ -166,33 +194,36 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         fence_operands(dk[0]);
         fence_operands(dv[0]);
         mbarrier_arrive(&sm.empty[it % Tr::STAGES]);  // Q_i, dO_i, lse_i, D_i are no longer read
-        // dQ_i = dS K_j, one 64-column panel of head_dim at a time (fewer registers): A = dS^T read
-        // M-major, B = K_j N-major; by panel: this warpgroup's panel over all keys (every
-        // warpgroup's dS^T tile in turn), by key: every panel over this warpgroup's keys
-        constexpr int PANELS = Tr::DQ_BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = Tr::DQ_BY_PANEL ? BLOCK_N : 64;
+        // dQ_i = dS K_j, this warpgroup's share (Tr::DQ_SPLIT), one 64-column panel of head_dim at a
+        // time (fewer registers): A = dS^T read M-major, B = K_j N-major
+        constexpr bool BY_PANEL = Tr::DQ_SPLIT == DQ_PANEL;
+        constexpr int PANELS = BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = BY_PANEL ? BLOCK_N : 64;
         #pragma unroll
         for (int pi = 0; pi < PANELS; ++pi) {
-            const int panel = Tr::DQ_BY_PANEL ? wg : pi, key_step0 = Tr::DQ_BY_PANEL ? 0 : wg * 4;
+            const int panel = BY_PANEL ? wg : pi, key_step0 = BY_PANEL ? 0 : wg * 4;
             float dq[1][8][4];
             wgmma_fence();
             #pragma unroll
-            for (int kk = 0; kk < KEYS / 16; ++kk)
+            for (int kk = 0; kk < KEYS / 16; ++kk)  // by panel: every warpgroup's dS^T tile (and keys) in turn
                 Wgmma<T, 64>::template ss<1, 1>(
-                    dq[0], desc_n_major<64, BLOCK_M>(Tr::DQ_BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4),
+                    dq[0], desc_n_major<64, BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4),
                     desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, panel), kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_operands(dq[0]);
+            if constexpr (Tr::DQ_SPLIT == DQ_ROWS)
+                if (!exchange_dq<Tr>(sm, dq[0], wg, warp_in_wg, it == 0 && pi == 0, m_block == m_end - 1 && pi == PANELS - 1))
+                    continue;  // the other warpgroup adds these rows
             red_add_acc_tile(dq_accum_head, m0 + warp_in_wg * 16, panel * 64, p.seqlen_q, p.head_dim, dq);
         }
     }
     store_dk_dv<T>(p, b, h, key0, 0, dk, dv);
 }
 
-template <typename T, int HEAD_DIM, int NUM_WG, bool DQ_BY_PANEL, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_BY_PANEL>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const BwdParams p) {
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_BY_PANEL>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_SPLIT>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);
 

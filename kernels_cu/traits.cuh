@@ -108,17 +108,22 @@ struct FwdTraitsSm90 {
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 
-// Backward on Hopper (sm_90a), used for head_dim 64 (bench/NOTES.md v3.0): one block per key tile of BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys
-// [64 w, 64 w + 64) and walks the query tiles of BLOCK_M = 64 rows that a producer warpgroup
-// stages (Q_i, dO_i, lse_i, D_i, two stages).
-template <typename T_, int HEAD_DIM_, int NUM_WG_, bool DQ_BY_PANEL_>
+// How the Hopper backward splits dQ_i = dS K_j among its consumer warpgroups (each dQ element
+// then reaches the fp32 accumulator NUM_WG times, or once):
+//   DQ_KEYS:  warpgroup w computes every head_dim column over its own 64 keys and adds it (NUM_WG);
+//   DQ_ROWS:  the same partial sums, exchanged through shared memory so that warpgroup w adds the
+//             two warpgroups' sum for query rows [32 w, 32 w + 32) (once; needs NUM_WG = 2);
+//   DQ_PANEL: warpgroup w computes head_dim columns [64 w, 64 w + 64) over all BLOCK_N keys, reading
+//             both warpgroups' dS^T tiles (once; needs HEAD_DIM = 64 NUM_WG).
+enum DqSplit { DQ_KEYS = 0, DQ_ROWS = 1, DQ_PANEL = 2 };
+
+// Backward on Hopper (sm_90a) (bench/NOTES.md v3.0, v3.1): one block per key tile of
+// BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
+// query tiles of BLOCK_M = 64 rows that a producer warpgroup stages (Q_i, dO_i, lse_i, D_i, two stages).
+template <typename T_, int HEAD_DIM_, int NUM_WG_, int DQ_SPLIT_>
 struct BwdTraitsSm90 {
     using T = T_;
-    static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_;
-    // dQ_i = dS K_j split by 64-column panel of head_dim, warpgroup w computing panel w over all
-    // BLOCK_N keys (each dQ element reduced once per block); otherwise split by key, each warpgroup
-    // computing every panel over its own 64 keys (each element reduced NUM_WG times).
-    static constexpr bool DQ_BY_PANEL = DQ_BY_PANEL_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_, DQ_SPLIT = DQ_SPLIT_;
     static constexpr int BLOCK_M = 64, BLOCK_N = 64 * NUM_WG, STAGES = 2;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
@@ -130,13 +135,18 @@ struct BwdTraitsSm90 {
     using TileDS = SwizzledTile<64, BLOCK_M>;        // one warpgroup's dS^T, [key][query]
     static constexpr int ALIGN = 1024;
     static constexpr int ROW_STATS_BYTES = STAGES * 2 * BLOCK_M * 4;  // lse_i * log2(e) and D_i per stage
+    static constexpr int DQ_EXCHANGE_BYTES = DQ_SPLIT == DQ_ROWS ? BLOCK_M * 64 * 4 : 0;  // one fp32 panel (DQ_ROWS)
     static constexpr int BARRIER_BYTES = 64;                           // kv_full, full[STAGES], empty[STAGES]
     static constexpr int SMEM_BYTES = ALIGN + 2 * TileKV::BYTES + 2 * STAGES * TileQ::BYTES + NUM_WG * TileDS::BYTES +
-                                      ROW_STATS_BYTES + BARRIER_BYTES;
+                                      ROW_STATS_BYTES + DQ_EXCHANGE_BYTES + BARRIER_BYTES;
+    // named barriers (0: __syncthreads, 1 + w: warpgroup w)
+    static constexpr int BAR_DS = 1 + NUM_WG, BAR_DQ_FULL = 2 + NUM_WG, BAR_DQ_FREE = 3 + NUM_WG;
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV accumulators for more than 128 columns do not fit in registers");
     static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups");
-    static_assert(!DQ_BY_PANEL || HEAD_DIM == 64 * NUM_WG, "dQ by panel: one 64-column panel per warpgroup");
+    static_assert(DQ_SPLIT != DQ_PANEL || HEAD_DIM == 64 * NUM_WG, "DQ_PANEL: one 64-column panel per warpgroup");
+    static_assert(DQ_SPLIT != DQ_ROWS || NUM_WG == 2, "DQ_ROWS: two warpgroups exchange halves");
+    static_assert(BAR_DQ_FREE < 16, "16 named barriers");
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 

@@ -115,8 +115,8 @@ def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
 
 
 def test_hopper_backward_compiles_without_spills():
-    tiles = ((64, _config.Sm90BwdConfig(1)), (64, _config.Sm90BwdConfig(2)), (128, _config.Sm90BwdConfig(2)),
-             (128, _config.Sm90BwdConfig(2, dq_by_panel=True)))
+    tiles = [(hd, _config.Sm90BwdConfig(wg, split)) for hd, wg, split in
+             ((64, 1, "keys"), (64, 2, "keys"), (128, 2, "keys"), (128, 2, "panel"))]
     sets = tuple(_config.kernel_set(dt, hd, causal, 90, bwd=cfg)
                  for dt in ("float16", "bfloat16") for causal in (False, True) for hd, cfg in tiles)
     _, stats, lowered = _compile._compile_sets("sm_90", sets)
@@ -125,9 +125,13 @@ def test_hopper_backward_compiles_without_spills():
         assert s["registers"] > 0 and not s.get("spill_stores") and not s.get("wgmma_serialized"), (ks.bwd_name(), s)
 
 
-def test_dq_by_panel_needs_one_panel_per_warpgroup():
-    with pytest.raises(ValueError, match="dq_by_panel"):
-        _config.kernel_set("bfloat16", 64, False, 90, bwd=_config.Sm90BwdConfig(2, dq_by_panel=True))
+def test_dq_splits_that_the_kernel_cannot_do_are_value_errors():
+    with pytest.raises(ValueError, match="dq_split='panel'"):
+        _config.kernel_set("bfloat16", 64, False, 90, bwd=_config.Sm90BwdConfig(2, "panel"))
+    with pytest.raises(ValueError, match="num_wg=2"):
+        _config.Sm90BwdConfig(1, "rows")
+    with pytest.raises(ValueError, match="dq_split must be one of"):
+        _config.Sm90BwdConfig(2, "columns")
 
 
 def test_bad_arch_is_a_value_error():

@@ -283,12 +283,13 @@ def _hopper_gpu():
 
 
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,num_wg,dq_by_panel", [(64, 1, False), (64, 2, False), (128, 2, False), (128, 2, True)])
+@pytest.mark.parametrize("D,num_wg,dq_split", [(64, 1, "keys"), (64, 2, "keys"), (64, 2, "rows"),
+                                                (128, 2, "keys"), (128, 2, "panel")])
 @pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_by_panel, Sq, Sk, causal):
-    """The wgmma backward with one and two consumer warpgroups, dQ split by key or by head_dim
-    panel, meets the same bounds."""
+def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, Sq, Sk, causal):
+    """The wgmma backward with one and two consumer warpgroups and every way of splitting dQ
+    among them meets the same bounds."""
     if not _hopper_gpu():
         pytest.skip("the wgmma backward needs compute capability 9.0")
     from cupyflash import _config, _cuda_backend
@@ -297,9 +298,9 @@ def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_by_panel, Sq, Sk, 
     grads = [nan_like(x.shape, dtype) for x in (q, k, v)]
     dq, dk, dv = _cuda_backend.backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l, causal=causal,
                                         scale=D ** -0.5, dq=grads[0], dk=grads[1], dv=grads[2],
-                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_by_panel))
+                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split))
     ref = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
     naive = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
-    tag = f"wgmma bwd D={D} num_wg={num_wg} dq_by_panel={dq_by_panel} Sq{Sq} Sk{Sk} causal={causal}"
+    tag = f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} Sq{Sq} Sk{Sk} causal={causal}"
     for name, got, want, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
         assert_within(f"{name} [{tag}]", got, want, nv, dtype)
