@@ -50,8 +50,9 @@ __device__ __forceinline__ void produce_bwd(const BwdParams& p, const BwdSm90Sme
     for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
         const int stage = it % Tr::STAGES, use = it / Tr::STAGES, m0 = m_block * Tr::BLOCK_M;
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
-        load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q(it), p.q, b, h, m0, p.seqlen_q, p.head_dim);
-        load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.dout(it), p.dout, b, h, m0, p.seqlen_q, p.head_dim);
+        const int tid = opaque_thread_index();  // 40 registers: recompute the addresses per tile
+        load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q(it), p.q, b, h, m0, p.seqlen_q, p.head_dim, tid);
+        load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.dout(it), p.dout, b, h, m0, p.seqlen_q, p.head_dim, tid);
         load_row_stats<Tr::BLOCK_M, NTH>(sm.lse(it), sm.dsum(it), p, row_base, m0);
         mbarrier_arrive(&sm.full[stage]);
         cp_async_arrive(&sm.full[stage]);

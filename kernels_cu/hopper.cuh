@@ -26,6 +26,14 @@ __device__ __forceinline__ void fence_operands(float (&r)[N][M]) {
         for (int j = 0; j < M; ++j) asm volatile("" : "+f"(r[i][j]) :: "memory");
 }
 
+// threadIdx.x, read so that the compiler cannot hoist what is computed from it out of a loop: a
+// register-starved producer then recomputes its copy addresses per tile instead of keeping them live.
+__device__ __forceinline__ int opaque_thread_index() {
+    int t;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+    return t;
+}
+
 // Barrier among `threads` threads (whole warps) at named barrier `id` (0 is __syncthreads).
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
@@ -107,12 +115,12 @@ struct SwizzledTile {
 // rows at or past `seqlen` and columns at or past `head_dim` are filled with zeros.
 template <typename T, int ROWS, int COLS, int NUM_THREADS>
 __device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const TensorRef& src, int b, int h, int row0,
-                                                    int seqlen, int head_dim) {
+                                                    int seqlen, int head_dim, int tid = threadIdx.x) {
     using Tile = SwizzledTile<ROWS, COLS>;
     constexpr int CHUNK = 16 / sizeof(T), CHUNKS_PER_ROW = COLS / CHUNK;
     const T* base = row_ptr<T>(src, b, h, 0);
     #pragma unroll
-    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
+    for (int c = tid; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
         const int r = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
         const bool valid = (row0 + r < seqlen) && (chunk * CHUNK < head_dim);
         const T* g = valid ? base + i64(row0 + r) * src.stride_s + chunk * CHUNK : base;
