@@ -100,9 +100,9 @@ def torch_sdpa(q, k, v, do, causal, backend_name):
 F, G, H, HB = _config.FwdConfig, _config.BwdConfig, _config.Sm90FwdConfig, _config.Sm90BwdConfig
 CANDIDATES = {
     128: dict(fwd=[F(128, 64, 4), H(128, 2), H(112, 2), H(64, 2)],
-              bwd=[G(64, 128, 8, 1), HB(2), HB(2, "panel")]),
+              bwd=[G(64, 128, 8, 1), HB(2, "panel")]),
     64: dict(fwd=[F(128, 64, 4), H(128, 2), H(192, 2), H(64, 2)],
-             bwd=[G(128, 128, 8, 2), HB(2), HB(2, "rows")]),
+             bwd=[G(128, 128, 8, 2), HB(2), HB(2, "rows"), HB(2, "panel", 128)]),
     256: dict(fwd=[F(64, 64, 4), H(32, 2), H(64, 1)], bwd=[]),
 }
 

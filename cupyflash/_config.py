@@ -103,8 +103,8 @@ class Sm90BwdConfig:
     BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
+    block_m: int = 64
 
-    block_m = 64
     STAGES = 2
     ALIGN = 1024
     BARRIER_BYTES = 64
@@ -118,6 +118,9 @@ class Sm90BwdConfig:
             raise ValueError(f"dq_split must be one of {DQ_SPLITS}, got {self.dq_split!r}")
         if self.dq_split == "rows" and self.num_wg != 2:
             raise ValueError("dq_split='rows' exchanges halves between two warpgroups: needs num_wg=2")
+        if self.block_m not in (64, 128) or (self.block_m == 128 and self.dq_split != "panel"):
+            raise ValueError(f"block_m must be 64, or 128 with dq_split='panel'; got block_m={self.block_m}, "
+                             f"dq_split={self.dq_split!r}")
 
     @property
     def num_warps(self) -> int:
@@ -309,7 +312,8 @@ class KernelSet:
         g = self.bwd
         if self.hopper_bwd:
             return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
-                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.num_wg}, {DQ_SPLITS.index(g.dq_split)}, {c}>")
+                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.block_m}, {g.num_wg}, "
+                    f"{DQ_SPLITS.index(g.dq_split)}, {c}>")
         return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
                 f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {_cxx(g.balanced)}, {c}, "
                 f"{_cxx(not self.deterministic)}>")
@@ -393,9 +397,10 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
     if deterministic and isinstance(bwd, Sm90BwdConfig):
         raise ValueError("the wgmma backward (Sm90BwdConfig) has no deterministic mode; pass a BwdConfig")
-    if isinstance(bwd, Sm90BwdConfig) and bwd.dq_split == "panel" and Sm90FwdConfig.head_dim(cls) != 64 * bwd.num_wg:
-        raise ValueError(f"Sm90BwdConfig(dq_split='panel') needs head_dim = 64 * num_wg, got head_dim class {cls} "
-                         f"with num_wg={bwd.num_wg}")
+    if (isinstance(bwd, Sm90BwdConfig) and bwd.dq_split == "panel"
+            and bwd.block_m * Sm90FwdConfig.head_dim(cls) != bwd.num_wg * 64 * 64):
+        raise ValueError(f"Sm90BwdConfig(dq_split='panel') needs block_m * head_dim = num_wg 64 x 64 panels, got "
+                         f"block_m={bwd.block_m}, head_dim class {cls}, num_wg={bwd.num_wg}")
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
     if isinstance(table_fwd, Sm90FwdConfig) and seqlen_k is not None and seqlen_k <= HOPPER_FWD_SHORT_SEQLEN_K:
         table_fwd = _TILES_SM90_MMA[(cls, causal)][0]

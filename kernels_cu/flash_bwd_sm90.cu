@@ -201,30 +201,32 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         constexpr int PANELS = BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = BY_PANEL ? BLOCK_N : 64;
         #pragma unroll
         for (int pi = 0; pi < PANELS; ++pi) {
-            const int panel = BY_PANEL ? wg : pi, key_step0 = BY_PANEL ? 0 : wg * 4;
+            // query-row and head_dim panel of this warpgroup's product, and its first 16-key step
+            const int qp = BY_PANEL ? wg / Tr::DQ_COL_PANELS : 0, dp = BY_PANEL ? wg % Tr::DQ_COL_PANELS : pi;
+            const int key_step0 = BY_PANEL ? 0 : wg * 4;
             float dq[1][8][4];
             wgmma_fence();
             #pragma unroll
             for (int kk = 0; kk < KEYS / 16; ++kk)  // by panel: every warpgroup's dS^T tile (and keys) in turn
                 Wgmma<T, 64>::template ss<1, 1>(
-                    dq[0], desc_n_major<64, BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4),
-                    desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, panel), kk > 0);
+                    dq[0], desc_n_major<64, BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4, qp),
+                    desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, dp), kk > 0);
             wgmma_commit();
             wgmma_wait<0>();
             fence_operands(dq[0]);
             if constexpr (Tr::DQ_SPLIT == DQ_ROWS)
                 if (!exchange_dq<Tr>(sm, dq[0], wg, warp_in_wg, it == 0 && pi == 0, m_block == m_end - 1 && pi == PANELS - 1))
                     continue;  // the other warpgroup adds these rows
-            red_add_acc_tile(dq_accum_head, m0 + warp_in_wg * 16, panel * 64, p.seqlen_q, p.head_dim, dq);
+            red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
         }
     }
     store_dk_dv<T>(p, b, h, key0, 0, dk, dv);
 }
 
-template <typename T, int HEAD_DIM, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const BwdParams p) {
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, NUM_WG, DQ_SPLIT>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);
 

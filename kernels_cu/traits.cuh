@@ -113,18 +113,21 @@ struct FwdTraitsSm90 {
 //   DQ_KEYS:  warpgroup w computes every head_dim column over its own 64 keys and adds it (NUM_WG);
 //   DQ_ROWS:  the same partial sums, exchanged through shared memory so that warpgroup w adds the
 //             two warpgroups' sum for query rows [32 w, 32 w + 32) (once; needs NUM_WG = 2);
-//   DQ_PANEL: warpgroup w computes head_dim columns [64 w, 64 w + 64) over all BLOCK_N keys, reading
-//             both warpgroups' dS^T tiles (once; needs HEAD_DIM = 64 NUM_WG).
+//   DQ_PANEL: the BLOCK_M x HEAD_DIM tile is NUM_WG panels of 64 x 64; warpgroup w computes panel
+//             w (query rows [64 qp, 64 qp + 64), head_dim columns [64 dp, 64 dp + 64)) over all
+//             BLOCK_N keys, reading both warpgroups' dS^T tiles (once).
 enum DqSplit { DQ_KEYS = 0, DQ_ROWS = 1, DQ_PANEL = 2 };
 
 // Backward on Hopper (sm_90a) (bench/NOTES.md v3.0, v3.1): one block per key tile of
 // BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
-// query tiles of BLOCK_M = 64 rows that a producer warpgroup stages (Q_i, dO_i, lse_i, D_i, two stages).
-template <typename T_, int HEAD_DIM_, int NUM_WG_, int DQ_SPLIT_>
+// query tiles of BLOCK_M rows that a producer warpgroup stages (Q_i, dO_i, lse_i, D_i, two stages).
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_>
 struct BwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_, DQ_SPLIT = DQ_SPLIT_;
-    static constexpr int BLOCK_M = 64, BLOCK_N = 64 * NUM_WG, STAGES = 2;
+    static constexpr int BLOCK_M = BLOCK_M_, BLOCK_N = 64 * NUM_WG, STAGES = 2;
+    // DQ_PANEL: warpgroup w's 64 x 64 panel of the dQ tile
+    static constexpr int DQ_COL_PANELS = HEAD_DIM / 64;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
     static constexpr int PRODUCER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::PRODUCER_REGS;
@@ -144,7 +147,9 @@ struct BwdTraitsSm90 {
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV accumulators for more than 128 columns do not fit in registers");
     static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups");
-    static_assert(DQ_SPLIT != DQ_PANEL || HEAD_DIM == 64 * NUM_WG, "DQ_PANEL: one 64-column panel per warpgroup");
+    static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tiles of 64 or 128 rows (the N of S^T's wgmma)");
+    static_assert(DQ_SPLIT != DQ_PANEL || BLOCK_M * HEAD_DIM == NUM_WG * 64 * 64, "DQ_PANEL: one 64 x 64 panel per warpgroup");
+    static_assert(DQ_SPLIT == DQ_PANEL || BLOCK_M == 64, "dQ by keys or rows: 64-row query tiles");
     static_assert(DQ_SPLIT != DQ_ROWS || NUM_WG == 2, "DQ_ROWS: two warpgroups exchange halves");
     static_assert(BAR_DQ_FREE < 16, "16 named barriers");
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");

@@ -283,11 +283,11 @@ def _hopper_gpu():
 
 
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,num_wg,dq_split", [(64, 1, "keys"), (64, 2, "keys"), (64, 2, "rows"),
-                                                (128, 2, "keys"), (128, 2, "panel")])
+@pytest.mark.parametrize("D,num_wg,dq_split,block_m", [(64, 1, "keys", 64), (64, 2, "keys", 64), (64, 2, "rows", 64),
+                                                        (64, 2, "panel", 128), (128, 2, "keys", 64), (128, 2, "panel", 64)])
 @pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, Sq, Sk, causal):
+def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, Sq, Sk, causal):
     """The wgmma backward with one and two consumer warpgroups and every way of splitting dQ
     among them meets the same bounds."""
     if not _hopper_gpu():
@@ -298,9 +298,9 @@ def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, Sq, Sk, cau
     grads = [nan_like(x.shape, dtype) for x in (q, k, v)]
     dq, dk, dv = _cuda_backend.backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l, causal=causal,
                                         scale=D ** -0.5, dq=grads[0], dk=grads[1], dv=grads[2],
-                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split))
+                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split, block_m))
     ref = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
     naive = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
-    tag = f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} Sq{Sq} Sk{Sk} causal={causal}"
+    tag = f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} BLOCK_M={block_m} Sq{Sq} Sk{Sk} causal={causal}"
     for name, got, want, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
         assert_within(f"{name} [{tag}]", got, want, nv, dtype)
