@@ -230,9 +230,10 @@ HOPPER_FWD = {
 # share an SM and hide each other's loads, where the wgmma forward (one block per SM) waits on
 # its own; measured equal at 512 and 10-40% faster at 128-256 (bench/NOTES.md, short sequences).
 HOPPER_FWD_SHORT_SEQLEN_K = 512
-# Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0 and v3.1): at
-# head_dim 128 dQ split by panel is 29-35% faster than by keys and 27-60% faster than mma.sync.
-HOPPER_BWD = {(64, False): Sm90BwdConfig(2), (64, True): Sm90BwdConfig(2),
+# Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0 to v3.3): at
+# head_dim 128 dQ split by head_dim panel is 22-35% faster than by keys; at head_dim 64, 128-query
+# tiles with dQ split by query-row panel are 12-24% faster than 64-query tiles with dQ by rows.
+HOPPER_BWD = {(64, False): Sm90BwdConfig(2, "panel", 128), (64, True): Sm90BwdConfig(2, "panel", 128),
               (128, False): Sm90BwdConfig(2, "panel"), (128, True): Sm90BwdConfig(2, "panel")}
 TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
 # deterministic=True on Hopper runs the mma.sync backward without its dQ phase: _TILES_SM90_MMA's

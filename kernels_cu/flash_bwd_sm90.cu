@@ -41,8 +41,9 @@ struct BwdSm90Smem {
 // arrive each on landing) are done.
 template <typename Tr>
 __device__ __forceinline__ void produce_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h, int n0,
-                                            i64 row_base, int m_begin, int m_end) {
+                                            i64 row_base, int m_begin) {
     using T = typename Tr::T;
+    const int m_end = Tr::query_tiles(p.seqlen_q);
     constexpr int NTH = Tr::PRODUCER_THREADS;
     load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.k, p.k, b, h, n0, p.seqlen_k, p.head_dim);
     load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.v, p.v, b, h, n0, p.seqlen_k, p.head_dim);
@@ -133,13 +134,10 @@ __device__ __forceinline__ bool exchange_dq(const BwdSm90Smem<Tr>& sm, float (&d
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
 template <typename Tr, bool IS_CAUSAL>
 __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h, int n0,
-                                            i64 row_base, int m_begin, int m_end) {
+                                            i64 row_base, int m_begin) {
     using T = typename Tr::T;
+    const int m_end = Tr::query_tiles(p.seqlen_q);
     constexpr int MT = Tr::MT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
-    const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
-    const int wg = warp / 4, warp_in_wg = warp % 4;
-    const int key0 = n0 + wg * 64 + warp_in_wg * 16;  // this warp's first key
-    unsigned char* sDS = sm.ds + wg * Tr::TileDS::BYTES;
     float* dq_accum_head = p.dq_accum + row_base * p.head_dim;
 
     float dk[1][DT][4], dv[1][DT][4];  // one 16-key strip per warp
@@ -150,6 +148,11 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
 
     for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
         const int m0 = m_block * BLOCK_M;
+        // this warp's place, recomputed per tile (cheaper than keeping it live at the register limit)
+        const int warp = opaque_thread_index() / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
+        const int wg = warp / 4, warp_in_wg = warp % 4;
+        const int key0 = n0 + wg * 64 + warp_in_wg * 16;  // this warp's first key
+        unsigned char* sDS = sm.ds + wg * Tr::TileDS::BYTES;
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
         fence_proxy_async();
         const unsigned char *sQ = sm.q(it), *sdO = sm.dout(it);
@@ -220,7 +223,8 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
         }
     }
-    store_dk_dv<T>(p, b, h, key0, 0, dk, dv);
+    const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;
+    store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
@@ -236,7 +240,7 @@ flash_bwd_sm90_kernel(const BwdParams p) {
     const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;  // (b, h) row of lse, D and dQ_accum
     // Query tiles that see some key of K_j: all of them, or from the causal diagonal down.
     const int first_q = IS_CAUSAL ? max(0, n0 - (p.seqlen_k - p.seqlen_q)) : 0;
-    const int m_begin = first_q / Tr::BLOCK_M, m_end = (p.seqlen_q + Tr::BLOCK_M - 1) / Tr::BLOCK_M;
+    const int m_begin = first_q / Tr::BLOCK_M;  // to Tr::query_tiles(p.seqlen_q), computed in each role
 
     if (threadIdx.x == 0) {
         mbarrier_init(sm.kv_full, Tr::PRODUCER_THREADS);
@@ -249,10 +253,10 @@ flash_bwd_sm90_kernel(const BwdParams p) {
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        produce_bwd<Tr>(p, sm, b, h, n0, row_base, m_begin, m_end);
+        produce_bwd<Tr>(p, sm, b, h, n0, row_base, m_begin);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
-        consume_bwd<Tr, IS_CAUSAL>(p, sm, b, h, n0, row_base, m_begin, m_end);
+        consume_bwd<Tr, IS_CAUSAL>(p, sm, b, h, n0, row_base, m_begin);
     }
 }
 
