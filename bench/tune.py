@@ -104,6 +104,9 @@ CANDIDATES = {
     64: dict(fwd=[F(128, 64, 4), H(128, 2), H(192, 2), H(64, 2)],
              bwd=[G(128, 128, 8, 2), HB(2), HB(2, "rows"), HB(2, "panel", 128)]),
     256: dict(fwd=[F(64, 64, 4), H(32, 2), H(64, 1)], bwd=[]),
+    # head_dim 32 and 96 on the wgmma backward run padded to 64 and 128 (+100%, +33% FLOPs)
+    96: dict(fwd=[], bwd=[G(64, 64, 8, 2), HB(2, "panel")]),
+    32: dict(fwd=[], bwd=[G(64, 64, 8, 2), HB(2, "panel", 128)]),
 }
 
 
@@ -114,7 +117,7 @@ def main():
     ap.add_argument("--bwd-only", action="store_true", help="time backward tiles only")
     ap.add_argument("--fwd-only", action="store_true", help="time forward tiles only")
     ap.add_argument("--seqlens", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1024,4096")
-    ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256)")
+    ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256, 96, 32)")
     ap.add_argument("--ab", metavar="FIELD",
                     help="forward only: each table tile of the Hopper forward against the same tile with the boolean "
                          "FIELD set (an A/B of one kernel change, e.g. --ab persistent)")

@@ -233,8 +233,10 @@ HOPPER_FWD_SHORT_SEQLEN_K = 512
 # Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0 to v3.3): at
 # head_dim 128 dQ split by head_dim panel is 22-35% faster than by keys; at head_dim 64, 128-query
 # tiles with dQ split by query-row panel are 12-24% faster than 64-query tiles with dQ by rows.
-HOPPER_BWD = {(64, False): Sm90BwdConfig(2, "panel", 128), (64, True): Sm90BwdConfig(2, "panel", 128),
-              (128, False): Sm90BwdConfig(2, "panel"), (128, True): Sm90BwdConfig(2, "panel")}
+# Head dims 32 and 96 run it padded to 64 and 128 (+100% and +33% FLOPs; bench/NOTES.md v3.4).
+HOPPER_BWD = {(cls, causal): cfg for causal in (False, True) for cls, cfg in (
+    (32, Sm90BwdConfig(2, "panel", 128)), (64, Sm90BwdConfig(2, "panel", 128)),
+    (96, Sm90BwdConfig(2, "panel")), (128, Sm90BwdConfig(2, "panel")))}
 TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
 # deterministic=True on Hopper runs the mma.sync backward without its dQ phase: _TILES_SM90_MMA's
 # entry, except where that instantiation spills (G(128, 128, 8, 2) without the dQ phase: 4 B).
