@@ -88,7 +88,7 @@ class Sm90FwdConfig:
                 + self.SCRATCH_BYTES_PER_THREAD * 128 * self.num_wg)
 
 
-DQ_SPLITS = ("keys", "rows", "panel")  # DqSplit's values 0, 1, 2 in kernels_cu/traits.cuh
+DQ_SPLITS = ("keys", "panel")  # DqSplit's values 0, 1 in kernels_cu/traits.cuh
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,9 @@ class Sm90BwdConfig:
     consumer warpgroups of 64 keys each (BLOCK_N = 64 * NUM_WG), query tiles of 64 rows in two
     stages. dq_split, how the warpgroups share dQ = dS K (DqSplit in kernels_cu/traits.cuh):
     "keys" (each warpgroup every column over its own keys, each adding its partial: NUM_WG atomic
-    adds per element), "rows" (the same partials summed through shared memory, each warpgroup
-    adding half the rows: one add; needs NUM_WG = 2), "panel" (warpgroup w computes head_dim
-    columns [64 w, 64 w + 64) over all keys: one add; needs head_dim = 64 * NUM_WG). Mirrors
-    BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
+    dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64). block_m: 64, or
+    128 with "panel". Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
@@ -116,8 +115,6 @@ class Sm90BwdConfig:
     def __post_init__(self):
         if self.dq_split not in DQ_SPLITS:
             raise ValueError(f"dq_split must be one of {DQ_SPLITS}, got {self.dq_split!r}")
-        if self.dq_split == "rows" and self.num_wg != 2:
-            raise ValueError("dq_split='rows' exchanges halves between two warpgroups: needs num_wg=2")
         if self.block_m not in (64, 128) or (self.block_m == 128 and self.dq_split != "panel"):
             raise ValueError(f"block_m must be 64, or 128 with dq_split='panel'; got block_m={self.block_m}, "
                              f"dq_split={self.dq_split!r}")
@@ -131,9 +128,7 @@ class Sm90BwdConfig:
         kv = 2 * self.block_n * hd
         qdo = 2 * self.STAGES * self.block_m * hd
         ds = self.num_wg * 64 * self.block_m
-        exchange = self.block_m * 64 * 4 if self.dq_split == "rows" else 0
-        return (self.ALIGN + (kv + qdo + ds) * itemsize + self.STAGES * 2 * self.block_m * 4 + exchange
-                + self.BARRIER_BYTES)
+        return self.ALIGN + (kv + qdo + ds) * itemsize + self.STAGES * 2 * self.block_m * 4 + self.BARRIER_BYTES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ namespace cupyflash {
 template <typename Tr>
 struct BwdSm90Smem {
     unsigned char *k, *v, *qdo, *ds;
-    float *stats, *dq_x;
+    float* stats;
     u64 *kv_full, *full, *empty;
     __device__ BwdSm90Smem(unsigned char* raw) {
         k = raw + (Tr::ALIGN - smem_u32(raw) % Tr::ALIGN) % Tr::ALIGN;  // the swizzle needs 1024-byte-aligned panels
@@ -24,8 +24,7 @@ struct BwdSm90Smem {
         qdo = v + Tr::TileKV::BYTES;                        // stage s: Q at qdo + 2 s TileQ::BYTES, dO right after
         ds = qdo + 2 * Tr::STAGES * Tr::TileQ::BYTES;       // warpgroup w: ds + w TileDS::BYTES
         stats = reinterpret_cast<float*>(ds + Tr::NUM_WG * Tr::TileDS::BYTES);  // stage s: lse, then D
-        dq_x = stats + Tr::ROW_STATS_BYTES / 4;             // DQ_ROWS: one warpgroup's partial dQ panel
-        kv_full = reinterpret_cast<u64*>(reinterpret_cast<unsigned char*>(dq_x) + Tr::DQ_EXCHANGE_BYTES);
+        kv_full = reinterpret_cast<u64*>(reinterpret_cast<unsigned char*>(stats) + Tr::ROW_STATS_BYTES);
         full = kv_full + 1;
         empty = full + Tr::STAGES;
     }
@@ -102,33 +101,6 @@ __device__ __forceinline__ void ds_barrier(int wg) {
         named_barrier(Tr::BAR_DS, Tr::CONSUMER_THREADS);
     else
         warpgroup_barrier(wg);
-}
-
-// DQ_ROWS: warps 0-1 of warpgroup 0 and warps 2-3 of warpgroup 1 own their 16 query rows; each
-// other warp hands its partial dQ panel to the owner of its rows, the same warp of the other
-// warpgroup, which holds the same fragment positions (so the exchange is in fragment order,
-// float4 per thread, conflict-free). Returns whether this warp owns its rows (dq then holds
-// both warpgroups' sum). `first`/`last`: the block's first and last exchange.
-template <typename Tr>
-__device__ __forceinline__ bool exchange_dq(const BwdSm90Smem<Tr>& sm, float (&dq)[8][4], int wg, int warp_in_wg,
-                                            bool first, bool last) {
-    constexpr int SLOTS = Tr::CONSUMER_THREADS / 2;  // float4 slots per fragment position (one per thread of a warpgroup)
-    float4* slot = reinterpret_cast<float4*>(sm.dq_x) + warp_in_wg * 32 + threadIdx.x % 32;
-    if (warp_in_wg / 2 != wg) {
-        if (!first) named_barrier(Tr::BAR_DQ_FREE, Tr::CONSUMER_THREADS);  // the owner has read the previous panel
-        #pragma unroll
-        for (int t = 0; t < 8; ++t) slot[t * SLOTS] = make_float4(dq[t][0], dq[t][1], dq[t][2], dq[t][3]);
-        named_barrier_arrive(Tr::BAR_DQ_FULL, Tr::CONSUMER_THREADS);  // this partial is in shared memory
-        return false;
-    }
-    named_barrier(Tr::BAR_DQ_FULL, Tr::CONSUMER_THREADS);  // the other warpgroup's partial is in shared memory
-    #pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        const float4 x = slot[t * SLOTS];
-        dq[t][0] += x.x, dq[t][1] += x.y, dq[t][2] += x.z, dq[t][3] += x.w;
-    }
-    if (!last) named_barrier_arrive(Tr::BAR_DQ_FREE, Tr::CONSUMER_THREADS);  // the writer may reuse the buffer
-    return true;
 }
 
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
@@ -217,9 +189,6 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             wgmma_commit();
             wgmma_wait<0>();
             fence_operands(dq[0]);
-            if constexpr (Tr::DQ_SPLIT == DQ_ROWS)
-                if (!exchange_dq<Tr>(sm, dq[0], wg, warp_in_wg, it == 0 && pi == 0, m_block == m_end - 1 && pi == PANELS - 1))
-                    continue;  // the other warpgroup adds these rows
             red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
         }
     }

@@ -38,10 +38,6 @@ __device__ __forceinline__ int opaque_thread_index() {
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
-// Arrive at named barrier `id` without waiting (a producer's side of a bar.sync handoff).
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
-}
 // Barrier among the 128 threads of warpgroup wg (named barrier 1 + wg).
 __device__ __forceinline__ void warpgroup_barrier(int wg) { named_barrier(1 + wg, 128); }
 

@@ -111,12 +111,12 @@ struct FwdTraitsSm90 {
 // How the Hopper backward splits dQ_i = dS K_j among its consumer warpgroups (each dQ element
 // then reaches the fp32 accumulator NUM_WG times, or once):
 //   DQ_KEYS:  warpgroup w computes every head_dim column over its own 64 keys and adds it (NUM_WG);
-//   DQ_ROWS:  the same partial sums, exchanged through shared memory so that warpgroup w adds the
-//             two warpgroups' sum for query rows [32 w, 32 w + 32) (once; needs NUM_WG = 2);
 //   DQ_PANEL: the BLOCK_M x HEAD_DIM tile is NUM_WG panels of 64 x 64; warpgroup w computes panel
 //             w (query rows [64 qp, 64 qp + 64), head_dim columns [64 dp, 64 dp + 64)) over all
 //             BLOCK_N keys, reading both warpgroups' dS^T tiles (once).
-enum DqSplit { DQ_KEYS = 0, DQ_ROWS = 1, DQ_PANEL = 2 };
+// (A third split, the DQ_KEYS partials summed through shared memory before one add, measured
+// 12-24% slower than DQ_PANEL with 128-query tiles at head_dim 64 and was removed: NOTES v3.2.)
+enum DqSplit { DQ_KEYS = 0, DQ_PANEL = 1 };
 
 // Backward on Hopper (sm_90a) (bench/NOTES.md v3.0, v3.1): one block per key tile of
 // BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
@@ -138,21 +138,18 @@ struct BwdTraitsSm90 {
     using TileDS = SwizzledTile<64, BLOCK_M>;        // one warpgroup's dS^T, [key][query]
     static constexpr int ALIGN = 1024;
     static constexpr int ROW_STATS_BYTES = STAGES * 2 * BLOCK_M * 4;  // lse_i * log2(e) and D_i per stage
-    static constexpr int DQ_EXCHANGE_BYTES = DQ_SPLIT == DQ_ROWS ? BLOCK_M * 64 * 4 : 0;  // one fp32 panel (DQ_ROWS)
     static constexpr int BARRIER_BYTES = 64;                           // kv_full, full[STAGES], empty[STAGES]
     static constexpr int SMEM_BYTES = ALIGN + 2 * TileKV::BYTES + 2 * STAGES * TileQ::BYTES + NUM_WG * TileDS::BYTES +
-                                      ROW_STATS_BYTES + DQ_EXCHANGE_BYTES + BARRIER_BYTES;
+                                      ROW_STATS_BYTES + BARRIER_BYTES;
     __device__ static int query_tiles(int seqlen_q) { return (seqlen_q + BLOCK_M - 1) / BLOCK_M; }
     // named barriers (0: __syncthreads, 1 + w: warpgroup w)
-    static constexpr int BAR_DS = 1 + NUM_WG, BAR_DQ_FULL = 2 + NUM_WG, BAR_DQ_FREE = 3 + NUM_WG;
+    static constexpr int BAR_DS = 1 + NUM_WG;
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "dK and dV accumulators for more than 128 columns do not fit in registers");
     static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tiles of 64 or 128 rows (the N of S^T's wgmma)");
     static_assert(DQ_SPLIT != DQ_PANEL || BLOCK_M * HEAD_DIM == NUM_WG * 64 * 64, "DQ_PANEL: one 64 x 64 panel per warpgroup");
-    static_assert(DQ_SPLIT == DQ_PANEL || BLOCK_M == 64, "dQ by keys or rows: 64-row query tiles");
-    static_assert(DQ_SPLIT != DQ_ROWS || NUM_WG == 2, "DQ_ROWS: two warpgroups exchange halves");
-    static_assert(BAR_DQ_FREE < 16, "16 named barriers");
+    static_assert(DQ_SPLIT == DQ_PANEL || BLOCK_M == 64, "dQ by keys: 64-row query tiles");
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 
