@@ -7,7 +7,7 @@ launcher checks against the device before launching. Keep ``smem_bytes`` in step
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class Sm90FwdConfig:
                 + self.SCRATCH_BYTES_PER_THREAD * 128 * self.num_wg)
 
 
-DQ_SPLITS = ("keys", "panel")  # DqSplit's values 0, 1 in kernels_cu/traits.cuh
+DQ_SPLITS = ("keys", "panel", "none")  # DqSplit's values 0, 1, 2 in kernels_cu/traits.cuh
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,9 @@ class Sm90BwdConfig:
     stages. dq_split, how the warpgroups share dQ = dS K (DqSplit in kernels_cu/traits.cuh):
     "keys" (each warpgroup every column over its own keys, each adding its partial: NUM_WG atomic
     adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
-    dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64). block_m: 64, or
-    128 with "panel". Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64), "none" (no dQ:
+    deterministic=True, where the dQ pass computes it). block_m: 64, or 128 with "panel" or "none".
+    Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
@@ -115,8 +116,8 @@ class Sm90BwdConfig:
     def __post_init__(self):
         if self.dq_split not in DQ_SPLITS:
             raise ValueError(f"dq_split must be one of {DQ_SPLITS}, got {self.dq_split!r}")
-        if self.block_m not in (64, 128) or (self.block_m == 128 and self.dq_split != "panel"):
-            raise ValueError(f"block_m must be 64, or 128 with dq_split='panel'; got block_m={self.block_m}, "
+        if self.block_m not in (64, 128) or (self.block_m == 128 and self.dq_split == "keys"):
+            raise ValueError(f"block_m must be 64, or 128 with dq_split 'panel' or 'none'; got block_m={self.block_m}, "
                              f"dq_split={self.dq_split!r}")
 
     @property
@@ -233,9 +234,10 @@ HOPPER_BWD = {(cls, causal): cfg for causal in (False, True) for cls, cfg in (
     (32, Sm90BwdConfig(2, "panel", 128)), (64, Sm90BwdConfig(2, "panel", 128)),
     (96, Sm90BwdConfig(2, "panel")), (128, Sm90BwdConfig(2, "panel")))}
 TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key, (fwd, bwd) in _TILES_SM90_MMA.items()}
-# deterministic=True on Hopper runs the mma.sync backward without its dQ phase: _TILES_SM90_MMA's
-# entry, except where that instantiation spills (G(128, 128, 8, 2) without the dQ phase: 4 B).
-DETERMINISTIC_BWD_SM90 = {**{key: bwd for key, (_, bwd) in _TILES_SM90_MMA.items()}, (64, False): G(64, 128, 8, 2)}
+# deterministic=True on Hopper: HOPPER_BWD's tiles without their dQ phase (dq_split="none"), the
+# dQ pass computing dQ; other head dims the mma.sync backward without its dQ phase.
+DETERMINISTIC_BWD_SM90 = {**{key: bwd for key, (_, bwd) in _TILES_SM90_MMA.items()},
+                          **{key: replace(cfg, dq_split="none") for key, cfg in HOPPER_BWD.items()}}
 # The deterministic dQ pass (deterministic=True), by head_dim class, every GPU: one 16-row strip per
 # warp as in the forward; chosen to fit without spills, not tuned (bench/NOTES.md).
 DQ_TILES = {32: DqConfig(128, 64, 8), 64: DqConfig(128, 64, 8), 96: DqConfig(64, 64, 4), 128: DqConfig(64, 64, 4),
@@ -393,8 +395,10 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         return KernelSet(dtype, cls, causal, F32, F32, F32 if deterministic else None)
     if dtype not in (FLOAT16, BFLOAT16):
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
-    if deterministic and isinstance(bwd, Sm90BwdConfig):
-        raise ValueError("the wgmma backward (Sm90BwdConfig) has no deterministic mode; pass a BwdConfig")
+    if isinstance(bwd, Sm90BwdConfig) and deterministic != (bwd.dq_split == "none"):
+        raise ValueError("the wgmma backward leaves dQ to the dQ pass exactly when deterministic=True: "
+                         f"dq_split='none' with deterministic=True, another split without; got "
+                         f"dq_split={bwd.dq_split!r}, deterministic={deterministic}")
     if (isinstance(bwd, Sm90BwdConfig) and bwd.dq_split == "panel"
             and bwd.block_m * Sm90FwdConfig.head_dim(cls) != bwd.num_wg * 64 * 64):
         raise ValueError(f"Sm90BwdConfig(dq_split='panel') needs block_m * head_dim = num_wg 64 x 64 panels, got "

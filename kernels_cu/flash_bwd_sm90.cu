@@ -153,10 +153,12 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             pack_a_frag<T>(pa[kk], st, kk);
             pack_a_frag<T>(dsa[kk], dpt, kk);
         }
-        ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
-        store_ds<Tr>(sDS, dpt, warp_in_wg);
-        fence_proxy_async();
-        ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
+        if constexpr (Tr::DQ_SPLIT != DQ_NONE) {
+            ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
+            store_ds<Tr>(sDS, dpt, warp_in_wg);
+            fence_proxy_async();
+            ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
+        }
 
         // dV_j += P^T dO_i, dK_j += dS^T Q_i (B N-major)
         wgmma_fence();
@@ -170,26 +172,28 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         fence_operands(dk[0]);
         fence_operands(dv[0]);
         mbarrier_arrive(&sm.empty[it % Tr::STAGES]);  // Q_i, dO_i, lse_i, D_i are no longer read
-        // dQ_i = dS K_j, this warpgroup's share (Tr::DQ_SPLIT), one 64-column panel of head_dim at a
-        // time (fewer registers): A = dS^T read M-major, B = K_j N-major
-        constexpr bool BY_PANEL = Tr::DQ_SPLIT == DQ_PANEL;
-        constexpr int PANELS = BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = BY_PANEL ? BLOCK_N : 64;
-        #pragma unroll
-        for (int pi = 0; pi < PANELS; ++pi) {
-            // query-row and head_dim panel of this warpgroup's product, and its first 16-key step
-            const int qp = BY_PANEL ? wg / Tr::DQ_COL_PANELS : 0, dp = BY_PANEL ? wg % Tr::DQ_COL_PANELS : pi;
-            const int key_step0 = BY_PANEL ? 0 : wg * 4;
-            float dq[1][8][4];
-            wgmma_fence();
+        if constexpr (Tr::DQ_SPLIT != DQ_NONE) {
+            // dQ_i = dS K_j, this warpgroup's share (Tr::DQ_SPLIT), one 64-column panel of head_dim at a
+            // time (fewer registers): A = dS^T read M-major, B = K_j N-major
+            constexpr bool BY_PANEL = Tr::DQ_SPLIT == DQ_PANEL;
+            constexpr int PANELS = BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = BY_PANEL ? BLOCK_N : 64;
             #pragma unroll
-            for (int kk = 0; kk < KEYS / 16; ++kk)  // by panel: every warpgroup's dS^T tile (and keys) in turn
-                Wgmma<T, 64>::template ss<1, 1>(
-                    dq[0], desc_n_major<64, BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4, qp),
-                    desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, dp), kk > 0);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_operands(dq[0]);
-            red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
+            for (int pi = 0; pi < PANELS; ++pi) {
+                // query-row and head_dim panel of this warpgroup's product, and its first 16-key step
+                const int qp = BY_PANEL ? wg / Tr::DQ_COL_PANELS : 0, dp = BY_PANEL ? wg % Tr::DQ_COL_PANELS : pi;
+                const int key_step0 = BY_PANEL ? 0 : wg * 4;
+                float dq[1][8][4];
+                wgmma_fence();
+                #pragma unroll
+                for (int kk = 0; kk < KEYS / 16; ++kk)  // by panel: every warpgroup's dS^T tile (and keys) in turn
+                    Wgmma<T, 64>::template ss<1, 1>(
+                        dq[0], desc_n_major<64, BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4, qp),
+                        desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, dp), kk > 0);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_operands(dq[0]);
+                red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
+            }
         }
     }
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;

@@ -113,10 +113,11 @@ struct FwdTraitsSm90 {
 //   DQ_KEYS:  warpgroup w computes every head_dim column over its own 64 keys and adds it (NUM_WG);
 //   DQ_PANEL: the BLOCK_M x HEAD_DIM tile is NUM_WG panels of 64 x 64; warpgroup w computes panel
 //             w (query rows [64 qp, 64 qp + 64), head_dim columns [64 dp, 64 dp + 64)) over all
-//             BLOCK_N keys, reading both warpgroups' dS^T tiles (once).
+//             BLOCK_N keys, reading both warpgroups' dS^T tiles (once);
+//   DQ_NONE:  no dQ here (deterministic=True: the dQ pass computes it without atomics).
 // (A third split, the DQ_KEYS partials summed through shared memory before one add, measured
 // 12-24% slower than DQ_PANEL with 128-query tiles at head_dim 64 and was removed: NOTES v3.2.)
-enum DqSplit { DQ_KEYS = 0, DQ_PANEL = 1 };
+enum DqSplit { DQ_KEYS = 0, DQ_PANEL = 1, DQ_NONE = 2 };
 
 // Backward on Hopper (sm_90a) (bench/NOTES.md v3.0, v3.1): one block per key tile of
 // BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
@@ -149,7 +150,7 @@ struct BwdTraitsSm90 {
     static_assert(NUM_WG >= 1 && NUM_WG <= 2, "one or two consumer warpgroups");
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tiles of 64 or 128 rows (the N of S^T's wgmma)");
     static_assert(DQ_SPLIT != DQ_PANEL || BLOCK_M * HEAD_DIM == NUM_WG * 64 * 64, "DQ_PANEL: one 64 x 64 panel per warpgroup");
-    static_assert(DQ_SPLIT == DQ_PANEL || BLOCK_M == 64, "dQ by keys: 64-row query tiles");
+    static_assert(DQ_SPLIT != DQ_KEYS || BLOCK_M == 64, "dQ by keys: 64-row query tiles");
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 

@@ -143,14 +143,17 @@ def test_bad_arch_is_a_value_error():
 
 
 @pytest.mark.parametrize("cc", [80, 86, 90])
-def test_deterministic_backward_is_the_mma_kernel_without_dq_phase_plus_the_dq_pass(cc):
+def test_deterministic_backward_is_the_backward_kernel_without_dq_phase_plus_the_dq_pass(cc):
     for dtype in ("float16", "bfloat16"):
         for hd in _config.HEAD_DIM_CLASSES:
             for causal in (False, True):
                 ks = _config.kernel_set(dtype, hd, causal, cc, deterministic=True)
                 names = ks.name_expressions()
-                assert ks.deterministic and not ks.hopper_bwd, ks
-                assert ks.bwd_name().endswith(", false>") and ks.dq_name() in names, names
+                assert ks.deterministic and ks.dq_name() in names, names
+                if cc == 90 and (hd, causal) in _config.HOPPER_BWD:  # the wgmma backward with dq_split="none"
+                    assert ks.hopper_bwd and ks.bwd.dq_split == "none", ks
+                else:  # the mma.sync backward with ACCUMULATE_DQ = false
+                    assert not ks.hopper_bwd and ks.bwd_name().endswith(", false>"), ks
                 assert ks.convert_name() not in names, names
                 assert ks.dq_smem() <= _config.smem_optin(cc), (ks, ks.dq_smem())
                 plain = _config.kernel_set(dtype, hd, causal, cc)
@@ -159,9 +162,11 @@ def test_deterministic_backward_is_the_mma_kernel_without_dq_phase_plus_the_dq_p
     assert "flash_bwd_dq_f32_kernel<64, true>" in f32.dq_name()
 
 
-def test_deterministic_refuses_the_wgmma_backward_override():
-    with pytest.raises(ValueError, match="no deterministic mode"):
+def test_the_wgmma_backward_leaves_dq_to_the_dq_pass_exactly_when_deterministic():
+    with pytest.raises(ValueError, match="exactly when deterministic=True"):
         _config.kernel_set("bfloat16", 64, False, 90, bwd=_config.Sm90BwdConfig(2), deterministic=True)
+    with pytest.raises(ValueError, match="exactly when deterministic=True"):
+        _config.kernel_set("bfloat16", 64, False, 90, bwd=_config.Sm90BwdConfig(2, "none"))
 
 
 def test_dq_smem_mirror_matches_the_traits_formula():
