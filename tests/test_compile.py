@@ -133,7 +133,7 @@ def test_dq_splits_that_the_kernel_cannot_do_are_value_errors():
         _config.Sm90BwdConfig(2, "columns")
     with pytest.raises(ValueError, match="dq_split must be one of"):
         _config.Sm90BwdConfig(2, "rows")
-    with pytest.raises(ValueError, match="block_m must be 64, or 128 with dq_split='panel'"):
+    with pytest.raises(ValueError, match="block_m must be 64, or 128 with dq_split 'panel' or 'none'"):
         _config.Sm90BwdConfig(2, "keys", 128)
 
 
