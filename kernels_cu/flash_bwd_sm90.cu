@@ -1,13 +1,15 @@
-// Backward pass on Hopper (sm_90a), the tile table's choice for head_dim 64 (at 128 the consumers
-// need more registers than a cp.async producer leaves them; bench/NOTES.md v3.0).
+// Backward pass on Hopper (sm_90a), the tile table's choice for head_dim up to 128 (bench/NOTES.md
+// v3.0 to v3.4, v4.1).
 // FlashAttention-2's Algorithm 2 on warpgroup MMAs, laid out as FA3 does: one block per key tile
 // (K_j, V_j stay in shared memory), a producer warpgroup staging each query tile (Q_i, dO_i by
 // cp.async; lse_i, D_i), and consumer warpgroups that each own 64 keys:
 //   S^T = K_j Q_i^T and dP^T = V_j dO_i^T (both operands from shared memory);
 //   P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T (dP^T - D_i) in registers;
 //   dV_j += P^T dO_i and dK_j += dS^T Q_i with P^T, dS^T as the register A operand;
-//   dQ_i += dS K_j over this warpgroup's keys (dS^T through shared memory, read M-major),
-//   reduced in fp32 into the scratch buffer that the convert kernel scales and casts.
+//   dQ_i += dS K_j, this warpgroup's share (Tr::DQ_SPLIT: its keys, or a 64 x 64 panel of the
+//   dQ tile over all keys; dS^T through shared memory, read M-major), reduced in fp32 into the
+//   scratch buffer that the convert kernel scales and casts (none with deterministic=True, where
+//   the dQ pass computes dQ).
 #include "traits.cuh"
 #include "bwd_rows.cuh"
 
