@@ -262,9 +262,9 @@ def tile_table(cc: int) -> dict:
     return TILES_SM90 if cc == 90 else TILES_DEFAULT
 
 
-def _cxx(flag: bool) -> str:
-    """A C++ bool template argument."""
-    return "true" if flag else "false"
+def _instance(kernel: str, *args) -> str:
+    """The name expression of one instantiation, cupyflash::kernel<args...>, bools as C++ bools."""
+    return f"cupyflash::{kernel}<{', '.join(('true' if a else 'false') if isinstance(a, bool) else str(a) for a in args)}>"
 
 
 @dataclass(frozen=True)
@@ -295,42 +295,37 @@ class KernelSet:
         return isinstance(self.bwd, Sm90BwdConfig)
 
     def fwd_name(self) -> str:
-        c = _cxx(self.causal)
+        cls, c = self.head_dim_cls, self.causal
         if not self.tensor_cores:
-            return f"cupyflash::flash_fwd_f32_kernel<{self.head_dim_cls}, {c}>"
-        f = self.fwd
+            return _instance("flash_fwd_f32_kernel", cls, c)
+        f, t = self.fwd, CXX_TYPE[self.dtype]
         if self.hopper_fwd:
-            return (f"cupyflash::flash_fwd_sm90_kernel<{CXX_TYPE[self.dtype]}, {f.head_dim(self.head_dim_cls)}, "
-                    f"{f.block_n}, {f.num_wg}, {c}>")
-        return (f"cupyflash::flash_fwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
-                f"{f.block_m}, {f.block_n}, {f.num_warps}, {c}>")
+            return _instance("flash_fwd_sm90_kernel", t, f.head_dim(cls), f.block_n, f.num_wg, c)
+        return _instance("flash_fwd_kernel", t, cls, f.block_m, f.block_n, f.num_warps, c)
 
     def bwd_name(self) -> str:
-        c = _cxx(self.causal)
+        cls, c = self.head_dim_cls, self.causal
         if not self.tensor_cores:
-            return f"cupyflash::flash_bwd_f32_kernel<{self.head_dim_cls}, {c}>"
-        g = self.bwd
+            return _instance("flash_bwd_f32_kernel", cls, c)
+        g, t = self.bwd, CXX_TYPE[self.dtype]
         if self.hopper_bwd:
-            return (f"cupyflash::flash_bwd_sm90_kernel<{CXX_TYPE[self.dtype]}, "
-                    f"{Sm90FwdConfig.head_dim(self.head_dim_cls)}, {g.block_m}, {g.num_wg}, "
-                    f"{DQ_SPLITS.index(g.dq_split)}, {c}>")
-        return (f"cupyflash::flash_bwd_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
-                f"{g.block_m}, {g.block_n}, {g.num_warps}, {g.q_stages}, {_cxx(g.balanced)}, {c}, "
-                f"{_cxx(not self.deterministic)}>")
+            return _instance("flash_bwd_sm90_kernel", t, Sm90FwdConfig.head_dim(cls), g.block_m, g.num_wg,
+                             DQ_SPLITS.index(g.dq_split), c)
+        return _instance("flash_bwd_kernel", t, cls, g.block_m, g.block_n, g.num_warps, g.q_stages, g.balanced, c,
+                         not self.deterministic)
 
     def dq_name(self) -> str:
-        c = _cxx(self.causal)
+        cls, c = self.head_dim_cls, self.causal
         if not self.tensor_cores:
-            return f"cupyflash::flash_bwd_dq_f32_kernel<{self.head_dim_cls}, {c}>"
+            return _instance("flash_bwd_dq_f32_kernel", cls, c)
         d = self.dq
-        return (f"cupyflash::flash_bwd_dq_kernel<{CXX_TYPE[self.dtype]}, {self.head_dim_cls}, "
-                f"{d.block_m}, {d.block_n}, {d.num_warps}, {c}>")
+        return _instance("flash_bwd_dq_kernel", CXX_TYPE[self.dtype], cls, d.block_m, d.block_n, d.num_warps, c)
 
     def preprocess_name(self) -> str:
-        return f"cupyflash::flash_bwd_preprocess_kernel<{CXX_TYPE[self.dtype]}>"
+        return _instance("flash_bwd_preprocess_kernel", CXX_TYPE[self.dtype])
 
     def convert_name(self) -> str:
-        return f"cupyflash::flash_bwd_convert_dq_kernel<{CXX_TYPE[self.dtype]}>"
+        return _instance("flash_bwd_convert_dq_kernel", CXX_TYPE[self.dtype])
 
     def name_expressions(self) -> tuple[str, ...]:
         last = self.dq_name() if self.deterministic else self.convert_name()
