@@ -120,7 +120,7 @@ def main():
     ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256, 96, 32)")
     ap.add_argument("--ab", metavar="FIELD",
                     help="forward only: each table tile of the Hopper forward against the same tile with the boolean "
-                         "FIELD set (an A/B of one kernel change, e.g. --ab persistent)")
+                         "FIELD flipped (an A/B of one kernel change, e.g. --ab tma)")
     args = ap.parse_args()
     args.fwd_only |= bool(args.ab)
     rng = np.random.default_rng(0)
@@ -143,7 +143,7 @@ def main():
                 fl_f, fl_b = flops(B, H, S, D, causal, "fwd"), flops(B, H, S, D, causal, "bwd")
                 if args.ab:
                     table = _config.TILES_SM90[(D, causal)][0]
-                    cands = dict(fwd=[table, dataclasses.replace(table, **{args.ab: True})], bwd=[])
+                    cands = dict(fwd=[table, dataclasses.replace(table, **{args.ab: not getattr(table, args.ab)})], bwd=[])
                 skip = {"fwd": args.bwd_only, "bwd": args.fwd_only}
                 passes = [(p, cands[p]) for p in ("fwd", "bwd") if not skip[p]]
                 for pass_, cfgs in passes:

@@ -60,10 +60,12 @@ class FwdConfig:
 class Sm90FwdConfig:
     """Hopper forward tile (flash_fwd_sm90.cu, sm_90a wgmma): one producer warpgroup and NUM_WG
     consumer warpgroups of 64 query rows each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step,
-    K/V in three swizzled stages. head_dim runs at the next multiple of 64 (wgmma tiles are
-    whole 64-column panels). Mirrors FwdTraitsSm90 in kernels_cu/traits.cuh."""
+    K/V in three swizzled stages, loaded with TMA (``tma``) or cp.async. head_dim runs at the
+    next multiple of 64 (wgmma tiles are whole 64-column panels). Mirrors FwdTraitsSm90 in
+    kernels_cu/traits.cuh."""
     block_n: int
     num_wg: int
+    tma: bool = True
 
     STAGES = 3
     ALIGN = 1024        # slack to start the panels on 1024-byte boundaries
@@ -300,7 +302,7 @@ class KernelSet:
             return _instance("flash_fwd_f32_kernel", cls, c)
         f, t = self.fwd, CXX_TYPE[self.dtype]
         if self.hopper_fwd:
-            return _instance("flash_fwd_sm90_kernel", t, f.head_dim(cls), f.block_n, f.num_wg, c)
+            return _instance("flash_fwd_sm90_kernel", t, f.head_dim(cls), f.block_n, f.num_wg, f.tma, c)
         return _instance("flash_fwd_kernel", t, cls, f.block_m, f.block_n, f.num_warps, c)
 
     def bwd_name(self) -> str:
@@ -367,7 +369,7 @@ class KernelSet:
             return f"fp32 CUDA-core kernels, 32x32 tiles, head_dim padded to {self.head_dim_cls}"
         f, g = self.fwd, self.bwd
         fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
-               f"warpgroups={f.num_wg}" if self.hopper_fwd else
+               f"warpgroups={f.num_wg} loads by {'TMA' if f.tma else 'cp.async'}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
         bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg} dQ by {g.dq_split}"
                if self.hopper_bwd else

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import cupy
 
-from . import _config, _launch
+from . import _config, _launch, _tma
 
 _ALIGN = 16  # cp.async copies 16 bytes: pointers and (batch, seqlen, heads) strides must be 16-byte multiples
 
@@ -16,10 +16,12 @@ def _aligned(x: cupy.ndarray) -> bool:
     return x.data.ptr % _ALIGN == 0 and all(s % _ALIGN == 0 for s in x.strides[:3] if s)
 
 
-def _kernel_ready(x: cupy.ndarray) -> cupy.ndarray:
+def _kernel_ready(x: cupy.ndarray, tma: bool = False) -> cupy.ndarray:
     """x itself when the kernels can read it in place, else a contiguous copy (documented:
-    only odd views whose rows do not start on 16-byte boundaries are copied)."""
-    return x if _aligned(x) else cupy.ascontiguousarray(x)
+    only odd views whose rows do not start on 16-byte boundaries are copied; for TMA loads also
+    views with a negative or zero stride)."""
+    ready = _aligned(x) and (not tma or _tma.encodable(x.data.ptr, x.shape, x.strides))
+    return x if ready else cupy.ascontiguousarray(x)
 
 
 def _out_buffer(buf, like_shape, dtype):
@@ -58,13 +60,21 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
             o.fill(0)
             l.fill(-np.inf)
             return (out if out is not None else o), l
-        q, k, v = (_kernel_ready(x) for x in (q, k, v))
         ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk)
-        params = _launch.pack(
-            _launch.FWD_PARAMS, q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
-            o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
-            seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
-            scale_log2=_config.scale_log2(scale))
+        tma = ks.hopper_fwd and ks.fwd.tma
+        q, k, v = (_kernel_ready(x, tma) for x in (q, k, v))
+        fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
+                      o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
+                      seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
+                      scale_log2=_config.scale_log2(scale))
+        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the tensor maps (unused by the cp.async loader)
+            f = ks.fwd
+            maps = ((_launch.tensor_map(q, f.block_m), _launch.tensor_map(k, f.block_n), _launch.tensor_map(v, f.block_n))
+                    if tma else (bytes(_tma.DESC_BYTES),) * 3)
+            params = _launch.pack(_launch.FWD_SM90_PARAMS, fwd=tuple(fields[n] for n in _launch.FWD_PARAMS.names),
+                                  q=maps[0], k=maps[1], v=maps[2])
+        else:
+            params = _launch.pack(_launch.FWD_PARAMS, **fields)
         _launch.launch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
                        ks.fwd_smem(), params)
         if o_user is not None:

@@ -12,6 +12,7 @@ import functools
 import numpy as np
 import cupy
 
+from . import _tma
 from ._compile import NVRTC_OPTIONS, nvrtc_arch
 from ._config import KernelSet
 from ._sources import kernel_source
@@ -27,8 +28,12 @@ BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF
                        ("lse", np.uint64), ("dsum", np.uint64), ("dq_accum", np.uint64), *_COMMON,
                        ("scale", np.float32), ("scale_log2", np.float32)], align=True)
 
+# FwdParams and the TMA tensor maps of q, k, v (TmaDesc: 128 bytes, 64-byte aligned)
+FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
+                            "offsets": [0, 192, 320, 448], "itemsize": 576})
+
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
-assert (_TENSOR_REF.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize) == (32, 160, 312)
+assert (_TENSOR_REF.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize, FWD_SM90_PARAMS.itemsize) == (32, 160, 312, 576)
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535
@@ -38,6 +43,11 @@ def tensor_ref(x: cupy.ndarray) -> tuple:
     """(pointer, batch, seqlen, heads strides in elements) of a (B, S, H, D) array."""
     sb, ss, sh, _ = (s // x.itemsize for s in x.strides)
     return (np.uint64(x.data.ptr), np.int64(sb), np.int64(ss), np.int64(sh))
+
+
+def tensor_map(x: cupy.ndarray, rows: int) -> bytes:
+    """The TMA tensor map of a (B, S, H, D) array for boxes of ``rows`` x 64 (see _tma)."""
+    return _tma.tensor_map(x.data.ptr, x.dtype, x.shape, x.strides, rows)
 
 
 def pack(dtype: np.dtype, **fields) -> np.ndarray:

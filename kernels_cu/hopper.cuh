@@ -124,6 +124,35 @@ __device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const T
     }
 }
 
+// ---- TMA: whole tiles copied by the tensor memory accelerator (cp.async.bulk.tensor) ----
+// The tensor map (TmaDesc) describes one (B, S, H, D) tensor as dimensions (D, H, S, B),
+// innermost first, with boxes of 64 columns x ROWS rows of one head written in the 128-byte
+// swizzle: the SwizzledTile layout, so wgmma reads TMA-filled and cp.async-filled tiles alike.
+// The copies run in the async proxy, which wgmma reads too: no proxy fence between them.
+
+// Fetch the tensor map into the TMA unit's cache ahead of its first copy.
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc& desc) {
+    asm volatile("prefetch.tensormap [%0];\n" :: "l"(&desc) : "memory");
+}
+// Make the mbarrier initialisations visible to the async proxy, whose copies complete on them.
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// Arrive on `bar` and add `bytes` to the bytes its current phase waits for.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+// One thread copies rows [row0, row0 + ROWS) of head (b, h) into a swizzled tile, one box per
+// 64-column panel; the copies complete Tile::BYTES bytes on `bar`. Rows past the sequence and
+// columns past head_dim are outside the tensor map and arrive as zeros.
+template <typename Tile>
+__device__ __forceinline__ void tma_load_tile(unsigned char* tile, const TmaDesc& desc, u64* bar, int row0, int h, int b) {
+    #pragma unroll
+    for (int panel = 0; panel < Tile::PANELS; ++panel)
+        asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                     " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                     :: "r"(smem_u32(tile + panel * Tile::PANEL_BYTES)), "l"(&desc), "r"(panel * Tile::PANEL_COLS),
+                        "r"(h), "r"(row0), "r"(b), "r"(smem_u32(bar)) : "memory");
+}
+
 // ---- shared-memory matrix descriptors (128-byte swizzle) ----
 // bits 0-13: start address / 16; 16-29: leading-dimension byte offset / 16; 32-45: stride-dimension
 // byte offset / 16; 62-63: swizzle mode (1 = 128-byte).

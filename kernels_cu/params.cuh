@@ -32,11 +32,27 @@ struct BwdParams {
     float scale_log2;            // softmax_scale * log2(e)
 };
 
+// A TMA tensor map (the driver's CUtensorMap, 128 opaque bytes) of one (B, S, H, D) tensor,
+// encoded on the host per call (cupyflash/_tma.py); the kernel reads it where it was passed, in
+// the parameter space of a __grid_constant__ argument.
+struct alignas(64) TmaDesc {
+    unsigned char bytes[128];
+};
+
+// The Hopper forward's arguments: FwdParams and the tensor maps of Q (boxes of BLOCK_M rows),
+// K and V (boxes of BLOCK_N rows), 64 head_dim columns per box.
+struct FwdSm90Params {
+    FwdParams fwd;
+    TmaDesc q, k, v;
+};
+
 // The launcher builds these structs as numpy structured scalars (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
 static_assert(sizeof(FwdParams) == 160, "FwdParams layout is mirrored in _launch.py");
 static_assert(sizeof(BwdParams) == 312, "BwdParams layout is mirrored in _launch.py");
+static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 576,  // q, k, v at 192, 320, 448
+              "FwdSm90Params layout is mirrored in _launch.py");
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>

@@ -81,16 +81,20 @@ struct SetmaxnregSplit {
 };
 
 // Forward on Hopper (sm_90a): a producer warpgroup loading K_j, V_j into STAGES swizzled
-// shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read), and NUM_WG consumer
+// shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read), with TMA (one thread
+// issues a tile's boxes) or with cp.async (all 128 threads copy 16 bytes at a time), and NUM_WG consumer
 // warpgroups each owning 64 whole query rows. The accumulators are one 64-row wgmma tile per
 // consumer warpgroup: per warp one 16-row strip of NT (S) and DT (O) 8-column tiles. Registers
 // move from the producer (address arithmetic only) to the consumers with setmaxnreg.
-template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_>
+template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_, bool TMA_>
 struct FwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, NUM_WG = NUM_WG_;
+    static constexpr bool TMA = TMA_;
     static constexpr int BLOCK_M = 64 * NUM_WG, STAGES = 3;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
+    // arrivals that complete a "full" stage and q_full: the TMA thread's, or every copying thread's
+    static constexpr int LOAD_ARRIVALS = TMA ? 1 : PRODUCER_THREADS;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
     static constexpr int PRODUCER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::PRODUCER_REGS;
     static constexpr int CONSUMER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::CONSUMER_REGS;

@@ -48,7 +48,8 @@ def test_hopper_forward_uses_wgmma():
     for instruction in ("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
                         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
                         "wgmma.fence.sync.aligned", "wgmma.commit_group.sync.aligned",
-                        "fence.proxy.async.shared::cta"):
+                        "fence.proxy.async.shared::cta",  # the backward's cp.async tiles
+                        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"):
         assert instruction in ptx, f"sm_90: {instruction} missing from the PTX"
 
 
@@ -196,3 +197,23 @@ def test_kernel_parameters_pack_every_field_at_its_offset():
     assert packed.tobytes() == expected.tobytes()
     with pytest.raises(TypeError, match="missing \\['scale'\\]"):
         _launch.pack(_launch.BWD_PARAMS, **{n: v for n, v in fields.items() if n != "scale"})
+
+
+def test_hopper_forward_parameters_carry_three_tensor_maps_after_the_forward_params():
+    import numpy as np
+    from cupyflash import _launch
+    fwd = tuple((1, 2, 3, 4) if _launch.FWD_PARAMS[n].names else 7 for n in _launch.FWD_PARAMS.names)
+    maps = [bytes([i]) * 128 for i in (1, 2, 3)]
+    packed = _launch.pack(_launch.FWD_SM90_PARAMS, fwd=fwd, q=maps[0], k=maps[1], v=maps[2]).tobytes()
+    assert len(packed) == 576  # sizeof(FwdSm90Params), static_assert-ed in params.cuh
+    assert packed[:160] == _launch.pack(_launch.FWD_PARAMS, **dict(zip(_launch.FWD_PARAMS.names, fwd))).tobytes()
+    assert [packed[o:o + 128] for o in (192, 320, 448)] == maps  # TmaDesc is 64-byte aligned
+
+
+@pytest.mark.parametrize("strides,ok", [((3200, 320, 64), True), ((3200, -320, 64), False), ((3200, 0, 64), False),
+                                        ((3200, 320, 24), False), ((0, 320, 64), True)])
+def test_tensor_maps_describe_positive_16_byte_strides(strides, ok):
+    """(batch, seqlen, heads) byte strides of a (B=1, S=10, H=5, D=32) fp16 tensor: the batch
+    stride of a one-element axis is never read."""
+    from cupyflash import _tma
+    assert _tma.encodable(1024, (1, 10, 5, 32), strides) is ok

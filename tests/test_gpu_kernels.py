@@ -283,6 +283,42 @@ def _hopper_gpu():
 
 
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("D,block_n,tma", [(40, 192, True), (64, 192, True), (64, 192, False), (128, 112, True),
+                                           (128, 112, False), (128, 128, True), (256, 32, True)])
+@pytest.mark.parametrize("Sq,Sk", [(113, 1023), (1023, 257), (1, 70), (700, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_forward_every_tile(rng, dtype, D, block_n, tma, Sq, Sk, causal):
+    """The wgmma forward with K and V loaded by TMA or by cp.async meets the same bounds; rows
+    past the sequence and head_dim columns past D (40 runs as 64) arrive as zeros either way."""
+    if not _hopper_gpu():
+        pytest.skip("the wgmma forward needs compute capability 9.0")
+    from cupyflash import _config, _cuda_backend
+    q, k, v = (randn(rng, (2, S, 2, D), dtype) for S in (Sq, Sk, Sk))
+    out, lse = nan_like(q.shape, dtype), nan_like((2, 2, Sq), np.float32)
+    o, l = _cuda_backend.forward(to_gpu(q), to_gpu(k), to_gpu(v), causal=causal, scale=D ** -0.5, out=out, lse=lse,
+                                 fwd_config=_config.Sm90FwdConfig(block_n, 2, tma))
+    ref_o, ref_l = reference.attention(q, k, v, causal=causal, upcast=True)
+    naive_o, naive_l = reference.attention(q, k, v, causal=causal, upcast=False)
+    tag = f"wgmma fwd D={D} BLOCK_N={block_n} {'TMA' if tma else 'cp.async'} Sq{Sq} Sk{Sk} causal={causal}"
+    assert_within(f"out [{tag}]", o, ref_o, naive_o, dtype)
+    assert_within(f"lse [{tag}]", l, ref_l, naive_l, dtype)
+
+
+def test_hopper_forward_reads_strided_views_in_place_and_copies_reversed_ones(rng):
+    """TMA reads (B, H, S, D) arrays viewed as (B, S, H, D) where they are; a view with a
+    negative stride (which a tensor map cannot describe) is copied first. Same bits either way."""
+    if not _hopper_gpu():
+        pytest.skip("the wgmma forward needs compute capability 9.0")
+    cp = _cp()
+    B, H, S, D = 2, 3, 700, 128
+    q, k, v = (to_gpu(randn(rng, (B, H, S, D), BFLOAT16)).transpose(0, 2, 1, 3) for _ in range(3))
+    for name, views in (("transposed", (q, k, v)), ("reversed", (q[:, ::-1], k[:, ::-1], v[:, ::-1]))):
+        o = cupyflash.flash_attention(*views, causal=True)
+        o2 = cupyflash.flash_attention(*(cp.ascontiguousarray(x) for x in views), causal=True)
+        assert cp.asnumpy(o).tobytes() == cp.asnumpy(o2).tobytes(), f"{name}: {error_report(to_host64(o), to_host64(o2))}"
+
+
+@pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D,num_wg,dq_split,block_m", [(64, 1, "keys", 64), (64, 2, "keys", 64), (64, 2, "panel", 128),
                                                         (128, 2, "keys", 64), (128, 2, "panel", 64)])
 @pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])

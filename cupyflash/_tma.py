@@ -1,0 +1,67 @@
+"""TMA tensor maps (the driver's CUtensorMap) for the Hopper forward, encoded with
+``cuTensorMapEncodeTiled`` from the CUDA driver library through ctypes: CuPy 14 has no binding
+for it, and the driver is already loaded by CuPy.
+
+A (B, S, H, D) tensor is described as dimensions (D, H, S, B), innermost first, and copied in
+boxes of 64 head_dim columns x ``rows`` sequence positions of one head, written to shared memory
+in the 128-byte swizzle (kernels_cu/hopper.cuh, ``tma_load_tile``). Positions outside the
+tensor (rows past the sequence, columns past head_dim) arrive as zeros.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+import numpy as np
+
+from ._dtypes import BFLOAT16, FLOAT16
+
+# CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill (cuda.h)
+_DATA_TYPE = {np.dtype(FLOAT16): 6, np.dtype(BFLOAT16): 9}
+_INTERLEAVE_NONE = 0
+_SWIZZLE_128B = 3
+_L2_PROMOTION_256B = 3
+_OOB_FILL_ZEROS = 0
+BOX_COLS = 64       # one 128-byte swizzled line of 16-bit elements
+DESC_BYTES = 128    # sizeof(CUtensorMap)
+_STRIDE_ALIGN = 16  # global strides and the base address: multiples of 16 bytes
+
+
+@functools.lru_cache(maxsize=1)
+def _encode_fn():
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    fn = ctypes.CDLL(name).cuTensorMapEncodeTiled
+    fn.restype = ctypes.c_int
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+def encodable(ptr: int, shape: tuple, strides: tuple) -> bool:
+    """Whether TMA can read a (B, S, H, D) tensor in place: a 16-byte-aligned base and positive
+    (batch, seqlen, heads) byte strides that are multiples of 16 wherever the axis has more than
+    one element (head_dim is contiguous, checked at the boundary)."""
+    return ptr % _STRIDE_ALIGN == 0 and all(
+        n == 1 or (s > 0 and s % _STRIDE_ALIGN == 0) for n, s in zip(shape[:3], strides[:3]))
+
+
+@functools.lru_cache(maxsize=512)
+def tensor_map(ptr: int, dtype: np.dtype, shape: tuple, strides: tuple, rows: int) -> bytes:
+    """The 128-byte tensor map of the (B, S, H, D) tensor at ``ptr`` (byte ``strides``), for
+    boxes of ``rows`` x 64. Cached: a map depends on nothing but these arguments."""
+    B, S, H, D = shape
+    sb, ss, sh = (s if n > 1 else _STRIDE_ALIGN for n, s in zip((B, S, H), strides[:3]))  # unused strides
+    dims = (ctypes.c_uint64 * 4)(D, H, S, B)
+    byte_strides = (ctypes.c_uint64 * 3)(sh, ss, sb)
+    box = (ctypes.c_uint32 * 4)(BOX_COLS, 1, rows, 1)
+    element_strides = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
+    raw = ctypes.create_string_buffer(DESC_BYTES + 64)
+    desc = ctypes.addressof(raw) + (-ctypes.addressof(raw)) % 64  # the driver wants 64-byte alignment
+    err = _encode_fn()(desc, _DATA_TYPE[np.dtype(dtype)], 4, ptr, dims, byte_strides, box, element_strides,
+                       _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
+    if err != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for shape {shape}, byte strides "
+                           f"{strides}, box {rows} x {BOX_COLS}: please report this as a cupyflash bug")
+    return ctypes.string_at(desc, DESC_BYTES)
