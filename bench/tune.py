@@ -119,10 +119,9 @@ def main():
     ap.add_argument("--seqlens", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1024,4096")
     ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256, 96, 32)")
     ap.add_argument("--ab", metavar="FIELD",
-                    help="forward only: each table tile of the Hopper forward against the same tile with the boolean "
-                         "FIELD flipped (an A/B of one kernel change, e.g. --ab tma)")
+                    help="each table tile of the Hopper kernels against the same tile with the boolean FIELD flipped, "
+                         "for the passes whose config has FIELD (an A/B of one kernel change, e.g. --ab tma)")
     args = ap.parse_args()
-    args.fwd_only |= bool(args.ab)
     rng = np.random.default_rng(0)
     dev = cupy.cuda.Device()
     props = cupy.cuda.runtime.getDeviceProperties(dev.id)
@@ -142,8 +141,9 @@ def main():
                 o, l = _cuda_backend.forward(q, k, v, causal=causal, scale=scale)
                 fl_f, fl_b = flops(B, H, S, D, causal, "fwd"), flops(B, H, S, D, causal, "bwd")
                 if args.ab:
-                    table = _config.TILES_SM90[(D, causal)][0]
-                    cands = dict(fwd=[table, dataclasses.replace(table, **{args.ab: not getattr(table, args.ab)})], bwd=[])
+                    cands = {pass_: [table, dataclasses.replace(table, **{args.ab: not getattr(table, args.ab)})]
+                             if hasattr(table, args.ab) else []
+                             for pass_, table in zip(("fwd", "bwd"), _config.TILES_SM90[(D, causal)])}
                 skip = {"fwd": args.bwd_only, "bwd": args.fwd_only}
                 passes = [(p, cands[p]) for p in ("fwd", "bwd") if not skip[p]]
                 for pass_, cfgs in passes:

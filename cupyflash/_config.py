@@ -102,10 +102,11 @@ class Sm90BwdConfig:
     adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
     dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64), "none" (no dQ:
     deterministic=True, where the dQ pass computes it). block_m: 64, or 128 with "panel" or "none".
-    Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    tma: K, V, Q, dO loaded with TMA (else cp.async). Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
+    tma: bool = True
 
     STAGES = 2
     ALIGN = 1024
@@ -312,7 +313,7 @@ class KernelSet:
         g, t = self.bwd, CXX_TYPE[self.dtype]
         if self.hopper_bwd:
             return _instance("flash_bwd_sm90_kernel", t, Sm90FwdConfig.head_dim(cls), g.block_m, g.num_wg,
-                             DQ_SPLITS.index(g.dq_split), c)
+                             DQ_SPLITS.index(g.dq_split), g.tma, c)
         return _instance("flash_bwd_kernel", t, cls, g.block_m, g.block_n, g.num_warps, g.q_stages, g.balanced, c,
                          not self.deterministic)
 
@@ -371,7 +372,8 @@ class KernelSet:
         fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
                f"warpgroups={f.num_wg} loads by {'TMA' if f.tma else 'cp.async'}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
-        bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg} dQ by {g.dq_split}"
+        bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg} dQ by {g.dq_split} "
+               f"loads by {'TMA' if g.tma else 'cp.async'}"
                if self.hopper_bwd else
                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
         return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"

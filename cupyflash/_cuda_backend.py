@@ -67,12 +67,10 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
                       o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
                       seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
                       scale_log2=_config.scale_log2(scale))
-        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the tensor maps (unused by the cp.async loader)
+        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the tensor maps
             f = ks.fwd
-            maps = ((_launch.tensor_map(q, f.block_m), _launch.tensor_map(k, f.block_n), _launch.tensor_map(v, f.block_n))
-                    if tma else (bytes(_tma.DESC_BYTES),) * 3)
-            params = _launch.pack(_launch.FWD_SM90_PARAMS, fwd=tuple(fields[n] for n in _launch.FWD_PARAMS.names),
-                                  q=maps[0], k=maps[1], v=maps[2])
+            params = _launch.pack_sm90(_launch.FWD_SM90_PARAMS, fields,
+                                       dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)), tma)
         else:
             params = _launch.pack(_launch.FWD_PARAMS, **fields)
         _launch.launch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
@@ -94,10 +92,12 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
             for g in (g_dq, g_dk, g_dv):
                 g.fill(0)
         else:
-            dout, q, k, v, out = (_kernel_ready(x) for x in (dout, q, k, v, out))
-            lse = cupy.ascontiguousarray(lse)
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
                                     seqlen_k=Sk)  # the forward's kernel set too: one module per problem
+            tma = ks.hopper_bwd and ks.bwd.tma
+            dout, q, k, v = (_kernel_ready(x, tma) for x in (dout, q, k, v))
+            out = _kernel_ready(out)
+            lse = cupy.ascontiguousarray(lse)
             if workspace is not None:
                 dsum, dq_accum = workspace
             else:  # the deterministic dQ pass needs no fp32 accumulator
@@ -105,19 +105,26 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
                 dq_accum = None if deterministic else cupy.empty((B, H, Sq, D), dtype=np.float32)
             # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
             dq_accum_ptr = 0 if deterministic else dq_accum.data.ptr
-            params = _launch.pack(
-                _launch.BWD_PARAMS, q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
+            fields = dict(
+                q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                 o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(g_dq),
                 dk=_launch.tensor_ref(g_dk), dv=_launch.tensor_ref(g_dv), lse=np.uint64(lse.data.ptr),
                 dsum=np.uint64(dsum.data.ptr), dq_accum=np.uint64(dq_accum_ptr), batch=np.int32(B),
                 heads=np.int32(H), seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
                 scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
+            params = _launch.pack(_launch.BWD_PARAMS, **fields)
+            main_params = params
+            if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the tensor maps
+                g = ks.bwd
+                main_params = _launch.pack_sm90(
+                    _launch.BWD_SM90_PARAMS, fields,
+                    dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)), tma)
             rows_per_block = _config.ROWWISE_ROWS_PER_BLOCK
             # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
             _launch.launch(ks, ks.preprocess_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
             # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j (not when deterministic)
             _launch.launch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
-                           ks.bwd_smem(), params)
+                           ks.bwd_smem(), main_params)
             if deterministic:
                 # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
                 _launch.launch(ks, ks.dq_name(), _grid(Sq, ks.dq.block_m, H, B), ks.dq_threads(), ks.dq_smem(), params)

@@ -32,8 +32,13 @@ BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF
 FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
                             "offsets": [0, 192, 320, 448], "itemsize": 576})
 
+# BwdParams and the tensor maps of q, k, v, dout
+BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": [BWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 4,
+                            "offsets": [0, 320, 448, 576, 704], "itemsize": 832})
+
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
-assert (_TENSOR_REF.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize, FWD_SM90_PARAMS.itemsize) == (32, 160, 312, 576)
+assert ((_TENSOR_REF.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize, FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize)
+        == (32, 160, 312, 576, 832))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535
@@ -48,6 +53,15 @@ def tensor_ref(x: cupy.ndarray) -> tuple:
 def tensor_map(x: cupy.ndarray, rows: int) -> bytes:
     """The TMA tensor map of a (B, S, H, D) array for boxes of ``rows`` x 64 (see _tma)."""
     return _tma.tensor_map(x.data.ptr, x.dtype, x.shape, x.strides, rows)
+
+
+def pack_sm90(dtype: np.dtype, fields: dict, tiles: dict, tma: bool) -> np.ndarray:
+    """A Hopper kernel's parameters: its pass's struct (``fields``, the first member of
+    ``dtype``), then the tensor map of each ``name: (array, box rows)`` in ``tiles``, or zero
+    bytes where the kernel loads with cp.async (``tma`` false) and never reads them."""
+    inner = dtype.names[0]
+    maps = {name: tensor_map(x, rows) if tma else bytes(_tma.DESC_BYTES) for name, (x, rows) in tiles.items()}
+    return pack(dtype, **{inner: tuple(fields[n] for n in dtype[inner].names)}, **maps)
 
 
 def pack(dtype: np.dtype, **fields) -> np.ndarray:

@@ -46,6 +46,13 @@ struct FwdSm90Params {
     TmaDesc q, k, v;
 };
 
+// The Hopper backward's arguments: BwdParams and the tensor maps of Q and dO (boxes of BLOCK_M
+// rows), K and V (boxes of BLOCK_N rows).
+struct BwdSm90Params {
+    BwdParams bwd;
+    TmaDesc q, k, v, dout;
+};
+
 // The launcher builds these structs as numpy structured scalars (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
@@ -53,6 +60,7 @@ static_assert(sizeof(FwdParams) == 160, "FwdParams layout is mirrored in _launch
 static_assert(sizeof(BwdParams) == 312, "BwdParams layout is mirrored in _launch.py");
 static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 576,  // q, k, v at 192, 320, 448
               "FwdSm90Params layout is mirrored in _launch.py");
+static_assert(sizeof(BwdSm90Params) == 832, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 320
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>
