@@ -102,19 +102,15 @@ class Sm90BwdConfig:
     adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
     dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64), "none" (no dQ:
     deterministic=True, where the dQ pass computes it). block_m: 64, or 128 with "panel" or "none".
-    tma: K, V, Q, dO loaded with TMA (else cp.async). bulk_dq (with "panel"): each dQ panel reaches
-    the fp32 accumulator through shared memory and one bulk reduction per row (else per-thread
-    atomics). Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    tma: K, V, Q, dO loaded with TMA (else cp.async). Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
     tma: bool = True
-    bulk_dq: bool = False
 
     STAGES = 2
     ALIGN = 1024
     BARRIER_BYTES = 64
-    DQ_ROW_FLOATS = 64 + 8  # a bulk_dq panel row, padded
 
     @property
     def block_n(self) -> int:
@@ -126,8 +122,6 @@ class Sm90BwdConfig:
         if self.block_m not in (64, 128) or (self.block_m == 128 and self.dq_split == "keys"):
             raise ValueError(f"block_m must be 64, or 128 with dq_split 'panel' or 'none'; got block_m={self.block_m}, "
                              f"dq_split={self.dq_split!r}")
-        if self.bulk_dq and self.dq_split != "panel":
-            raise ValueError(f"bulk_dq reduces one dQ panel per warpgroup: it needs dq_split='panel', got {self.dq_split!r}")
 
     @property
     def num_warps(self) -> int:
@@ -138,8 +132,7 @@ class Sm90BwdConfig:
         kv = 2 * self.block_n * hd
         qdo = 2 * self.STAGES * self.block_m * hd
         ds = self.num_wg * 64 * self.block_m
-        dq = self.num_wg * 64 * self.DQ_ROW_FLOATS * 4 if self.bulk_dq else 0
-        return self.ALIGN + (kv + qdo + ds) * itemsize + dq + self.STAGES * 2 * self.block_m * 4 + self.BARRIER_BYTES
+        return self.ALIGN + (kv + qdo + ds) * itemsize + self.STAGES * 2 * self.block_m * 4 + self.BARRIER_BYTES
 
 
 @dataclass(frozen=True)
@@ -225,17 +218,17 @@ TILES_DEFAULT = {
     (160, True): (F(64, 64, 4), G(32, 32, 4, 2)),
 }
 # Hopper (sm_90a) forward: (head_dim class, causal) -> wgmma tile; measured with bench/tune.py.
-HOPPER_FWD = {
-    (64, False): H(192, 2), (64, True): H(128, 2),
-    (128, False): H(112, 2), (128, True): H(128, 2),
+HOPPER_FWD = {  # measured with TMA loads (bench/NOTES.md, v2.8)
+    (64, False): H(128, 2), (64, True): H(128, 2),
+    (128, False): H(128, 2), (128, True): H(128, 2),
     (256, False): H(32, 2), (256, True): H(32, 2),
     # head_dim 32, 96 and 160 would run padded to 64, 128 and 192 (+100%, +33%, +20% FLOPs): they
     # keep the mma.sync forward; 192 is not measured yet and keeps it too (bench/NOTES.md, v2.3)
 }
 # Up to this many keys the mma.sync forward runs instead of HOPPER_FWD's: several of its blocks
-# share an SM and hide each other's loads, where the wgmma forward (one block per SM) waits on
-# its own; measured equal at 512 and 10-40% faster at 128-256 (bench/NOTES.md, short sequences).
-HOPPER_FWD_SHORT_SEQLEN_K = 512
+# share an SM and hide each other's loads; with TMA loads the wgmma forward wins from 256 keys on
+# and ties or loses at 128 (bench/NOTES.md, short sequences and v2.8).
+HOPPER_FWD_SHORT_SEQLEN_K = 128
 # Hopper (sm_90a) backward: measured with bench/tune.py (bench/NOTES.md, v3.0 to v3.3): at
 # head_dim 128 dQ split by head_dim panel is 22-35% faster than by keys; at head_dim 64, 128-query
 # tiles with dQ split by query-row panel are 12-24% faster than 64-query tiles with dQ by rows.
@@ -247,7 +240,7 @@ TILES_SM90 = {key: (HOPPER_FWD.get(key, fwd), HOPPER_BWD.get(key, bwd)) for key,
 # deterministic=True on Hopper: HOPPER_BWD's tiles without their dQ phase (dq_split="none"), the
 # dQ pass computing dQ; other head dims the mma.sync backward without its dQ phase.
 DETERMINISTIC_BWD_SM90 = {**{key: bwd for key, (_, bwd) in _TILES_SM90_MMA.items()},
-                          **{key: replace(cfg, dq_split="none", bulk_dq=False) for key, cfg in HOPPER_BWD.items()}}
+                          **{key: replace(cfg, dq_split="none") for key, cfg in HOPPER_BWD.items()}}
 # The deterministic dQ pass (deterministic=True), by head_dim class, every GPU: one 16-row strip per
 # warp as in the forward; chosen to fit without spills, not tuned (bench/NOTES.md).
 DQ_TILES = {32: DqConfig(128, 64, 8), 64: DqConfig(128, 64, 8), 96: DqConfig(64, 64, 4), 128: DqConfig(64, 64, 4),
@@ -320,7 +313,7 @@ class KernelSet:
         g, t = self.bwd, CXX_TYPE[self.dtype]
         if self.hopper_bwd:
             return _instance("flash_bwd_sm90_kernel", t, Sm90FwdConfig.head_dim(cls), g.block_m, g.num_wg,
-                             DQ_SPLITS.index(g.dq_split), g.tma, g.bulk_dq, c)
+                             DQ_SPLITS.index(g.dq_split), g.tma, c)
         return _instance("flash_bwd_kernel", t, cls, g.block_m, g.block_n, g.num_warps, g.q_stages, g.balanced, c,
                          not self.deterministic)
 
@@ -380,7 +373,7 @@ class KernelSet:
                f"warpgroups={f.num_wg} loads by {'TMA' if f.tma else 'cp.async'}" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
         bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg} dQ by {g.dq_split} "
-               f"loads by {'TMA' if g.tma else 'cp.async'}{', dQ by bulk reduction' if g.bulk_dq else ''}"
+               f"loads by {'TMA' if g.tma else 'cp.async'}"
                if self.hopper_bwd else
                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
         return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"

@@ -18,15 +18,14 @@ namespace cupyflash {
 template <typename Tr>
 struct BwdSm90Smem {
     unsigned char *k, *v, *qdo, *ds;
-    float *dq, *stats;
+    float* stats;
     u64 *kv_full, *full, *empty;
     __device__ BwdSm90Smem(unsigned char* raw) {
         k = raw + (Tr::ALIGN - smem_u32(raw) % Tr::ALIGN) % Tr::ALIGN;  // the swizzle needs 1024-byte-aligned panels
         v = k + Tr::TileKV::BYTES;
         qdo = v + Tr::TileKV::BYTES;                        // stage s: Q at qdo + 2 s TileQ::BYTES, dO right after
         ds = qdo + 2 * Tr::STAGES * Tr::TileQ::BYTES;       // warpgroup w: ds + w TileDS::BYTES
-        dq = reinterpret_cast<float*>(ds + Tr::NUM_WG * Tr::TileDS::BYTES);     // BULK_DQ, warpgroup w: dq + w 64 DQ_ROW_FLOATS
-        stats = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(dq) + Tr::DQ_PANEL_BYTES);  // stage s: lse, then D
+        stats = reinterpret_cast<float*>(ds + Tr::NUM_WG * Tr::TileDS::BYTES);  // stage s: lse, then D
         kv_full = reinterpret_cast<u64*>(reinterpret_cast<unsigned char*>(stats) + Tr::ROW_STATS_BYTES);
         full = kv_full + 1;
         empty = full + Tr::STAGES;
@@ -118,30 +117,6 @@ __device__ __forceinline__ void store_ds(unsigned char* sDS, const float (&ds)[T
     }
 }
 
-// BULK_DQ: this warpgroup's 64 x 64 dQ panel (query rows from row0, head_dim columns from col0) into
-// global dQ_accum by the TMA unit: the warps store their accumulators to shared memory, then 64
-// threads issue one bulk reduction per row. The panel buffer is rewritten a tile later, after
-// the issuers' bulk_wait_read and a consumer barrier.
-template <typename Tr>
-__device__ __forceinline__ void bulk_add_dq_panel(float* sDQ, const float (&dq)[1][8][4], int row0, int col0,
-                                                  const BwdParams& p, int wg, int thread_in_wg) {
-    const int lane = threadIdx.x % 32, warp_in_wg = thread_in_wg / 32;
-    #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-        #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = warp_in_wg * 16 + acc_row(0, 2 * hh, lane), c = acc_col(nt, 0, lane);
-            *reinterpret_cast<float2*>(sDQ + r * Tr::DQ_ROW_FLOATS + c) = make_float2(dq[0][nt][2 * hh], dq[0][nt][2 * hh + 1]);
-        }
-    fence_proxy_async();   // the bulk copies read the panel through the async proxy
-    warpgroup_barrier(wg);  // the panel is complete in shared memory
-    const int r = thread_in_wg, i = row0 + r, cols = min(64, p.head_dim - col0);
-    // row i of this (batch, head) in dQ_accum, from the block's indices (the 64-bit head base is not kept live)
-    const i64 row = (i64(blockIdx.z) * p.heads + blockIdx.y) * p.seqlen_q + i;
-    if (r < 64 && i < p.seqlen_q) bulk_reduce_add_f32(p.dq_accum + row * p.head_dim + col0, sDQ + r * Tr::DQ_ROW_FLOATS, cols * 4);
-    bulk_commit();
-}
-
 // Barrier among the consumers that read warpgroup wg's dS^T tile: its own 128 threads, or all
 // consumers when dQ is split by panel.
 template <typename Tr>
@@ -206,7 +181,6 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
             store_ds<Tr>(sDS, dpt, warp_in_wg);
             fence_proxy_async();
-            if constexpr (Tr::BULK_DQ) bulk_wait_read<0>();  // the previous tile's dQ panel may be rewritten after the barrier
             ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
         }
 
@@ -242,23 +216,18 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_operands(dq[0]);
-                if constexpr (Tr::BULK_DQ)
-                    bulk_add_dq_panel<Tr>(sm.dq + wg * 64 * Tr::DQ_ROW_FLOATS, dq, m0 + qp * 64, dp * 64, p, wg,
-                                          warp_in_wg * 32 + threadIdx.x % 32);
-                else
-                    red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
+                red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
             }
         }
     }
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;
     store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
-    if constexpr (Tr::BULK_DQ) bulk_wait<0>();  // the last dQ reductions have read their panel
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool TMA, bool BULK_DQ, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA, BULK_DQ>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool TMA, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in parameter space: the tensor maps stay there
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA, BULK_DQ>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA>;
     const BwdParams& p = params.bwd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);

@@ -153,22 +153,6 @@ __device__ __forceinline__ void tma_load_tile(unsigned char* tile, const TmaDesc
                         "r"(h), "r"(row0), "r"(b), "r"(smem_u32(bar)) : "memory");
 }
 
-// ---- bulk reductions into global memory (cp.reduce.async.bulk), by the TMA unit ----
-// Add `bytes` (a multiple of 16) of fp32 values at shared `src` into global `dst` (both 16-byte
-// aligned), elementwise and atomically; the copy joins this thread's next bulk group.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, u32 bytes) {
-    asm volatile("{\n.reg .u64 g;\ncvta.to.global.u64 g, %0;\n"
-                 "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [g], [%1], %2;\n}\n"
-                 :: "l"(dst), "r"(smem_u32(src)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Wait until at most N of this thread's bulk groups are still reading their shared-memory source.
-template <int N> __device__ __forceinline__ void bulk_wait_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(N) : "memory");
-}
-// Wait until at most N of this thread's bulk groups are still running.
-template <int N> __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(N) : "memory"); }
-
 // ---- shared-memory matrix descriptors (128-byte swizzle) ----
 // bits 0-13: start address / 16; 16-29: leading-dimension byte offset / 16; 32-45: stride-dimension
 // byte offset / 16; 62-63: swizzle mode (1 = 128-byte).

@@ -127,13 +127,11 @@ enum DqSplit { DQ_KEYS = 0, DQ_PANEL = 1, DQ_NONE = 2 };
 // BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
 // query tiles of BLOCK_M rows that a producer warpgroup stages (Q_i, dO_i, lse_i, D_i, two stages;
 // K_j, V_j, Q_i and dO_i by TMA or by cp.async).
-// BULK_DQ: each warpgroup's dQ panel goes through shared memory and one bulk reduction per row
-// (cp.reduce.async.bulk) instead of per-thread red.global.add.
-template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_, bool TMA_, bool BULK_DQ_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_, bool TMA_>
 struct BwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_, DQ_SPLIT = DQ_SPLIT_;
-    static constexpr bool TMA = TMA_, BULK_DQ = BULK_DQ_;
+    static constexpr bool TMA = TMA_;
     static constexpr int BLOCK_M = BLOCK_M_, BLOCK_N = 64 * NUM_WG, STAGES = 2;
     // DQ_PANEL: warpgroup w's 64 x 64 panel of the dQ tile
     static constexpr int DQ_COL_PANELS = HEAD_DIM / 64;
@@ -146,14 +144,10 @@ struct BwdTraitsSm90 {
     using TileQ = SwizzledTile<BLOCK_M, HEAD_DIM>;   // Q_i, dO_i
     using TileDS = SwizzledTile<64, BLOCK_M>;        // one warpgroup's dS^T, [key][query]
     static constexpr int ALIGN = 1024;
-    // BULK_DQ: a warpgroup's 64 x 64 fp32 dQ panel, rows padded by 8 floats so that the accumulator
-    // stores of a warp's 8 rows fall in different banks
-    static constexpr int DQ_ROW_FLOATS = 64 + 8;
-    static constexpr int DQ_PANEL_BYTES = BULK_DQ ? NUM_WG * 64 * DQ_ROW_FLOATS * 4 : 0;
     static constexpr int ROW_STATS_BYTES = STAGES * 2 * BLOCK_M * 4;  // lse_i * log2(e) and D_i per stage
     static constexpr int BARRIER_BYTES = 64;                           // kv_full, full[STAGES], empty[STAGES]
     static constexpr int SMEM_BYTES = ALIGN + 2 * TileKV::BYTES + 2 * STAGES * TileQ::BYTES + NUM_WG * TileDS::BYTES +
-                                      DQ_PANEL_BYTES + ROW_STATS_BYTES + BARRIER_BYTES;
+                                      ROW_STATS_BYTES + BARRIER_BYTES;
     __device__ static int query_tiles(int seqlen_q) { return (seqlen_q + BLOCK_M - 1) / BLOCK_M; }
     // named barriers (0: __syncthreads, 1 + w: warpgroup w)
     static constexpr int BAR_DS = 1 + NUM_WG;
@@ -163,7 +157,6 @@ struct BwdTraitsSm90 {
     static_assert(BLOCK_M == 64 || BLOCK_M == 128, "query tiles of 64 or 128 rows (the N of S^T's wgmma)");
     static_assert(DQ_SPLIT != DQ_PANEL || BLOCK_M * HEAD_DIM == NUM_WG * 64 * 64, "DQ_PANEL: one 64 x 64 panel per warpgroup");
     static_assert(DQ_SPLIT != DQ_KEYS || BLOCK_M == 64, "dQ by keys: 64-row query tiles");
-    static_assert(!BULK_DQ || DQ_SPLIT == DQ_PANEL, "bulk dQ reductions: one panel per warpgroup");
     static_assert(8 * (1 + 2 * STAGES) <= BARRIER_BYTES, "mbarrier space");
 };
 

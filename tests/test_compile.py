@@ -105,17 +105,6 @@ def test_hopper_smem_mirror_matches_the_traits_formula():
     assert h.smem_bytes(96, 2) == h.smem_bytes(128, 2), "head_dim runs at the next multiple of 64"
 
 
-def test_hopper_backward_smem_mirror_counts_the_bulk_dq_panels():
-    # BwdTraitsSm90::SMEM_BYTES = ALIGN + (2 BLOCK_N + 2 STAGES BLOCK_M) HEAD_DIM 2 + NUM_WG 64 BLOCK_M 2
-    #                             + BULK_DQ NUM_WG 64 (64 + 8) 4 + STAGES 2 BLOCK_M 4 + BARRIER_BYTES
-    plain = _config.Sm90BwdConfig(2, "panel", 128)
-    bulk = _config.Sm90BwdConfig(2, "panel", 128, bulk_dq=True)
-    assert plain.smem_bytes(64, 2) == 1024 + (2 * 128 + 2 * 2 * 128) * 64 * 2 + 2 * 64 * 128 * 2 + 2 * 2 * 128 * 4 + 64
-    assert bulk.smem_bytes(64, 2) == plain.smem_bytes(64, 2) + 2 * 64 * 72 * 4
-    with pytest.raises(ValueError, match="bulk_dq .* needs dq_split='panel'"):
-        _config.Sm90BwdConfig(2, "keys", bulk_dq=True)
-
-
 def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
     for (cls, causal), cfg in _config.HOPPER_FWD.items():
         assert _config.kernel_set("bfloat16", cls, causal, 90).hopper_fwd
