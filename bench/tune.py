@@ -103,10 +103,12 @@ CANDIDATES = {
               bwd=[G(64, 128, 8, 1), HB(2, "panel")]),
     64: dict(fwd=[F(128, 64, 4), H(128, 2), H(192, 2), H(64, 2)],
              bwd=[G(128, 128, 8, 2), HB(2), HB(2, "panel", 128)]),
-    256: dict(fwd=[F(64, 64, 4), H(32, 2), H(64, 1)], bwd=[]),
-    # head_dim 32 and 96 on the wgmma backward run padded to 64 and 128 (+100%, +33% FLOPs)
-    96: dict(fwd=[], bwd=[G(64, 64, 8, 2), HB(2, "panel")]),
-    32: dict(fwd=[], bwd=[G(64, 64, 8, 2), HB(2, "panel", 128)]),
+    256: dict(fwd=[F(64, 64, 4), H(32, 2), H(48, 2), H(64, 1)], bwd=[]),
+    # head_dim 32, 96, 160 on the wgmma kernels run padded to 64, 128, 192 (+100%, +33%, +20% FLOPs)
+    96: dict(fwd=[F(128, 64, 4), H(128, 2), H(64, 2)], bwd=[G(64, 64, 8, 2), HB(2, "panel")]),
+    32: dict(fwd=[F(128, 64, 4), H(128, 2), H(192, 2)], bwd=[G(64, 64, 8, 2), HB(2, "panel", 128)]),
+    160: dict(fwd=[F(64, 64, 4), H(64, 2), H(32, 2)], bwd=[]),
+    192: dict(fwd=[F(64, 64, 4), H(64, 2), H(32, 2)], bwd=[]),
 }
 
 
