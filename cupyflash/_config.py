@@ -102,13 +102,11 @@ class Sm90BwdConfig:
     adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
     dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64), "none" (no dQ:
     deterministic=True, where the dQ pass computes it). block_m: 64, or 128 with "panel" or "none".
-    tma: K, V, Q, dO loaded with TMA (else cp.async). overlap_ds: dV, dK issued before the wait for
-    the other warpgroups' dS^T. Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    tma: K, V, Q, dO loaded with TMA (else cp.async). Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
     tma: bool = True
-    overlap_ds: bool = False
 
     STAGES = 2
     ALIGN = 1024
@@ -220,13 +218,11 @@ TILES_DEFAULT = {
     (160, True): (F(64, 64, 4), G(32, 32, 4, 2)),
 }
 # Hopper (sm_90a) forward: (head_dim class, causal) -> wgmma tile; measured with bench/tune.py.
-HOPPER_FWD = {  # measured with TMA loads (bench/NOTES.md, v2.8)
-    (64, False): H(128, 2), (64, True): H(128, 2),
-    (128, False): H(128, 2), (128, True): H(128, 2),
-    (256, False): H(32, 2), (256, True): H(32, 2),
-    # head_dim 32, 96 and 160 would run padded to 64, 128 and 192 (+100%, +33%, +20% FLOPs): they
-    # keep the mma.sync forward; 192 is not measured yet and keeps it too (bench/NOTES.md, v2.3)
-}
+# measured with TMA loads (bench/NOTES.md, v2.8, v2.9). Head dims 96 and 160 run padded to 128 and
+# 192 (+33%, +20% FLOPs) and still beat the mma.sync forward by 1.5-2x; head_dim 32 (padded to 64,
+# +100%) does not, and keeps it.
+HOPPER_FWD = {(cls, causal): cfg for causal in (False, True) for cls, cfg in (
+    (64, H(128, 2)), (96, H(128, 2)), (128, H(128, 2)), (160, H(64, 2)), (192, H(64, 2)), (256, H(48, 2)))}
 # Up to this many keys the mma.sync forward runs instead of HOPPER_FWD's: several of its blocks
 # share an SM and hide each other's loads; with TMA loads the wgmma forward wins from 256 keys on
 # and ties or loses at 128 (bench/NOTES.md, short sequences and v2.8).
@@ -315,7 +311,7 @@ class KernelSet:
         g, t = self.bwd, CXX_TYPE[self.dtype]
         if self.hopper_bwd:
             return _instance("flash_bwd_sm90_kernel", t, Sm90FwdConfig.head_dim(cls), g.block_m, g.num_wg,
-                             DQ_SPLITS.index(g.dq_split), g.tma, g.overlap_ds, c)
+                             DQ_SPLITS.index(g.dq_split), g.tma, c)
         return _instance("flash_bwd_kernel", t, cls, g.block_m, g.block_n, g.num_warps, g.q_stages, g.balanced, c,
                          not self.deterministic)
 

@@ -181,8 +181,7 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
             store_ds<Tr>(sDS, dpt, warp_in_wg);
             fence_proxy_async();
-            if constexpr (!Tr::OVERLAP_DS)
-                ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
+            ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
         }
 
         // dV_j += P^T dO_i, dK_j += dS^T Q_i (B N-major)
@@ -193,8 +192,6 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             Wgmma<T, HEAD_DIM>::template rs<1>(dk[0], dsa[kk], desc_n_major<BLOCK_M, HEAD_DIM>(sQ, kk), true);
         }
         wgmma_commit();
-        if constexpr (Tr::OVERLAP_DS && Tr::DQ_SPLIT != DQ_NONE)
-            ds_barrier<Tr>(wg);  // dS^T is complete and visible to dQ's wgmma, while this warpgroup's dV, dK run
         wgmma_wait<0>();  // separate from dQ's product: P^T, dS^T and dQ together do not fit in registers at D=128
         fence_operands(dk[0]);
         fence_operands(dv[0]);
@@ -227,10 +224,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
     store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool TMA, bool OVERLAP_DS, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA, OVERLAP_DS>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool TMA, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in parameter space: the tensor maps stay there
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA, OVERLAP_DS>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA>;
     const BwdParams& p = params.bwd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);
