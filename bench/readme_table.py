@@ -3,7 +3,8 @@
     python bench/readme_table.py bench/results/<gpu>-<date>-bfloat16.json [--seqlens 1024,4096,16384]
 
 Prints a markdown table: cupyflash's TFLOP/s beside SDPA flash (FlashAttention-2), SDPA cuDNN
-and JAX cuDNN, each peer with cupyflash's speed relative to it in brackets, and naive CuPy.
+and JAX cuDNN, each peer with cupyflash's speed relative to it in brackets, and naive CuPy when
+the run measured it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ PEERS = (("torch-flash", "SDPA flash (FA2)"), ("torch-cudnn", "SDPA cuDNN"), ("j
 
 def table(results, seqlens) -> str:
     by_key = {(r.impl, r.mode, r.dtype, r.head_dim, r.causal, r.seqlen_q): r for r in results if r.status == "ok"}
-    head = ["pass", "dtype", "D", "causal", "seqlen", "cupyflash", *(name for _, name in PEERS), "naive (CuPy)"]
+    with_naive = any(r.impl == "naive" and r.status == "ok" for r in results)  # a run may leave it out (--compare)
+    head = ["pass", "dtype", "D", "causal", "seqlen", "cupyflash", *(name for _, name in PEERS)]
+    head += ["naive (CuPy)"] if with_naive else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ours = sorted((r for r in results if r.impl == "cupyflash" and r.status == "ok" and r.seqlen_q in seqlens),
                   key=lambda r: (r.mode != "fwd", r.dtype, -r.head_dim, r.causal, r.seqlen_q))
@@ -33,8 +36,9 @@ def table(results, seqlens) -> str:
         for impl, _ in PEERS:
             p = by_key.get((impl, *key))
             cells.append(f"{p.tflops:.0f} ({r.tflops / p.tflops:.2f}x)" if p else "-")
-        naive = by_key.get(("naive", *key))
-        cells.append(f"{naive.tflops:.1f}" if naive else "-")
+        if with_naive:
+            naive = by_key.get(("naive", *key))
+            cells.append(f"{naive.tflops:.1f}" if naive else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -283,13 +283,15 @@ def _hopper_gpu():
 
 
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,block_n,tma", [(40, 192, True), (64, 192, True), (64, 192, False), (128, 112, True),
-                                           (128, 112, False), (128, 128, True), (256, 32, True)])
+@pytest.mark.parametrize("D,block_n,tma", [(40, 192, True), (64, 192, True), (64, 192, False), (64, 128, True),
+                                           (96, 128, True), (128, 112, True), (128, 112, False), (128, 128, True),
+                                           (160, 64, True), (192, 64, True), (256, 32, True), (256, 48, True)])
 @pytest.mark.parametrize("Sq,Sk", [(113, 1023), (1023, 257), (1, 70), (700, 1)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_hopper_forward_every_tile(rng, dtype, D, block_n, tma, Sq, Sk, causal):
     """The wgmma forward with K and V loaded by TMA or by cp.async meets the same bounds; rows
-    past the sequence and head_dim columns past D (40 runs as 64) arrive as zeros either way."""
+    past the sequence and head_dim columns past D (40, 96, 160 run as 64, 128, 192) arrive as
+    zeros either way."""
     if not _hopper_gpu():
         pytest.skip("the wgmma forward needs compute capability 9.0")
     from cupyflash import _config, _cuda_backend
