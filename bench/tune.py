@@ -110,6 +110,10 @@ CANDIDATES = {
     160: dict(fwd=[F(64, 64, 4), H(64, 2), H(32, 2)], bwd=[]),
     192: dict(fwd=[F(64, 64, 4), H(64, 2), H(32, 2)], bwd=[]),
 }
+# --short: the mma.sync forward tiles that Hopper runs up to HOPPER_FWD_SHORT_SEQLEN_K keys
+SHORT_CANDIDATES = {
+    64: dict(fwd=[F(128, 64, 4), F(64, 64, 4), F(128, 64, 8), F(64, 128, 4), F(128, 128, 8), F(64, 32, 2)], bwd=[]),
+}
 
 
 def main():
@@ -120,6 +124,7 @@ def main():
     ap.add_argument("--fwd-only", action="store_true", help="time forward tiles only")
     ap.add_argument("--seqlens", type=lambda t: [int(x) for x in t.split(",")], help="e.g. 1024,4096")
     ap.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="of the CANDIDATES keys (64, 128, 256, 96, 32)")
+    ap.add_argument("--short", action="store_true", help="the short-key forward candidates (SHORT_CANDIDATES)")
     ap.add_argument("--ab", metavar="FIELD",
                     help="each table tile of the Hopper kernels against the same tile with the boolean FIELD flipped, "
                          "for the passes whose config has FIELD (an A/B of one kernel change, e.g. --ab tma)")
@@ -131,7 +136,7 @@ def main():
     seqlens = args.seqlens or ([4096] if args.quick else [1024, 4096, 16384])
     dtype = BFLOAT16
     rows = []
-    for D, cands in CANDIDATES.items():
+    for D, cands in (SHORT_CANDIDATES if args.short else CANDIDATES).items():
         if args.head_dims and D not in args.head_dims:
             continue
         for causal in (False, True):

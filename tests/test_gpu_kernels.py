@@ -306,6 +306,25 @@ def test_hopper_forward_every_tile(rng, dtype, D, block_n, tma, Sq, Sk, causal):
     assert_within(f"lse [{tag}]", l, ref_l, naive_l, dtype)
 
 
+@pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("block_m,block_n,num_warps", [(128, 64, 4), (64, 64, 4), (128, 64, 8), (64, 128, 4),
+                                                       (128, 128, 8), (64, 32, 2)])
+@pytest.mark.parametrize("Sq,Sk", [(128, 128), (256, 256), (113, 70), (1, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mma_forward_short_key_tiles(rng, dtype, block_m, block_n, num_warps, Sq, Sk, causal):
+    """The mma.sync forward tiles that short keys may run (bench/tune.py --short) meet the bounds."""
+    from cupyflash import _config, _cuda_backend
+    q, k, v = (randn(rng, (3, S, 2, 64), dtype) for S in (Sq, Sk, Sk))
+    out, lse = nan_like(q.shape, dtype), nan_like((3, 2, Sq), np.float32)
+    o, l = _cuda_backend.forward(to_gpu(q), to_gpu(k), to_gpu(v), causal=causal, scale=0.125, out=out, lse=lse,
+                                 fwd_config=_config.FwdConfig(block_m, block_n, num_warps))
+    ref_o, ref_l = reference.attention(q, k, v, causal=causal, upcast=True)
+    naive_o, naive_l = reference.attention(q, k, v, causal=causal, upcast=False)
+    tag = f"mma fwd {block_m}x{block_n} warps={num_warps} Sq{Sq} Sk{Sk} causal={causal}"
+    assert_within(f"out [{tag}]", o, ref_o, naive_o, dtype)
+    assert_within(f"lse [{tag}]", l, ref_l, naive_l, dtype)
+
+
 def test_hopper_kernels_read_strided_views_in_place_and_copy_reversed_ones(rng):
     """TMA reads (B, H, S, D) arrays viewed as (B, S, H, D) where they are; a view with a
     negative stride (which a tensor map cannot describe) is copied first. Same bits either way,
