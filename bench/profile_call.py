@@ -23,7 +23,7 @@ def main():
     ap.add_argument("-s", "--seqlen", type=int, default=4096)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--mode", choices=("fwd", "bwd"), default="fwd")
-    ap.add_argument("--hopper-fwd", metavar="BLOCK_N,NUM_WG,TMA", help="an Sm90FwdConfig instead of the table's, e.g. 112,2,0")
+    ap.add_argument("--hopper-fwd", metavar="BLOCK_N,NUM_WG", help="an Sm90FwdConfig instead of the table's, e.g. 112,2")
     args = ap.parse_args()
     D, S = args.head_dim, args.seqlen
     B, H = 16384 // S, 2048 // D
@@ -31,8 +31,8 @@ def main():
     q, k, v, do = (cupy.asarray(rng.standard_normal((B, S, H, D), dtype=np.float32).astype(BFLOAT16)) for _ in range(4))
     cfg = None
     if args.hopper_fwd:
-        block_n, num_wg, tma = (int(x) for x in args.hopper_fwd.split(","))
-        cfg = _config.Sm90FwdConfig(block_n, num_wg, bool(tma))
+        block_n, num_wg = (int(x) for x in args.hopper_fwd.split(","))
+        cfg = _config.Sm90FwdConfig(block_n, num_wg)
     for _ in range(3):
         o, lse = _cuda_backend.forward(q, k, v, causal=args.causal, scale=D ** -0.5, fwd_config=cfg)
         if args.mode == "bwd":

@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--short", action="store_true", help="the short-key forward candidates (SHORT_CANDIDATES)")
     ap.add_argument("--ab", metavar="FIELD",
                     help="each table tile of the Hopper kernels against the same tile with the boolean FIELD flipped, "
-                         "for the passes whose config has FIELD (an A/B of one kernel change, e.g. --ab tma)")
+                         "for the passes whose config has FIELD (an A/B of one kernel change behind a temporary flag)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     dev = cupy.cuda.Device()

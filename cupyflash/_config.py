@@ -60,12 +60,10 @@ class FwdConfig:
 class Sm90FwdConfig:
     """Hopper forward tile (flash_fwd_sm90.cu, sm_90a wgmma): one producer warpgroup and NUM_WG
     consumer warpgroups of 64 query rows each (BLOCK_M = 64 * NUM_WG), BLOCK_N keys per step,
-    K/V in three swizzled stages, loaded with TMA (``tma``) or cp.async. head_dim runs at the
-    next multiple of 64 (wgmma tiles are whole 64-column panels). Mirrors FwdTraitsSm90 in
-    kernels_cu/traits.cuh."""
+    K/V in three swizzled stages loaded with TMA. head_dim runs at the next multiple of 64 (wgmma
+    tiles are whole 64-column panels). Mirrors FwdTraitsSm90 in kernels_cu/traits.cuh."""
     block_n: int
     num_wg: int
-    tma: bool = True
 
     STAGES = 3
     ALIGN = 1024        # slack to start the panels on 1024-byte boundaries
@@ -102,11 +100,10 @@ class Sm90BwdConfig:
     adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
     dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64), "none" (no dQ:
     deterministic=True, where the dQ pass computes it). block_m: 64, or 128 with "panel" or "none".
-    tma: K, V, Q, dO loaded with TMA (else cp.async). Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
+    K, V, Q, dO are loaded with TMA. Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
-    tma: bool = True
 
     STAGES = 2
     ALIGN = 1024
@@ -304,7 +301,7 @@ class KernelSet:
             return _instance("flash_fwd_f32_kernel", cls, c)
         f, t = self.fwd, CXX_TYPE[self.dtype]
         if self.hopper_fwd:
-            return _instance("flash_fwd_sm90_kernel", t, f.head_dim(cls), f.block_n, f.num_wg, f.tma, c)
+            return _instance("flash_fwd_sm90_kernel", t, f.head_dim(cls), f.block_n, f.num_wg, c)
         return _instance("flash_fwd_kernel", t, cls, f.block_m, f.block_n, f.num_warps, c)
 
     def bwd_name(self) -> str:
@@ -314,7 +311,7 @@ class KernelSet:
         g, t = self.bwd, CXX_TYPE[self.dtype]
         if self.hopper_bwd:
             return _instance("flash_bwd_sm90_kernel", t, Sm90FwdConfig.head_dim(cls), g.block_m, g.num_wg,
-                             DQ_SPLITS.index(g.dq_split), g.tma, c)
+                             DQ_SPLITS.index(g.dq_split), c)
         return _instance("flash_bwd_kernel", t, cls, g.block_m, g.block_n, g.num_warps, g.q_stages, g.balanced, c,
                          not self.deterministic)
 
@@ -371,10 +368,10 @@ class KernelSet:
             return f"fp32 CUDA-core kernels, 32x32 tiles, head_dim padded to {self.head_dim_cls}"
         f, g = self.fwd, self.bwd
         fwd = (f"fwd wgmma (sm_90a) head_dim {f.head_dim(self.head_dim_cls)} BLOCK_M={f.block_m} BLOCK_N={f.block_n} "
-               f"warpgroups={f.num_wg} loads by {'TMA' if f.tma else 'cp.async'}" if self.hopper_fwd else
+               f"warpgroups={f.num_wg} loads by TMA" if self.hopper_fwd else
                f"fwd BLOCK_M={f.block_m} BLOCK_N={f.block_n} warps={f.num_warps}")
         bwd = (f"bwd wgmma (sm_90a) BLOCK_M={g.block_m} BLOCK_N={g.block_n} warpgroups={g.num_wg} dQ by {g.dq_split} "
-               f"loads by {'TMA' if g.tma else 'cp.async'}"
+               f"loads by TMA"
                if self.hopper_bwd else
                f"bwd BLOCK_M={g.block_m} BLOCK_N={g.block_n} warps={g.num_warps} stages={g.q_stages}")
         return f"{dtype_name(self.dtype)} mma.sync m16n8k16, head_dim padded to {self.head_dim_cls}; {fwd}; {bwd}"

@@ -61,16 +61,15 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
             l.fill(-np.inf)
             return (out if out is not None else o), l
         ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk)
-        tma = ks.hopper_fwd and ks.fwd.tma
-        q, k, v = (_kernel_ready(x, tma) for x in (q, k, v))
+        q, k, v = (_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
         fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                       o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
                       seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
                       scale_log2=_config.scale_log2(scale))
-        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the tensor maps
+        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the TMA tensor maps
             f = ks.fwd
             params = _launch.pack_sm90(_launch.FWD_SM90_PARAMS, fields,
-                                       dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)), tma)
+                                       dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)))
         else:
             params = _launch.pack(_launch.FWD_PARAMS, **fields)
         _launch.launch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
@@ -94,8 +93,7 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         else:
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
                                     seqlen_k=Sk)  # the forward's kernel set too: one module per problem
-            tma = ks.hopper_bwd and ks.bwd.tma
-            dout, q, k, v = (_kernel_ready(x, tma) for x in (dout, q, k, v))
+            dout, q, k, v = (_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v))
             out = _kernel_ready(out)
             lse = cupy.ascontiguousarray(lse)
             if workspace is not None:
@@ -114,11 +112,11 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
                 scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
             params = _launch.pack(_launch.BWD_PARAMS, **fields)
             main_params = params
-            if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the tensor maps
+            if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
                 g = ks.bwd
                 main_params = _launch.pack_sm90(
                     _launch.BWD_SM90_PARAMS, fields,
-                    dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)), tma)
+                    dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
             rows_per_block = _config.ROWWISE_ROWS_PER_BLOCK
             # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
             _launch.launch(ks, ks.preprocess_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)

@@ -55,12 +55,11 @@ def tensor_map(x: cupy.ndarray, rows: int) -> bytes:
     return _tma.tensor_map(x.data.ptr, x.dtype, x.shape, x.strides, rows)
 
 
-def pack_sm90(dtype: np.dtype, fields: dict, tiles: dict, tma: bool) -> np.ndarray:
+def pack_sm90(dtype: np.dtype, fields: dict, tiles: dict) -> np.ndarray:
     """A Hopper kernel's parameters: its pass's struct (``fields``, the first member of
-    ``dtype``), then the tensor map of each ``name: (array, box rows)`` in ``tiles``, or zero
-    bytes where the kernel loads with cp.async (``tma`` false) and never reads them."""
+    ``dtype``), then the TMA tensor map of each ``name: (array, box rows)`` in ``tiles``."""
     inner = dtype.names[0]
-    maps = {name: tensor_map(x, rows) if tma else bytes(_tma.DESC_BYTES) for name, (x, rows) in tiles.items()}
+    maps = {name: tensor_map(x, rows) for name, (x, rows) in tiles.items()}
     return pack(dtype, **{inner: tuple(fields[n] for n in dtype[inner].names)}, **maps)
 
 

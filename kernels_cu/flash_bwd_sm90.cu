@@ -2,7 +2,7 @@
 // v3.0 to v3.4, v4.1).
 // FlashAttention-2's Algorithm 2 on warpgroup MMAs, laid out as FA3 does: one block per key tile
 // (K_j, V_j stay in shared memory), a producer warpgroup staging each query tile (Q_i, dO_i by
-// TMA or cp.async; lse_i, D_i), and consumer warpgroups that each own 64 keys:
+// TMA; lse_i, D_i), and consumer warpgroups that each own 64 keys:
 //   S^T = K_j Q_i^T and dP^T = V_j dO_i^T (both operands from shared memory);
 //   P^T = exp2(S^T * scale_log2 - lse_i * log2 e), dS^T = P^T (dP^T - D_i) in registers;
 //   dV_j += P^T dO_i and dK_j += dS^T Q_i with P^T, dS^T as the register A operand;
@@ -39,49 +39,30 @@ struct BwdSm90Smem {
 // Producer warpgroup: K_j, V_j once, then each query tile into stage it % STAGES once the
 // consumers have released its previous use. A stage's "full" barrier completes when every
 // producer thread has stored its share of lse_i, D_i and arrived, and Q_i, dO_i have landed:
-// with TMA thread 0's arrival announces their bytes and it issues the copies; with cp.async
-// every thread arrives a second time when its copies land.
+// thread 0's arrival announces their bytes, and it issues the copies (TMA).
 template <typename Tr>
 __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const BwdSm90Smem<Tr>& sm, int b, int h,
                                             int n0, i64 row_base, int m_begin) {
-    using T = typename Tr::T;
     using TileQ = typename Tr::TileQ;
     const BwdParams& p = params.bwd;
     const int m_end = Tr::query_tiles(p.seqlen_q);
-    constexpr int NTH = Tr::PRODUCER_THREADS;
-    const bool tma_thread = Tr::TMA && threadIdx.x == 0;
+    const bool tma_thread = threadIdx.x == 0;
     if (tma_thread) {
         mbarrier_arrive_expect_tx(sm.kv_full, 2 * Tr::TileKV::BYTES);
         tma_load_tile<typename Tr::TileKV>(sm.k, params.k, sm.kv_full, n0, h, b);
         tma_load_tile<typename Tr::TileKV>(sm.v, params.v, sm.kv_full, n0, h, b);
-    } else if constexpr (!Tr::TMA) {
-        load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.k, p.k, b, h, n0, p.seqlen_k, p.head_dim);
-        load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.v, p.v, b, h, n0, p.seqlen_k, p.head_dim);
-        cp_async_arrive(sm.kv_full);
     }
     for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
         const int stage = it % Tr::STAGES, use = it / Tr::STAGES, m0 = m_block * Tr::BLOCK_M;
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
-        load_row_stats<Tr::BLOCK_M, NTH>(sm.lse(it), sm.dsum(it), p, row_base, m0);
-        if constexpr (Tr::TMA) {
-            if (tma_thread) {
-                mbarrier_arrive_expect_tx(&sm.full[stage], 2 * TileQ::BYTES);
-                tma_load_tile<TileQ>(sm.q(it), params.q, &sm.full[stage], m0, h, b);
-                tma_load_tile<TileQ>(sm.dout(it), params.dout, &sm.full[stage], m0, h, b);
-            } else {
-                mbarrier_arrive(&sm.full[stage]);
-            }
+        load_row_stats<Tr::BLOCK_M, Tr::PRODUCER_THREADS>(sm.lse(it), sm.dsum(it), p, row_base, m0);
+        if (tma_thread) {
+            mbarrier_arrive_expect_tx(&sm.full[stage], 2 * TileQ::BYTES);
+            tma_load_tile<TileQ>(sm.q(it), params.q, &sm.full[stage], m0, h, b);
+            tma_load_tile<TileQ>(sm.dout(it), params.dout, &sm.full[stage], m0, h, b);
         } else {
-            const int tid = opaque_thread_index();  // 40 registers: recompute the addresses per tile
-            load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q(it), p.q, b, h, m0, p.seqlen_q, p.head_dim, tid);
-            load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.dout(it), p.dout, b, h, m0, p.seqlen_q, p.head_dim, tid);
             mbarrier_arrive(&sm.full[stage]);
-            cp_async_arrive(&sm.full[stage]);
         }
-    }
-    if constexpr (!Tr::TMA) {
-        cp_async_commit();
-        cp_async_wait<0>();  // no copy outlives its issuing thread
     }
 }
 
@@ -140,7 +121,6 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
     zero(dk);
     zero(dv);
     mbarrier_wait(sm.kv_full, 0);
-    if constexpr (!Tr::TMA) fence_proxy_async();  // K_j, V_j (cp.async, generic proxy) are read by wgmma (async proxy)
 
     for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
         const int m0 = m_block * BLOCK_M;
@@ -150,7 +130,6 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         const int key0 = n0 + wg * 64 + warp_in_wg * 16;  // this warp's first key
         unsigned char* sDS = sm.ds + wg * Tr::TileDS::BYTES;
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
-        if constexpr (!Tr::TMA) fence_proxy_async();
         const unsigned char *sQ = sm.q(it), *sdO = sm.dout(it);
 
         // S^T = K_j Q_i^T and dP^T = V_j dO_i^T for this warpgroup's keys
@@ -224,10 +203,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
     store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool TMA, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in parameter space: the tensor maps stay there
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, TMA>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>;
     const BwdParams& p = params.bwd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);
@@ -241,14 +220,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
     const int m_begin = first_q / Tr::BLOCK_M;  // to Tr::query_tiles(p.seqlen_q), computed in each role
 
     if (threadIdx.x == 0) {
-        // kv_full: the TMA thread's arrival, or every copying thread's; full: one arrival per
-        // producer thread, and with cp.async a second when its copies land
-        mbarrier_init(sm.kv_full, Tr::TMA ? 1 : Tr::PRODUCER_THREADS);
+        mbarrier_init(sm.kv_full, 1);  // the TMA thread's arrival (and the bytes it announces)
         for (int s = 0; s < Tr::STAGES; ++s) {
-            mbarrier_init(&sm.full[s], (Tr::TMA ? 1 : 2) * Tr::PRODUCER_THREADS);
+            mbarrier_init(&sm.full[s], Tr::PRODUCER_THREADS);  // one arrival per producer thread
             mbarrier_init(&sm.empty[s], Tr::CONSUMER_THREADS);
         }
-        if constexpr (Tr::TMA) fence_mbarrier_init();
+        fence_mbarrier_init();
     }
     __syncthreads();  // the mbarriers are initialised before any warpgroup uses them
 

@@ -1,9 +1,8 @@
 // Forward pass on Hopper (sm_90a): the FlashAttention-2 loop on warpgroup MMAs (wgmma), with
 // warp specialisation.
 // One thread block per (query tile Q_i, head, batch): a producer warpgroup and NUM_WG consumer
-// warpgroups. The producer loads Q_i, then K_j and V_j into STAGES swizzled shared-memory
-// stages (TMA: one thread issues each tile's boxes; or cp.async: all its threads copy) and
-// signals each stage on a "full" mbarrier; consumer warpgroup w owns
+// warpgroups. One producer thread loads Q_i, then K_j and V_j into STAGES swizzled shared-memory
+// stages with TMA and announces each stage's bytes on its "full" mbarrier; consumer warpgroup w owns
 // query rows [64 w, 64 w + 64) of Q_i (no warpgroup needs another's row statistics) and hands a
 // stage back on its "empty" mbarrier. No block-wide barrier in the loop: the consumers drift
 // apart, so one's softmax runs under another's MMAs.
@@ -36,10 +35,11 @@ struct FwdSm90Smem {
 };
 
 // Producer warpgroup: Q_i, then K_j, V_j into stage j % STAGES once the consumers have released
-// its previous use; each fill completes the stage's "full" barrier when its copies land.
-// With TMA one thread issues every copy and announces its bytes; the others have nothing to do.
+// its previous use; each fill completes the stage's "full" barrier when its bytes have landed.
+// One thread issues every copy (TMA, v2.7: 16-byte cp.async copies from 128 threads held the
+// tensor pipe at 38% busy); the others have nothing to do.
 template <typename Tr>
-__device__ __forceinline__ void produce_tma(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0,
+__device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0,
                                             int n_blocks) {
     if (threadIdx.x != 0) return;
     tma_prefetch_desc(p.k);
@@ -53,24 +53,6 @@ __device__ __forceinline__ void produce_tma(const FwdSm90Params& p, const FwdSm9
         tma_load_tile<typename Tr::TileKV>(sm.k(n_block), p.k, &sm.full[stage], n_block * Tr::BLOCK_N, h, b);
         tma_load_tile<typename Tr::TileKV>(sm.v(n_block), p.v, &sm.full[stage], n_block * Tr::BLOCK_N, h, b);
     }
-}
-
-// The same with cp.async: every producer thread copies its share of each tile.
-template <typename Tr>
-__device__ __forceinline__ void produce(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_blocks) {
-    using T = typename Tr::T;
-    constexpr int NTH = Tr::PRODUCER_THREADS;
-    load_swizzled_async<T, Tr::BLOCK_M, Tr::HEAD_DIM, NTH>(sm.q, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    cp_async_arrive(sm.q_full);
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
-        const int stage = n_block % Tr::STAGES, use = n_block / Tr::STAGES;
-        if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile j - STAGES
-        load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.k(n_block), p.k, b, h, n_block * Tr::BLOCK_N, p.seqlen_k, p.head_dim);
-        load_swizzled_async<T, Tr::BLOCK_N, Tr::HEAD_DIM, NTH>(sm.v(n_block), p.v, b, h, n_block * Tr::BLOCK_N, p.seqlen_k, p.head_dim);
-        cp_async_arrive(&sm.full[stage]);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();  // no copy outlives its issuing thread
 }
 
 // Issue S = Q_i K_j^T for this warpgroup's 64 rows: HEAD_DIM / 16 k-steps, both operands K-major.
@@ -104,7 +86,6 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     const int wg = warp / 4, wg_row0 = wg * 64;                     // this warpgroup's first row within Q_i
     auto wait_tile = [&](int n_block) {  // K_j, V_j have landed and are visible to wgmma
         mbarrier_wait(&sm.full[n_block % Tr::STAGES], (n_block / Tr::STAGES) & 1);
-        if constexpr (!Tr::TMA) fence_proxy_async();  // cp.async wrote them through the generic proxy
     };
     auto release_tile = [&](int n_block) { mbarrier_arrive(&sm.empty[n_block % Tr::STAGES]); };
 
@@ -172,10 +153,10 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     store_output<T>(p, b, h, m0 + warp * 16, o, inv_l, lse);
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, bool TMA, bool IS_CAUSAL>
-__global__ void __launch_bounds__(FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG, TMA>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, bool IS_CAUSAL>
+__global__ void __launch_bounds__(FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>::NUM_THREADS, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in parameter space: the tensor maps stay there
-    using Tr = FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG, TMA>;
+    using Tr = FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>;
     const FwdParams& p = params.fwd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const FwdSm90Smem<Tr> sm(smem_raw);
@@ -188,21 +169,18 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
     const int n_blocks = last_key < 0 ? 0 : last_key / Tr::BLOCK_N + 1;
 
     if (threadIdx.x == 0) {
-        mbarrier_init(sm.q_full, Tr::LOAD_ARRIVALS);
+        mbarrier_init(sm.q_full, 1);  // the TMA thread's arrival (and the bytes it announces)
         for (int s = 0; s < Tr::STAGES; ++s) {
-            mbarrier_init(&sm.full[s], Tr::LOAD_ARRIVALS);
+            mbarrier_init(&sm.full[s], 1);
             mbarrier_init(&sm.empty[s], Tr::CONSUMER_THREADS);
         }
-        if constexpr (Tr::TMA) fence_mbarrier_init();
+        fence_mbarrier_init();
     }
     __syncthreads();  // the mbarriers are initialised before any warpgroup uses them
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        if constexpr (Tr::TMA)
-            produce_tma<Tr>(params, sm, b, h, m0, n_blocks);
-        else
-            produce<Tr>(p, sm, b, h, m0, n_blocks);
+        produce<Tr>(params, sm, b, h, m0, n_blocks);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
         consume<Tr, IS_CAUSAL>(p, sm, b, h, m0, n_blocks);

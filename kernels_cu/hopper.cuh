@@ -27,7 +27,7 @@ __device__ __forceinline__ void fence_operands(float (&r)[N][M]) {
 }
 
 // threadIdx.x, read so that the compiler cannot hoist what is computed from it out of a loop: a
-// register-starved producer then recomputes its copy addresses per tile instead of keeping them live.
+// consumer at the register limit then recomputes its per-tile places instead of keeping them live.
 __device__ __forceinline__ int opaque_thread_index() {
     int t;
     asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
@@ -50,8 +50,8 @@ __device__ __forceinline__ void pin_before_wait(float* scratch, float x, int wg)
     warpgroup_barrier(wg);
 }
 
-// Shared memory written through the generic proxy (cp.async, st.shared) becomes visible to the
-// async proxy (wgmma operand reads); each writing thread issues it before the barrier.
+// Shared memory written through the generic proxy (st.shared) becomes visible to the async proxy
+// (wgmma operand reads); each writing thread issues it before the barrier.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // ---- mbarriers: stage handoff between the producer warpgroup and the consumers ----
@@ -60,11 +60,6 @@ __device__ __forceinline__ void mbarrier_init(u64* bar, u32 count) {
 }
 __device__ __forceinline__ void mbarrier_arrive(u64* bar) {
     asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" :: "r"(smem_u32(bar)) : "memory");
-}
-// Arrive on `bar` once every cp.async this thread issued so far has landed (counts against the
-// barrier's initial count: no pending arrival is added).
-__device__ __forceinline__ void cp_async_arrive(u64* bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(smem_u32(bar)) : "memory");
 }
 // Block until the phase with parity `parity` of `bar` has completed.
 __device__ __forceinline__ void mbarrier_wait(u64* bar, u32 parity) {
@@ -107,28 +102,11 @@ struct SwizzledTile {
     __device__ static u32 chunk_addr(u32 line, int chunk) { return (line ^ ((chunk % 8) << 4)) + (chunk / 8) * PANEL_BYTES; }
 };
 
-// All threads copy rows [row0, row0 + ROWS) of one head of `src` into a swizzled tile with cp.async;
-// rows at or past `seqlen` and columns at or past `head_dim` are filled with zeros.
-template <typename T, int ROWS, int COLS, int NUM_THREADS>
-__device__ __forceinline__ void load_swizzled_async(unsigned char* tile, const TensorRef& src, int b, int h, int row0,
-                                                    int seqlen, int head_dim, int tid = threadIdx.x) {
-    using Tile = SwizzledTile<ROWS, COLS>;
-    constexpr int CHUNK = 16 / sizeof(T), CHUNKS_PER_ROW = COLS / CHUNK;
-    const T* base = row_ptr<T>(src, b, h, 0);
-    #pragma unroll
-    for (int c = tid; c < ROWS * CHUNKS_PER_ROW; c += NUM_THREADS) {
-        const int r = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
-        const bool valid = (row0 + r < seqlen) && (chunk * CHUNK < head_dim);
-        const T* g = valid ? base + i64(row0 + r) * src.stride_s + chunk * CHUNK : base;
-        cp_async_16(tile + Tile::offset(r, chunk), g, valid);
-    }
-}
-
 // ---- TMA: whole tiles copied by the tensor memory accelerator (cp.async.bulk.tensor) ----
 // The tensor map (TmaDesc) describes one (B, S, H, D) tensor as dimensions (D, H, S, B),
 // innermost first, with boxes of 64 columns x ROWS rows of one head written in the 128-byte
-// swizzle: the SwizzledTile layout, so wgmma reads TMA-filled and cp.async-filled tiles alike.
-// The copies run in the async proxy, which wgmma reads too: no proxy fence between them.
+// swizzle: the SwizzledTile layout that wgmma's descriptors decode. The copies run in the async
+// proxy, which wgmma reads too: no proxy fence between them.
 
 // Fetch the tensor map into the TMA unit's cache ahead of its first copy.
 __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc& desc) {

@@ -81,20 +81,17 @@ struct SetmaxnregSplit {
 };
 
 // Forward on Hopper (sm_90a): a producer warpgroup loading K_j, V_j into STAGES swizzled
-// shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read), with TMA (one thread
-// issues a tile's boxes) or with cp.async (all 128 threads copy 16 bytes at a time), and NUM_WG consumer
+// shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read; one thread issues each
+// tile's TMA boxes), and NUM_WG consumer
 // warpgroups each owning 64 whole query rows. The accumulators are one 64-row wgmma tile per
 // consumer warpgroup: per warp one 16-row strip of NT (S) and DT (O) 8-column tiles. Registers
-// move from the producer (address arithmetic only) to the consumers with setmaxnreg.
-template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_, bool TMA_>
+// move from the producer (one thread issuing TMA copies) to the consumers with setmaxnreg.
+template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_>
 struct FwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, NUM_WG = NUM_WG_;
-    static constexpr bool TMA = TMA_;
     static constexpr int BLOCK_M = 64 * NUM_WG, STAGES = 3;
     static constexpr int PRODUCER_THREADS = 128, CONSUMER_THREADS = 128 * NUM_WG;
-    // arrivals that complete a "full" stage and q_full: the TMA thread's, or every copying thread's
-    static constexpr int LOAD_ARRIVALS = TMA ? 1 : PRODUCER_THREADS;
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
     static constexpr int PRODUCER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::PRODUCER_REGS;
     static constexpr int CONSUMER_REGS = SetmaxnregSplit<PRODUCER_THREADS, CONSUMER_THREADS>::CONSUMER_REGS;
@@ -126,12 +123,11 @@ enum DqSplit { DQ_KEYS = 0, DQ_PANEL = 1, DQ_NONE = 2 };
 // Backward on Hopper (sm_90a) (bench/NOTES.md v3.0, v3.1, v3.5): one block per key tile of
 // BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
 // query tiles of BLOCK_M rows that a producer warpgroup stages (Q_i, dO_i, lse_i, D_i, two stages;
-// K_j, V_j, Q_i and dO_i by TMA or by cp.async).
-template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_, bool TMA_>
+// K_j, V_j, Q_i and dO_i by TMA).
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_>
 struct BwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_, DQ_SPLIT = DQ_SPLIT_;
-    static constexpr bool TMA = TMA_;
     static constexpr int BLOCK_M = BLOCK_M_, BLOCK_N = 64 * NUM_WG, STAGES = 2;
     // DQ_PANEL: warpgroup w's 64 x 64 panel of the dQ tile
     static constexpr int DQ_COL_PANELS = HEAD_DIM / 64;

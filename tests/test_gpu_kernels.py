@@ -283,25 +283,23 @@ def _hopper_gpu():
 
 
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,block_n,tma", [(40, 192, True), (64, 192, True), (64, 192, False), (64, 128, True),
-                                           (96, 128, True), (128, 112, True), (128, 112, False), (128, 128, True),
-                                           (160, 64, True), (192, 64, True), (256, 32, True), (256, 48, True)])
+@pytest.mark.parametrize("D,block_n", [(40, 192), (64, 192), (64, 128), (96, 128), (128, 112), (128, 128), (160, 64),
+                                       (192, 64), (256, 32), (256, 48)])
 @pytest.mark.parametrize("Sq,Sk", [(113, 1023), (1023, 257), (1, 70), (700, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_forward_every_tile(rng, dtype, D, block_n, tma, Sq, Sk, causal):
-    """The wgmma forward with K and V loaded by TMA or by cp.async meets the same bounds; rows
-    past the sequence and head_dim columns past D (40, 96, 160 run as 64, 128, 192) arrive as
-    zeros either way."""
+def test_hopper_forward_every_tile(rng, dtype, D, block_n, Sq, Sk, causal):
+    """The wgmma forward meets the same bounds with every tile; rows past the sequence and
+    head_dim columns past D (40, 96, 160 run as 64, 128, 192) arrive from TMA as zeros."""
     if not _hopper_gpu():
         pytest.skip("the wgmma forward needs compute capability 9.0")
     from cupyflash import _config, _cuda_backend
     q, k, v = (randn(rng, (2, S, 2, D), dtype) for S in (Sq, Sk, Sk))
     out, lse = nan_like(q.shape, dtype), nan_like((2, 2, Sq), np.float32)
     o, l = _cuda_backend.forward(to_gpu(q), to_gpu(k), to_gpu(v), causal=causal, scale=D ** -0.5, out=out, lse=lse,
-                                 fwd_config=_config.Sm90FwdConfig(block_n, 2, tma))
+                                 fwd_config=_config.Sm90FwdConfig(block_n, 2))
     ref_o, ref_l = reference.attention(q, k, v, causal=causal, upcast=True)
     naive_o, naive_l = reference.attention(q, k, v, causal=causal, upcast=False)
-    tag = f"wgmma fwd D={D} BLOCK_N={block_n} {'TMA' if tma else 'cp.async'} Sq{Sq} Sk{Sk} causal={causal}"
+    tag = f"wgmma fwd D={D} BLOCK_N={block_n} Sq{Sq} Sk{Sk} causal={causal}"
     assert_within(f"out [{tag}]", o, ref_o, naive_o, dtype)
     assert_within(f"lse [{tag}]", l, ref_l, naive_l, dtype)
 
@@ -345,15 +343,15 @@ def test_hopper_kernels_read_strided_views_in_place_and_copy_reversed_ones(rng):
 
 
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("D,num_wg,dq_split,block_m,tma", [
-    (64, 1, "keys", 64, True), (64, 2, "keys", 64, True), (64, 2, "panel", 128, True), (64, 2, "panel", 128, False),
-    (128, 2, "keys", 64, True), (128, 2, "panel", 64, True), (128, 2, "panel", 64, False), (96, 2, "panel", 64, True)])
+@pytest.mark.parametrize("D,num_wg,dq_split,block_m", [(64, 1, "keys", 64), (64, 2, "keys", 64), (64, 2, "panel", 128),
+                                                        (40, 2, "panel", 128), (128, 2, "keys", 64), (128, 2, "panel", 64),
+                                                        (96, 2, "panel", 64)])
 @pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, tma, Sq, Sk, causal):
-    """The wgmma backward with one and two consumer warpgroups, every way of splitting dQ among
-    them, and tiles loaded by TMA or by cp.async meets the same bounds (D=96 runs as 128: the
-    padded columns arrive as zeros)."""
+def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, Sq, Sk, causal):
+    """The wgmma backward with one and two consumer warpgroups and every way of splitting dQ
+    among them meets the same bounds (D=40 and 96 run as 64 and 128: the padded columns arrive
+    from TMA as zeros)."""
     if not _hopper_gpu():
         pytest.skip("the wgmma backward needs compute capability 9.0")
     from cupyflash import _config, _cuda_backend
@@ -362,10 +360,9 @@ def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, tm
     grads = [nan_like(x.shape, dtype) for x in (q, k, v)]
     dq, dk, dv = _cuda_backend.backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l, causal=causal,
                                         scale=D ** -0.5, dq=grads[0], dk=grads[1], dv=grads[2],
-                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split, block_m, tma))
+                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split, block_m))
     ref = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
     naive = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
-    tag = (f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} BLOCK_M={block_m} {'TMA' if tma else 'cp.async'} "
-           f"Sq{Sq} Sk{Sk} causal={causal}")
+    tag = f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} BLOCK_M={block_m} Sq{Sq} Sk{Sk} causal={causal}"
     for name, got, want, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
         assert_within(f"{name} [{tag}]", got, want, nv, dtype)
