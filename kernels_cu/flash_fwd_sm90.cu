@@ -40,7 +40,7 @@ struct FwdSm90Smem {
 // tensor pipe at 38% busy); the others have nothing to do.
 template <typename Tr>
 __device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0,
-                                            int n_blocks) {
+                                        int n_blocks) {
     if (threadIdx.x != 0) return;
     tma_prefetch_desc(p.k);
     tma_prefetch_desc(p.v);
