@@ -1,4 +1,4 @@
-"""TMA tensor maps (the driver's CUtensorMap) for the Hopper forward, encoded with
+"""TMA tensor maps (the driver's CUtensorMap) for the Hopper kernels, encoded with
 ``cuTensorMapEncodeTiled`` from the CUDA driver library through ctypes: CuPy 14 has no binding
 for it, and the driver is already loaded by CuPy.
 
