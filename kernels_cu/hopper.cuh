@@ -90,13 +90,10 @@ struct SwizzledTile {
     static constexpr int BYTES = PANELS * PANEL_BYTES;
     static_assert(COLS % PANEL_COLS == 0, "swizzled tiles are whole 64-column panels");
     static_assert(ROWS % 8 == 0, "swizzle atoms are 8 rows");
-    // byte offset of 16-byte chunk `chunk` (8 elements, counted across all panels) of row r
-    __device__ static int offset(int r, int chunk) {
-        return (chunk / 8) * PANEL_BYTES + r * LINE_BYTES + (((chunk % 8) ^ (r % 8)) << 4);
-    }
-    // The same as shared-memory addresses, for a tile at a 1024-byte-aligned `tile_addr`: chunk
-    // position c ^ (r % 8) is bits 4-6 of the address, so row r's chunks are one per-row base
-    // XOR (chunk << 4). One register per row instead of one per (row, chunk), which a loop would
+    // Shared-memory address of 16-byte chunk `chunk` (8 elements, counted across all panels) of
+    // row r, for a tile at a 1024-byte-aligned `tile_addr`: chunk position c ^ (r % 8) is bits 4-6
+    // of the address, so row r's chunks are one per-row base (line_addr) XOR (chunk << 4)
+    // (chunk_addr). One register per row instead of one per (row, chunk), which a loop would
     // otherwise hoist and keep live (the wgmma backward spilled 16 such addresses at head_dim 128).
     __device__ static u32 line_addr(u32 tile_addr, int r) { return tile_addr + r * LINE_BYTES + ((r % 8) << 4); }
     __device__ static u32 chunk_addr(u32 line, int chunk) { return (line ^ ((chunk % 8) << 4)) + (chunk / 8) * PANEL_BYTES; }

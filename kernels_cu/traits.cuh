@@ -66,8 +66,8 @@ struct FwdTraits {
 
 // The registers per thread of a warp-specialised Hopper block (one producer warpgroup, consumer
 // warpgroups), for setmaxnreg. setmaxnreg only moves the registers the block was launched with
-// (NUM_THREADS x the per-thread launch allocation): what the producer (address arithmetic only)
-// gives up is what the consumers may take, in setmaxnreg's steps of 8, at most 240.
+// (NUM_THREADS x the per-thread launch allocation): what the producer (one thread issuing TMA
+// copies) gives up is what the consumers may take, in setmaxnreg's steps of 8, at most 240.
 template <int PRODUCER_THREADS, int CONSUMER_THREADS>
 struct SetmaxnregSplit {
     static constexpr int NUM_THREADS = PRODUCER_THREADS + CONSUMER_THREADS;
