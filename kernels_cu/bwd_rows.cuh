@@ -19,12 +19,19 @@ __device__ __forceinline__ void load_row_stats(float* sLse, float* sD, const Bwd
     for (int r = threadIdx.x; r < BLOCK_M; r += NUM_THREADS) row_stats(p, row_base, m0 + r, sLse[r], sD[r]);
 }
 
-// P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)) where key j is visible to query i (0 elsewhere),
-// and dS_ij = P_ij (dP_ij - D_i).
+// P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)) where key j is visible to query i (0 elsewhere).
+__device__ __forceinline__ float probability(float s, bool visible, float lse_log2, float scale_log2) {
+    return visible ? exp2f(s * scale_log2 - lse_log2) : 0.f;
+}
+
+// dS_ij = P_ij (dP_ij - D_i).
+__device__ __forceinline__ float score_grad(float p, float dp, float d) { return p * (dp - d); }
+
+// Both, for kernels that have S_ij and dP_ij at the same time.
 __device__ __forceinline__ void prob_and_ds(float s, float dp, bool visible, float lse_log2, float d, float scale_log2,
                                             float& p, float& ds) {
-    p = visible ? exp2f(s * scale_log2 - lse_log2) : 0.f;
-    ds = p * (dp - d);
+    p = probability(s, visible, lse_log2, scale_log2);
+    ds = score_grad(p, dp, d);
 }
 
 // dK_j (times softmax_scale) and dV_j from a warp's register accumulators (rows: keys from key0,

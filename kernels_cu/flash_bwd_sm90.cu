@@ -66,11 +66,11 @@ __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const B
     }
 }
 
-// P^T and dS^T of this warpgroup's 64 keys (rows) x BLOCK_M queries (columns), in place of S^T and
-// dP^T; keys a query may not see (causal, or past seqlen_k) get P = 0.
+// P^T of this warpgroup's 64 keys (rows) x BLOCK_M queries (columns), in place of S^T; keys a
+// query may not see (causal, or past seqlen_k) get P = 0.
 template <typename Tr, bool IS_CAUSAL>
-__device__ __forceinline__ void probabilities_and_ds(float (&st)[Tr::MT][4], float (&dpt)[Tr::MT][4], const BwdParams& p,
-                                                     const float* sLse, const float* sD, int key0, int m0) {
+__device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], const BwdParams& p, const float* sLse, int key0,
+                                              int m0) {
     const int lane = threadIdx.x % 32;
     #pragma unroll
     for (int nt = 0; nt < Tr::MT; ++nt)
@@ -78,8 +78,18 @@ __device__ __forceinline__ void probabilities_and_ds(float (&st)[Tr::MT][4], flo
         for (int r = 0; r < 4; ++r) {
             const int j = key0 + acc_row(0, r, lane), c = acc_col(nt, r, lane);
             const bool visible = j <= last_visible_key<IS_CAUSAL>(m0 + c, p.seqlen_q, p.seqlen_k);
-            prob_and_ds(st[nt][r], dpt[nt][r], visible, sLse[c], sD[c], p.scale_log2, st[nt][r], dpt[nt][r]);
+            st[nt][r] = probability(st[nt][r], visible, sLse[c], p.scale_log2);
         }
+}
+
+// dS^T = P^T (dP^T - D_i), in place of dP^T.
+template <typename Tr>
+__device__ __forceinline__ void score_grads(const float (&pt)[Tr::MT][4], float (&dpt)[Tr::MT][4], const float* sD) {
+    const int lane = threadIdx.x % 32;
+    #pragma unroll
+    for (int nt = 0; nt < Tr::MT; ++nt)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) dpt[nt][r] = score_grad(pt[nt][r], dpt[nt][r], sD[acc_col(nt, r, lane)]);
 }
 
 // This warp's 16 rows of dS^T into the warpgroup's swizzled [key][query] tile.
@@ -108,13 +118,75 @@ __device__ __forceinline__ void ds_barrier(int wg) {
         warpgroup_barrier(wg);
 }
 
+// dS^T to shared memory, where dQ's product reads it transposed (every reader done with the
+// previous tile's before, complete and visible to the async proxy after).
+template <typename Tr>
+__device__ __forceinline__ void exchange_ds(unsigned char* sDS, const float (&dst)[Tr::MT][4], int wg, int warp_in_wg) {
+    ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
+    store_ds<Tr>(sDS, dst, warp_in_wg);
+    fence_proxy_async();
+    ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
+}
+
+// S^T = K_j Q_i^T (or dP^T = V_j dO_i^T): this warpgroup's 64 rows of K_j (V_j) against the
+// query tile, both operands from shared memory.
+template <typename Tr>
+__device__ __forceinline__ void issue_scores(float (&acc)[Tr::MT][4], const unsigned char* sKV, const unsigned char* sQ,
+                                             int wg) {
+    #pragma unroll
+    for (int kk = 0; kk < Tr::HEAD_DIM / 16; ++kk)
+        Wgmma<typename Tr::T, Tr::BLOCK_M>::template ss<0, 0>(
+            acc, desc_k_major<Tr::BLOCK_N, Tr::HEAD_DIM>(sKV, wg * 64, kk), desc_k_major<Tr::BLOCK_M, Tr::HEAD_DIM>(sQ, 0, kk),
+            kk > 0);
+}
+
+// dV_j += P^T dO_i, dK_j += dS^T Q_i: A from registers, B N-major.
+template <typename Tr>
+__device__ __forceinline__ void issue_dv_dk(float (&dv)[Tr::DT][4], float (&dk)[Tr::DT][4], const u32 (&pa)[Tr::BLOCK_M / 16][4],
+                                            const u32 (&dsa)[Tr::BLOCK_M / 16][4], const unsigned char* sQ,
+                                            const unsigned char* sdO) {
+    #pragma unroll
+    for (int kk = 0; kk < Tr::BLOCK_M / 16; ++kk) {
+        Wgmma<typename Tr::T, Tr::HEAD_DIM>::template rs<1>(dv, pa[kk], desc_n_major<Tr::BLOCK_M, Tr::HEAD_DIM>(sdO, kk), true);
+        Wgmma<typename Tr::T, Tr::HEAD_DIM>::template rs<1>(dk, dsa[kk], desc_n_major<Tr::BLOCK_M, Tr::HEAD_DIM>(sQ, kk), true);
+    }
+}
+
+// Product pi of this warpgroup's share of dQ_i = dS K_j (Tr::DQ_SPLIT), one 64 x 64 panel: A =
+// dS^T read M-major, B = K_j N-major. By panel: query-row panel qp, head_dim panel dp over every
+// warpgroup's dS^T tile (all keys); by keys: head_dim panel pi over this warpgroup's 64 keys.
+template <typename Tr>
+struct DqPanel {
+    static constexpr bool BY_PANEL = Tr::DQ_SPLIT == DQ_PANEL;
+    static constexpr int COUNT = BY_PANEL ? 1 : Tr::HEAD_DIM / 64, KEYS = BY_PANEL ? Tr::BLOCK_N : 64;
+    int qp, dp, key_step0;
+    __device__ __forceinline__ DqPanel(int wg, int pi)
+        : qp(BY_PANEL ? wg / Tr::DQ_COL_PANELS : 0), dp(BY_PANEL ? wg % Tr::DQ_COL_PANELS : pi),
+          key_step0(BY_PANEL ? 0 : wg * 4) {}
+
+    __device__ __forceinline__ void issue(float (&dq)[8][4], const BwdSm90Smem<Tr>& sm, const unsigned char* sDS) const {
+        #pragma unroll
+        for (int kk = 0; kk < KEYS / 16; ++kk)  // by panel: every warpgroup's dS^T tile (and keys) in turn
+            Wgmma<typename Tr::T, 64>::template ss<1, 1>(
+                dq, desc_n_major<64, Tr::BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4, qp),
+                desc_n_major<Tr::BLOCK_N, Tr::HEAD_DIM>(sm.k, key_step0 + kk, dp), kk > 0);
+    }
+    // into the fp32 scratch (rows from m0 + 64 qp, this warp's 16 of them)
+    __device__ __forceinline__ void add(const BwdParams& p, float* dq_accum_head, int m0, int warp_in_wg,
+                                        const float (&dq)[1][8][4]) const {
+        red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
+    }
+};
+
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
 template <typename Tr, bool IS_CAUSAL>
 __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h, int n0,
                                             i64 row_base, int m_begin) {
     using T = typename Tr::T;
+    using Dq = DqPanel<Tr>;
+    constexpr bool HAS_DQ = Tr::DQ_SPLIT != DQ_NONE;
     const int m_end = Tr::query_tiles(p.seqlen_q);
-    constexpr int MT = Tr::MT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
+    constexpr int MT = Tr::MT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M;
     float* dq_accum_head = p.dq_accum + row_base * p.head_dim;
 
     float dk[1][DT][4], dv[1][DT][4];  // one 16-key strip per warp
@@ -132,70 +204,68 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
         const unsigned char *sQ = sm.q(it), *sdO = sm.dout(it);
 
-        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T for this warpgroup's keys
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T for this warpgroup's keys; pipelined, in two groups
+        // so that P^T = exp2(...) runs while dP^T's product does
         float st[MT][4], dpt[MT][4];
         wgmma_fence();
-        #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            Wgmma<T, BLOCK_M>::template ss<0, 0>(st, desc_k_major<BLOCK_N, HEAD_DIM>(sm.k, wg * 64, kk),
-                                                 desc_k_major<BLOCK_M, HEAD_DIM>(sQ, 0, kk), kk > 0);
-        #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            Wgmma<T, BLOCK_M>::template ss<0, 0>(dpt, desc_k_major<BLOCK_N, HEAD_DIM>(sm.v, wg * 64, kk),
-                                                 desc_k_major<BLOCK_M, HEAD_DIM>(sdO, 0, kk), kk > 0);
+        issue_scores<Tr>(st, sm.k, sQ, wg);
+        if constexpr (Tr::PIPELINED) wgmma_commit();
+        issue_scores<Tr>(dpt, sm.v, sdO, wg);
         wgmma_commit();
-        wgmma_wait<0>();
+        if constexpr (Tr::PIPELINED) wgmma_wait<1>();
+        else wgmma_wait<0>();
         fence_operands(st);
+        probabilities<Tr, IS_CAUSAL>(st, p, sm.lse(it), key0, m0);
+        wgmma_wait<0>();
         fence_operands(dpt);
-
-        // P^T, dS^T; dS^T also to shared memory, where dQ's product reads it transposed
-        probabilities_and_ds<Tr, IS_CAUSAL>(st, dpt, p, sm.lse(it), sm.dsum(it), key0, m0);
+        score_grads<Tr>(st, dpt, sm.dsum(it));
         u32 pa[BLOCK_M / 16][4], dsa[BLOCK_M / 16][4];
         #pragma unroll
         for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
             pack_a_frag<T>(pa[kk], st, kk);
             pack_a_frag<T>(dsa[kk], dpt, kk);
         }
-        if constexpr (Tr::DQ_SPLIT != DQ_NONE) {
-            ds_barrier<Tr>(wg);  // every warp that reads this dS^T tile is done with the previous tile's
-            store_ds<Tr>(sDS, dpt, warp_in_wg);
-            fence_proxy_async();
-            ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
+        float dq[1][8][4];
+        if constexpr (Tr::PIPELINED) {
+            // dV_j += P^T dO_i, dK_j += dS^T Q_i; dS^T exchanged meanwhile, then dQ's first product
+            // queued behind them
+            wgmma_fence();
+            issue_dv_dk<Tr>(dv[0], dk[0], pa, dsa, sQ, sdO);
+            wgmma_commit();
+            if constexpr (HAS_DQ) {
+                exchange_ds<Tr>(sDS, dpt, wg, warp_in_wg);
+                wgmma_fence();
+                Dq(wg, 0).issue(dq[0], sm, sDS);
+                wgmma_commit();
+                wgmma_wait<1>();  // dV, dK done; dQ may still run
+            } else {
+                wgmma_wait<0>();
+            }
+            fence_operands(pa);
+            fence_operands(dsa);
+        } else {
+            if constexpr (HAS_DQ) exchange_ds<Tr>(sDS, dpt, wg, warp_in_wg);
+            wgmma_fence();
+            issue_dv_dk<Tr>(dv[0], dk[0], pa, dsa, sQ, sdO);
+            wgmma_commit();
+            wgmma_wait<0>();  // separate from dQ's product: P^T, dS^T and dQ together do not fit in registers at D=128
         }
-
-        // dV_j += P^T dO_i, dK_j += dS^T Q_i (B N-major)
-        wgmma_fence();
-        #pragma unroll
-        for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
-            Wgmma<T, HEAD_DIM>::template rs<1>(dv[0], pa[kk], desc_n_major<BLOCK_M, HEAD_DIM>(sdO, kk), true);
-            Wgmma<T, HEAD_DIM>::template rs<1>(dk[0], dsa[kk], desc_n_major<BLOCK_M, HEAD_DIM>(sQ, kk), true);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();  // separate from dQ's product: P^T, dS^T and dQ together do not fit in registers at D=128
         fence_operands(dk[0]);
         fence_operands(dv[0]);
         mbarrier_arrive(&sm.empty[it % Tr::STAGES]);  // Q_i, dO_i, lse_i, D_i are no longer read
-        if constexpr (Tr::DQ_SPLIT != DQ_NONE) {
-            // dQ_i = dS K_j, this warpgroup's share (Tr::DQ_SPLIT), one 64-column panel of head_dim at a
-            // time (fewer registers): A = dS^T read M-major, B = K_j N-major
-            constexpr bool BY_PANEL = Tr::DQ_SPLIT == DQ_PANEL;
-            constexpr int PANELS = BY_PANEL ? 1 : HEAD_DIM / 64, KEYS = BY_PANEL ? BLOCK_N : 64;
+        if constexpr (HAS_DQ) {
+            // dQ_i = dS K_j, this warpgroup's share, one 64-column panel at a time (fewer registers)
             #pragma unroll
-            for (int pi = 0; pi < PANELS; ++pi) {
-                // query-row and head_dim panel of this warpgroup's product, and its first 16-key step
-                const int qp = BY_PANEL ? wg / Tr::DQ_COL_PANELS : 0, dp = BY_PANEL ? wg % Tr::DQ_COL_PANELS : pi;
-                const int key_step0 = BY_PANEL ? 0 : wg * 4;
-                float dq[1][8][4];
-                wgmma_fence();
-                #pragma unroll
-                for (int kk = 0; kk < KEYS / 16; ++kk)  // by panel: every warpgroup's dS^T tile (and keys) in turn
-                    Wgmma<T, 64>::template ss<1, 1>(
-                        dq[0], desc_n_major<64, BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4, qp),
-                        desc_n_major<BLOCK_N, HEAD_DIM>(sm.k, key_step0 + kk, dp), kk > 0);
-                wgmma_commit();
+            for (int pi = 0; pi < Dq::COUNT; ++pi) {
+                const Dq part(wg, pi);
+                if (!Tr::PIPELINED || pi > 0) {
+                    wgmma_fence();
+                    part.issue(dq[0], sm, sDS);
+                    wgmma_commit();
+                }
                 wgmma_wait<0>();
                 fence_operands(dq[0]);
-                red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
+                part.add(p, dq_accum_head, m0, warp_in_wg, dq);
             }
         }
     }
@@ -203,10 +273,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
     store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool PIPELINED, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, PIPELINED>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in parameter space: the tensor maps stay there
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, PIPELINED>;
     const BwdParams& p = params.bwd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);

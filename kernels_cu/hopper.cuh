@@ -25,6 +25,14 @@ __device__ __forceinline__ void fence_operands(float (&r)[N][M]) {
         #pragma unroll
         for (int j = 0; j < M; ++j) asm volatile("" : "+f"(r[i][j]) :: "memory");
 }
+// The same for A fragments in registers: kept (unchanged) until the wait that ends their product.
+template <int N, int M>
+__device__ __forceinline__ void fence_operands(u32 (&r)[N][M]) {
+    #pragma unroll
+    for (int i = 0; i < N; ++i)
+        #pragma unroll
+        for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j]) :: "memory");
+}
 
 // threadIdx.x, read so that the compiler cannot hoist what is computed from it out of a loop: a
 // consumer at the register limit then recomputes its per-tile places instead of keeping them live.

@@ -116,10 +116,11 @@ def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
 
 
 def test_hopper_backward_compiles_without_spills():
-    tiles = [(hd, _config.Sm90BwdConfig(wg, split)) for hd, wg, split in
-             ((64, 1, "keys"), (64, 2, "keys"), (128, 2, "keys"), (128, 2, "panel"))]
-    tiles.append((64, _config.Sm90BwdConfig(2, "panel", 128)))
-    sets = tuple(_config.kernel_set(dt, hd, causal, 90, bwd=cfg)
+    tiles = [(hd, _config.Sm90BwdConfig(wg, split, bm, pipelined)) for hd, wg, split, bm in
+             ((64, 1, "keys", 64), (64, 2, "keys", 64), (128, 2, "keys", 64), (128, 2, "panel", 64),
+              (64, 2, "panel", 128), (64, 2, "none", 128), (128, 2, "none", 64))
+             for pipelined in (False, True)]
+    sets = tuple(_config.kernel_set(dt, hd, causal, 90, bwd=cfg, deterministic=cfg.dq_split == "none")
                  for dt in ("float16", "bfloat16") for causal in (False, True) for hd, cfg in tiles)
     _, stats, lowered = _compile._compile_sets("sm_90", sets)
     for ks in sets:
