@@ -20,8 +20,11 @@ __device__ __forceinline__ void load_row_stats(float* sLse, float* sD, const Bwd
 }
 
 // P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)) where key j is visible to query i (0 elsewhere).
+// Computed everywhere, then selected: a branch around the exponential splits the loop into one
+// block per element, and the same row's lse_i is then loaded once per block (NOTES v3.8).
 __device__ __forceinline__ float probability(float s, bool visible, float lse_log2, float scale_log2) {
-    return visible ? exp2f(s * scale_log2 - lse_log2) : 0.f;
+    const float p = exp2f(s * scale_log2 - lse_log2);
+    return visible ? p : 0.f;
 }
 
 // dS_ij = P_ij (dP_ij - D_i).
