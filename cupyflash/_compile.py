@@ -91,7 +91,7 @@ def _parse_ptxas(log: str) -> dict:
         m = _ENTRY.search(line)
         if m:
             current = m.group(1)
-            out[current] = {}
+            out.setdefault(current, {})  # ptxas may have reported on it already (C7512 comes first)
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and current:

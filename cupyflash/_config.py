@@ -100,13 +100,11 @@ class Sm90BwdConfig:
     adds per element), "panel" (warpgroup w computes 64 x 64 panel w of the block_m x head_dim
     dQ tile over all keys: one add; needs block_m * head_dim = NUM_WG * 64 * 64), "none" (no dQ:
     deterministic=True, where the dQ pass computes it). block_m: 64, or 128 with "panel" or "none".
-    K, V, Q, dO are loaded with TMA. pipelined: each tile's products issued so that the
-    exponentials, the dS^T exchange and dQ's product overlap running MMAs (NOTES v3.8).
+    K, V, Q, dO are loaded with TMA; each tile's products are pipelined (bench/NOTES.md v3.8).
     Mirrors BwdTraitsSm90 in kernels_cu/traits.cuh."""
     num_wg: int
     dq_split: str = "keys"
     block_m: int = 64
-    pipelined: bool = False
 
     STAGES = 2
     ALIGN = 1024
@@ -314,7 +312,7 @@ class KernelSet:
         g, t = self.bwd, CXX_TYPE[self.dtype]
         if self.hopper_bwd:
             return _instance("flash_bwd_sm90_kernel", t, Sm90FwdConfig.head_dim(cls), g.block_m, g.num_wg,
-                             DQ_SPLITS.index(g.dq_split), g.pipelined, c)
+                             DQ_SPLITS.index(g.dq_split), c)
         return _instance("flash_bwd_kernel", t, cls, g.block_m, g.block_n, g.num_warps, g.q_stages, g.balanced, c,
                          not self.deterministic)
 

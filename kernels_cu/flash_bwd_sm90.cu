@@ -204,16 +204,15 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
         const unsigned char *sQ = sm.q(it), *sdO = sm.dout(it);
 
-        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T for this warpgroup's keys; pipelined, in two groups
-        // so that P^T = exp2(...) runs while dP^T's product does
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T for this warpgroup's keys, in two groups: P^T =
+        // exp2(...) runs while dP^T's product does
         float st[MT][4], dpt[MT][4];
         wgmma_fence();
         issue_scores<Tr>(st, sm.k, sQ, wg);
-        if constexpr (Tr::PIPELINED) wgmma_commit();
+        wgmma_commit();
         issue_scores<Tr>(dpt, sm.v, sdO, wg);
         wgmma_commit();
-        if constexpr (Tr::PIPELINED) wgmma_wait<1>();
-        else wgmma_wait<0>();
+        wgmma_wait<1>();
         fence_operands(st);
         probabilities<Tr, IS_CAUSAL>(st, p, sm.lse(it), key0, m0);
         wgmma_wait<0>();
@@ -225,31 +224,24 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             pack_a_frag<T>(pa[kk], st, kk);
             pack_a_frag<T>(dsa[kk], dpt, kk);
         }
+
+        // dV_j += P^T dO_i, dK_j += dS^T Q_i; dS^T exchanged meanwhile, then dQ's first product
+        // queued behind them
         float dq[1][8][4];
-        if constexpr (Tr::PIPELINED) {
-            // dV_j += P^T dO_i, dK_j += dS^T Q_i; dS^T exchanged meanwhile, then dQ's first product
-            // queued behind them
+        wgmma_fence();
+        issue_dv_dk<Tr>(dv[0], dk[0], pa, dsa, sQ, sdO);
+        wgmma_commit();
+        if constexpr (HAS_DQ) {
+            exchange_ds<Tr>(sDS, dpt, wg, warp_in_wg);
             wgmma_fence();
-            issue_dv_dk<Tr>(dv[0], dk[0], pa, dsa, sQ, sdO);
+            Dq(wg, 0).issue(dq[0], sm, sDS);
             wgmma_commit();
-            if constexpr (HAS_DQ) {
-                exchange_ds<Tr>(sDS, dpt, wg, warp_in_wg);
-                wgmma_fence();
-                Dq(wg, 0).issue(dq[0], sm, sDS);
-                wgmma_commit();
-                wgmma_wait<1>();  // dV, dK done; dQ may still run
-            } else {
-                wgmma_wait<0>();
-            }
-            fence_operands(pa);
-            fence_operands(dsa);
+            wgmma_wait<1>();  // dV, dK done; dQ may still run
         } else {
-            if constexpr (HAS_DQ) exchange_ds<Tr>(sDS, dpt, wg, warp_in_wg);
-            wgmma_fence();
-            issue_dv_dk<Tr>(dv[0], dk[0], pa, dsa, sQ, sdO);
-            wgmma_commit();
-            wgmma_wait<0>();  // separate from dQ's product: P^T, dS^T and dQ together do not fit in registers at D=128
+            wgmma_wait<0>();
         }
+        fence_operands(pa);  // the A fragments stay unchanged until their products are done
+        fence_operands(dsa);
         fence_operands(dk[0]);
         fence_operands(dv[0]);
         mbarrier_arrive(&sm.empty[it % Tr::STAGES]);  // Q_i, dO_i, lse_i, D_i are no longer read
@@ -258,7 +250,7 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
             #pragma unroll
             for (int pi = 0; pi < Dq::COUNT; ++pi) {
                 const Dq part(wg, pi);
-                if (!Tr::PIPELINED || pi > 0) {
+                if (pi > 0) {  // (by keys at head_dim 128: the second panel)
                     wgmma_fence();
                     part.issue(dq[0], sm, sDS);
                     wgmma_commit();
@@ -273,10 +265,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
     store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool PIPELINED, bool IS_CAUSAL>
-__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, PIPELINED>::NUM_THREADS, 1)
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
+__global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in parameter space: the tensor maps stay there
-    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT, PIPELINED>;
+    using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>;
     const BwdParams& p = params.bwd;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);

@@ -123,14 +123,12 @@ enum DqSplit { DQ_KEYS = 0, DQ_PANEL = 1, DQ_NONE = 2 };
 // Backward on Hopper (sm_90a) (bench/NOTES.md v3.0, v3.1, v3.5): one block per key tile of
 // BLOCK_N = 64 * NUM_WG keys; consumer warpgroup w owns keys [64 w, 64 w + 64) and walks the
 // query tiles of BLOCK_M rows that a producer warpgroup stages (Q_i, dO_i, lse_i, D_i, two stages;
-// K_j, V_j, Q_i and dO_i by TMA).
-// PIPELINED (NOTES v3.8): S^T and dP^T in separate commit groups (P^T's exponentials run under
-// dP^T's product), dS^T stored and exchanged while dV, dK run, dQ issued behind them unwaited.
-template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_, bool PIPELINED_>
+// K_j, V_j, Q_i and dO_i by TMA). Each tile's products are pipelined (v3.8): S^T and dP^T in
+// separate commit groups, dS^T exchanged while dV, dK run, dQ issued behind them unwaited.
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int NUM_WG_, int DQ_SPLIT_>
 struct BwdTraitsSm90 {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_, NUM_WG = NUM_WG_, DQ_SPLIT = DQ_SPLIT_;
-    static constexpr bool PIPELINED = PIPELINED_;
     static constexpr int BLOCK_M = BLOCK_M_, BLOCK_N = 64 * NUM_WG, STAGES = 2;
     // DQ_PANEL: warpgroup w's 64 x 64 panel of the dQ tile
     static constexpr int DQ_COL_PANELS = HEAD_DIM / 64;

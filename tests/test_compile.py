@@ -36,6 +36,27 @@ def test_hopper_kernels_keep_wgmma_asynchronous(report):
     assert not serialized, f"{arch}: ptxas serialized wgmma (C7512, too few registers) in {serialized}"
 
 
+def test_the_ptxas_log_parser_keeps_a_serialisation_reported_before_its_entry():
+    """ptxas prints C7512 for a function before 'Compiling entry function' of the same function
+    (NVRTC 13.0); the flag must survive that line (until session 6 it did not, and the check above
+    passed over a serialised kernel: bench/NOTES.md v3.8)."""
+    log = "\n".join([
+        "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "insufficient register resources for the function '_Zkernel_a'",
+        "ptxas info    : 156 bytes gmem",
+        "ptxas info    : Compiling entry function '_Zkernel_a' for 'sm_90a'",
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "ptxas info    : Used 168 registers, used 4 barriers",
+        "ptxas info    : Compiling entry function '_Zkernel_b' for 'sm_90a'",
+        "ptxas         .     0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads",
+        "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem"])
+    stats = _compile._parse_ptxas(log)
+    assert stats["_Zkernel_a"] == dict(wgmma_serialized=True, stack_bytes=0, spill_stores=0, spill_loads=0,
+                                       registers=168, shared_bytes=0), stats
+    assert stats["_Zkernel_b"] == dict(stack_bytes=0, spill_stores=8, spill_loads=8, registers=255,
+                                       shared_bytes=1024), stats
+
+
 def test_hopper_forward_tiles_fit_without_falling_back():
     limit = _config.smem_optin(90)
     too_big = {key: cfg for key, cfg in _config.HOPPER_FWD.items()
@@ -116,10 +137,9 @@ def test_hopper_forward_only_where_the_table_says_and_only_on_sm90():
 
 
 def test_hopper_backward_compiles_without_spills():
-    tiles = [(hd, _config.Sm90BwdConfig(wg, split, bm, pipelined)) for hd, wg, split, bm in
+    tiles = [(hd, _config.Sm90BwdConfig(wg, split, bm)) for hd, wg, split, bm in
              ((64, 1, "keys", 64), (64, 2, "keys", 64), (128, 2, "keys", 64), (128, 2, "panel", 64),
-              (64, 2, "panel", 128), (64, 2, "none", 128), (128, 2, "none", 64))
-             for pipelined in (False, True)]
+              (64, 2, "panel", 128), (64, 2, "none", 128), (128, 2, "none", 64))]
     sets = tuple(_config.kernel_set(dt, hd, causal, 90, bwd=cfg, deterministic=cfg.dq_split == "none")
                  for dt in ("float16", "bfloat16") for causal in (False, True) for hd, cfg in tiles)
     _, stats, lowered = _compile._compile_sets("sm_90", sets)

@@ -346,13 +346,12 @@ def test_hopper_kernels_read_strided_views_in_place_and_copy_reversed_ones(rng):
 @pytest.mark.parametrize("D,num_wg,dq_split,block_m", [(64, 1, "keys", 64), (64, 2, "keys", 64), (64, 2, "panel", 128),
                                                         (40, 2, "panel", 128), (128, 2, "keys", 64), (128, 2, "panel", 64),
                                                         (96, 2, "panel", 64)])
-@pytest.mark.parametrize("pipelined", [False, True], ids=["in-order", "pipelined"])
 @pytest.mark.parametrize("Sq,Sk", [(113, 257), (257, 113), (1023, 1023), (1, 70)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, pipelined, Sq, Sk, causal):
-    """The wgmma backward with one and two consumer warpgroups, every way of splitting dQ among
-    them, and each tile's products issued in order or pipelined meets the same bounds (D=40 and
-    96 run as 64 and 128: the padded columns arrive from TMA as zeros)."""
+def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, Sq, Sk, causal):
+    """The wgmma backward with one and two consumer warpgroups and every way of splitting dQ
+    among them meets the same bounds (D=40 and 96 run as 64 and 128: the padded columns arrive
+    from TMA as zeros)."""
     if not _hopper_gpu():
         pytest.skip("the wgmma backward needs compute capability 9.0")
     from cupyflash import _config, _cuda_backend
@@ -361,10 +360,9 @@ def test_hopper_backward_every_tile(rng, dtype, D, num_wg, dq_split, block_m, pi
     grads = [nan_like(x.shape, dtype) for x in (q, k, v)]
     dq, dk, dv = _cuda_backend.backward(to_gpu(dout), to_gpu(q), to_gpu(k), to_gpu(v), o, l, causal=causal,
                                         scale=D ** -0.5, dq=grads[0], dk=grads[1], dv=grads[2],
-                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split, block_m, pipelined))
+                                        bwd_config=_config.Sm90BwdConfig(num_wg, dq_split, block_m))
     ref = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
     naive = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
-    tag = (f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} BLOCK_M={block_m} pipelined={pipelined} Sq{Sq} Sk{Sk} "
-           f"causal={causal}")
+    tag = f"wgmma bwd D={D} num_wg={num_wg} dQ by {dq_split} BLOCK_M={block_m} Sq{Sq} Sk{Sk} causal={causal}"
     for name, got, want, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, naive):
         assert_within(f"{name} [{tag}]", got, want, nv, dtype)
