@@ -7,6 +7,7 @@ launcher checks against the device before launching. Keep ``smem_bytes`` in step
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -264,6 +265,7 @@ def tile_table(cc: int) -> dict:
     return TILES_SM90 if cc == 90 else TILES_DEFAULT
 
 
+@functools.lru_cache(maxsize=None)  # built for every launch (host time of short calls)
 def _instance(kernel: str, *args) -> str:
     """The name expression of one instantiation, cupyflash::kernel<args...>, bools as C++ bools."""
     return f"cupyflash::{kernel}<{', '.join(('true' if a else 'false') if isinstance(a, bool) else str(a) for a in args)}>"

@@ -1,13 +1,14 @@
 """The one launch layer: the only module that builds kernel arguments and calls RawKernels.
 
 Every scalar is cast explicitly to its C type (CuPy would pass a Python int as 64-bit),
-parameters travel as one struct by value (numpy structured scalars laid out like the C++
-structs in kernels_cu/params.cuh), and dynamic shared memory above the 48 KB default is
-requested only after checking the device's opt-in limit.
+parameters travel as one struct by value (bytes packed in the layout of numpy structured
+dtypes that mirror the C++ structs in kernels_cu/params.cuh), and dynamic shared memory above
+the 48 KB default is requested only after checking the device's opt-in limit.
 """
 from __future__ import annotations
 
 import functools
+import struct
 
 import numpy as np
 import cupy
@@ -65,16 +66,65 @@ def pack_sm90(dtype: np.dtype, fields: dict, tiles: dict) -> np.ndarray:
 
 def pack(dtype: np.dtype, **fields) -> np.ndarray:
     """The struct's bytes as a one-element array of an opaque itemsize-byte type: CuPy passes
-    it to the kernel by value. Every field must be given (assigned as one tuple: ~10 us, a third
-    of field-by-field assignment). Opaque because CuPy reads the argument's
-    __array_interface__, which costs ~65 us per launch for the nested structured type (numpy
-    describes every field) and ~3 us for raw bytes: most of a short call's host time."""
+    it to the kernel by value. Every field must be given; a nested struct as a tuple of its
+    fields, a tensor map as its bytes. Built with ``struct`` from the dtype's layout (padding
+    zero): assigning a tuple into the nested structured array cost 20 us here and far more on
+    the lent GPU's host for the Hopper structs (host_path, session 6). Opaque because CuPy reads
+    the argument's __array_interface__, which costs ~65 us per launch for the nested structured
+    type (numpy describes every field) and ~3 us for raw bytes."""
     if fields.keys() != set(dtype.names):
         raise TypeError(f"kernel parameters: missing {sorted(set(dtype.names) - fields.keys())}, "
                         f"unknown {sorted(fields.keys() - set(dtype.names))}")
-    p = np.zeros(1, dtype=dtype)  # padding bytes zero, not whatever the allocation held
-    p[0] = tuple(fields[name] for name in dtype.names)
-    return p.view(np.dtype((np.void, dtype.itemsize)))
+    packer, _, opaque, nested = _layout(dtype)
+    values = []
+    for name, sub in zip(dtype.names, nested):
+        if sub is None:
+            values.append(fields[name])
+        else:
+            values.extend(_flatten(sub, fields[name]))
+    return np.frombuffer(bytearray(packer.pack(*values)), dtype=opaque)
+
+
+_STRUCT_CODES = {("u", 8): "Q", ("i", 8): "q", ("u", 4): "I", ("i", 4): "i", ("f", 4): "f", ("f", 8): "d"}
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(dtype: np.dtype) -> tuple:
+    """(struct.Struct with ``dtype``'s layout, its format, the opaque itemsize-byte type, per field
+    the nested struct's dtype or None): little-endian, explicit padding, a nested struct inline, a
+    void field as bytes. Fields must be declared in offset order (as the C++ structs are)."""
+    offsets = [dtype.fields[n][1] for n in dtype.names]
+    assert offsets == sorted(offsets), f"{dtype}: fields out of offset order"
+    parts, pos = [], 0
+    for name in dtype.names:
+        sub, off = dtype.fields[name][:2]
+        parts.append(f"{off - pos}x" if off > pos else "")
+        if sub.names:
+            parts.append(_layout(sub)[1])
+        elif sub.kind == "V":
+            parts.append(f"{sub.itemsize}s")
+        else:
+            parts.append(_STRUCT_CODES[(sub.kind, sub.itemsize)])
+        pos = off + sub.itemsize
+    fmt = "".join(parts) + (f"{dtype.itemsize - pos}x" if dtype.itemsize > pos else "")
+    packer = struct.Struct("<" + fmt)
+    assert packer.size == dtype.itemsize, (fmt, dtype)
+    nested = tuple(dtype[n] if dtype[n].names else None for n in dtype.names)
+    return packer, fmt, np.dtype((np.void, dtype.itemsize)), nested
+
+
+def _flatten(dtype: np.dtype, value: tuple) -> tuple:
+    """A nested struct's field values (a tuple in declaration order), flattened to scalars."""
+    nested = _layout(dtype)[3]
+    if not any(nested):
+        return value
+    out = []
+    for v, sub in zip(value, nested):
+        if sub is None:
+            out.append(v)
+        else:
+            out.extend(_flatten(sub, v))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=None)

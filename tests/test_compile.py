@@ -208,9 +208,11 @@ def test_short_key_lengths_take_the_mma_forward_on_hopper():
 def test_kernel_parameters_pack_every_field_at_its_offset():
     import numpy as np
     from cupyflash import _launch
-    values = {name: (np.arange(4) + i) if _launch.BWD_PARAMS[name].names else i + 0.5
+    def value(i, t):  # typed, as the launchers pass them (a float where the C field is one)
+        return t.type(i + 0.5) if t.kind == "f" else t.type(i + 1)
+    fields = {name: tuple(value(i + j, t) for j, t in enumerate(d for d, *_ in _launch.BWD_PARAMS[name].fields.values()))
+              if _launch.BWD_PARAMS[name].names else value(i, _launch.BWD_PARAMS[name])
               for i, name in enumerate(_launch.BWD_PARAMS.names)}
-    fields = {n: tuple(v) if isinstance(v, np.ndarray) else v for n, v in values.items()}
     packed = _launch.pack(_launch.BWD_PARAMS, **fields)
     expected = np.zeros(1, dtype=_launch.BWD_PARAMS)
     for name, v in fields.items():
