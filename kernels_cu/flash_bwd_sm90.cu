@@ -128,18 +128,6 @@ __device__ __forceinline__ void exchange_ds(unsigned char* sDS, const float (&ds
     ds_barrier<Tr>(wg);  // dS^T is complete and visible to the wgmma of every warpgroup that reads it
 }
 
-// S^T = K_j Q_i^T (or dP^T = V_j dO_i^T): this warpgroup's 64 rows of K_j (V_j) against the
-// query tile, both operands from shared memory.
-template <typename Tr>
-__device__ __forceinline__ void issue_scores(float (&acc)[Tr::MT][4], const unsigned char* sKV, const unsigned char* sQ,
-                                             int wg) {
-    #pragma unroll
-    for (int kk = 0; kk < Tr::HEAD_DIM / 16; ++kk)
-        Wgmma<typename Tr::T, Tr::BLOCK_M>::template ss<0, 0>(
-            acc, desc_k_major<Tr::BLOCK_N, Tr::HEAD_DIM>(sKV, wg * 64, kk), desc_k_major<Tr::BLOCK_M, Tr::HEAD_DIM>(sQ, 0, kk),
-            kk > 0);
-}
-
 // dV_j += P^T dO_i, dK_j += dS^T Q_i: A from registers, B N-major.
 template <typename Tr>
 __device__ __forceinline__ void issue_dv_dk(float (&dv)[Tr::DT][4], float (&dk)[Tr::DT][4], const u32 (&pa)[Tr::BLOCK_M / 16][4],
@@ -208,9 +196,9 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         // exp2(...) runs while dP^T's product does
         float st[MT][4], dpt[MT][4];
         wgmma_fence();
-        issue_scores<Tr>(st, sm.k, sQ, wg);
+        issue_k_major_product<T, Tr::BLOCK_N, BLOCK_M, Tr::HEAD_DIM>(st, sm.k, wg * 64, sQ);
         wgmma_commit();
-        issue_scores<Tr>(dpt, sm.v, sdO, wg);
+        issue_k_major_product<T, Tr::BLOCK_N, BLOCK_M, Tr::HEAD_DIM>(dpt, sm.v, wg * 64, sdO);
         wgmma_commit();
         wgmma_wait<1>();
         fence_operands(st);

@@ -55,15 +55,11 @@ __device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Sme
     }
 }
 
-// Issue S = Q_i K_j^T for this warpgroup's 64 rows: HEAD_DIM / 16 k-steps, both operands K-major.
+// Issue S = Q_i K_j^T for this warpgroup's 64 rows as one commit group.
 template <typename Tr>
 __device__ __forceinline__ void issue_scores(float (&s)[Tr::NT][4], const unsigned char* sQ, const unsigned char* sK,
                                              int wg_row0) {
-    #pragma unroll
-    for (int kk = 0; kk < Tr::HEAD_DIM / 16; ++kk)
-        Wgmma<typename Tr::T, Tr::BLOCK_N>::template ss<0, 0>(
-            s, desc_k_major<Tr::BLOCK_M, Tr::HEAD_DIM>(sQ, wg_row0, kk),
-            desc_k_major<Tr::BLOCK_N, Tr::HEAD_DIM>(sK, 0, kk), kk > 0);
+    issue_k_major_product<typename Tr::T, Tr::BLOCK_M, Tr::BLOCK_N, Tr::HEAD_DIM>(s, sQ, wg_row0, sK);
     wgmma_commit();
 }
 

@@ -15,23 +15,18 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
-// Pin accumulator registers in program order against the wgmma waits: NVCC sees wgmma_wait as
-// touching no registers, so it could move reads of an accumulator above the wait that completes
-// it (ptxas would then wait earlier on its own, ending the overlap with the running MMA).
-template <int N, int M>
-__device__ __forceinline__ void fence_operands(float (&r)[N][M]) {
+// Pin accumulator registers (and A fragments) in program order against the wgmma waits: NVCC
+// sees wgmma_wait as touching no registers, so it could move reads of an accumulator above the
+// wait that completes it (ptxas would then wait earlier on its own, ending the overlap with the
+// running MMA), or reuse an A fragment's registers while its product still reads them.
+__device__ __forceinline__ void pin_register(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+__device__ __forceinline__ void pin_register(u32& r) { asm volatile("" : "+r"(r) :: "memory"); }
+template <typename E, int N, int M>
+__device__ __forceinline__ void fence_operands(E (&r)[N][M]) {
     #pragma unroll
     for (int i = 0; i < N; ++i)
         #pragma unroll
-        for (int j = 0; j < M; ++j) asm volatile("" : "+f"(r[i][j]) :: "memory");
-}
-// The same for A fragments in registers: kept (unchanged) until the wait that ends their product.
-template <int N, int M>
-__device__ __forceinline__ void fence_operands(u32 (&r)[N][M]) {
-    #pragma unroll
-    for (int i = 0; i < N; ++i)
-        #pragma unroll
-        for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j]) :: "memory");
+        for (int j = 0; j < M; ++j) pin_register(r[i][j]);
 }
 
 // threadIdx.x, read so that the compiler cannot hoist what is computed from it out of a loop: a
@@ -161,6 +156,18 @@ __device__ __forceinline__ u64 desc_n_major(const unsigned char* tile, int kk, i
     using Tile = SwizzledTile<ROWS, COLS>;
     return smem_desc_sw128(tile + panel0 * Tile::PANEL_BYTES + kk * 16 * Tile::LINE_BYTES, Tile::PANEL_BYTES,
                            Tile::ATOM_BYTES);
+}
+
+// acc = A B^T for 64 rows of A from a_row0 (a tile of A_ROWS rows) against all N rows of B, over
+// HEAD_DIM / 16 k-steps, both K-major in shared memory (S = Q_i K_j^T in the forward, S^T =
+// K_j Q_i^T and dP^T = V_j dO_i^T in the backward).
+template <typename T, int A_ROWS, int N, int HEAD_DIM>
+__device__ __forceinline__ void issue_k_major_product(float (&acc)[N / 8][4], const unsigned char* sA, int a_row0,
+                                                      const unsigned char* sB) {
+    #pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+        Wgmma<T, N>::template ss<0, 0>(acc, desc_k_major<A_ROWS, HEAD_DIM>(sA, a_row0, kk),
+                                       desc_k_major<N, HEAD_DIM>(sB, 0, kk), kk > 0);
 }
 
 }  // namespace cupyflash
