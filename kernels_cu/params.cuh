@@ -53,7 +53,7 @@ struct BwdSm90Params {
     TmaDesc q, k, v, dout;
 };
 
-// The launcher builds these structs as numpy structured scalars (cupyflash/_launch.py);
+// The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
 static_assert(sizeof(FwdParams) == 160, "FwdParams layout is mirrored in _launch.py");

@@ -82,8 +82,7 @@ struct SetmaxnregSplit {
 
 // Forward on Hopper (sm_90a): a producer warpgroup loading K_j, V_j into STAGES swizzled
 // shared-memory stages (tile j+1 loading while K_j and V_{j-1} are read; one thread issues each
-// tile's TMA boxes), and NUM_WG consumer
-// warpgroups each owning 64 whole query rows. The accumulators are one 64-row wgmma tile per
+// tile's TMA boxes), and NUM_WG consumer warpgroups each owning 64 whole query rows. The accumulators are one 64-row wgmma tile per
 // consumer warpgroup: per warp one 16-row strip of NT (S) and DT (O) 8-column tiles. Registers
 // move from the producer (one thread issuing TMA copies) to the consumers with setmaxnreg.
 template <typename T_, int HEAD_DIM_, int BLOCK_N_, int NUM_WG_>

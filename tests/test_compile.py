@@ -69,7 +69,7 @@ def test_hopper_forward_uses_wgmma():
     for instruction in ("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
                         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
                         "wgmma.fence.sync.aligned", "wgmma.commit_group.sync.aligned",
-                        "fence.proxy.async.shared::cta",  # the backward's cp.async tiles
+                        "fence.proxy.async.shared::cta",  # the backward's dS^T tiles, stored with st.shared
                         "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"):
         assert instruction in ptx, f"sm_90: {instruction} missing from the PTX"
 
