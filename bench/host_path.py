@@ -1,17 +1,23 @@
-"""How much of a short call is host time: for seqlen 128 and 256 (batch * seqlen = 16384,
-heads * head_dim = 2048), the GPU time of one call (CUDA events recorded back to back, as
-`cupyflash bench` does) beside the host time of one call (wall clock of N calls enqueued
-without a sync, divided by N), for cupyflash's public API and for PyTorch SDPA's flash backend
-when present. Host >= GPU means the benchmark measures the host path, not the kernels.
-Then the top entries of a cProfile of cupyflash's calls.
+"""Host time per call: how long a call takes from entry until its kernels are enqueued.
 
-    PYTHONPATH=. python bench/host_path.py [--calls 300] [--json PATH]
+Method (issue 17): at a small shape, where each kernel runs for a few microseconds, N calls
+(2000 by default) are enqueued back to back with no sync between them; wall clock / N is the
+host time per call, as long as the GPU keeps up (the table shows the GPU time per call too:
+host time above it is host-bound). Measured for cupyflash's public API (fresh outputs, and
+preallocated out/lse/grads/workspace as a CUDA-graph user would pass), for PyTorch SDPA
+(flash, cuDNN) and for a CuPy matmul on the same inputs, in one process; then the same at the
+short-sequence shapes of the published benchmark (batch * seqlen = 16384), and a cProfile of
+cupyflash's calls.
+
+    PYTHONPATH=. python bench/host_path.py [--calls 2000] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import datetime
 import json
+import platform
 import pstats
 import time
 
@@ -22,6 +28,11 @@ import cupyflash
 from cupyflash._dtypes import BFLOAT16
 
 from tune import time_ms, time_torch_ms  # same directory (bench/)
+
+# (batch, seqlen, heads, head_dim): the small shape of the host-time target, then the short
+# rows of the published benchmark
+TINY = [(1, 128, 8, 64), (1, 128, 8, 128)]
+SHORT = [(128, 128, 32, 64), (128, 128, 16, 128), (64, 256, 16, 128)]
 
 
 def host_us(fn, calls: int, sync) -> float:
@@ -37,66 +48,103 @@ def host_us(fn, calls: int, sync) -> float:
     return (t1 - t0) / calls * 1e6
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    rng = np.random.default_rng(0)
-    rows, profiles = [], {}
+def cupyflash_cases(q, k, v, do, causal):
+    out, lse = cupyflash.flash_attention(q, k, v, causal=causal, return_lse=True)
+    bufs = dict(out=cupy.empty_like(q), lse=cupy.empty_like(lse))
+    grads = dict(dq=cupy.empty_like(q), dk=cupy.empty_like(k), dv=cupy.empty_like(v),
+                 workspace=cupyflash.backward_workspace(q))
+    return {
+        "fwd": lambda: cupyflash.flash_attention(q, k, v, causal=causal),
+        "fwd out=": lambda: cupyflash.flash_attention(q, k, v, causal=causal, **bufs),
+        "bwd": lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal),
+        "bwd dq=..ws=": lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal, **grads),
+    }
+
+
+def torch_cases(q, k, v, do, causal):
     try:
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except Exception:
-        torch = None
-    for S in (128, 256):
-        for D in (64, 128):
-            for causal in (False, True):
-                B, H = 16384 // S, 2048 // D
-                q, k, v, do = (cupy.asarray(rng.standard_normal((B, S, H, D), dtype=np.float32).astype(BFLOAT16))
-                               for _ in range(4))
-                out, lse = cupyflash.flash_attention(q, k, v, causal=causal, return_lse=True)
-                fwd = lambda: cupyflash.flash_attention(q, k, v, causal=causal)  # noqa: E731
-                bwd = lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal)  # noqa: E731
-                sync = cupy.cuda.Device().synchronize
-                for mode, fn in (("fwd", fwd), ("bwd", bwd)):
-                    row = dict(impl="cupyflash", mode=mode, S=S, D=D, causal=causal,
-                               gpu_us=time_ms(fn, repeats=30) * 1e3, host_us=host_us(fn, args.calls, sync))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if (S, D, causal) == (128, 64, False):
-                        prof = cProfile.Profile()
-                        prof.enable()
-                        for _ in range(args.calls):
-                            fn()
-                        prof.disable()
-                        sync()
-                        profiles[mode] = prof
-                if torch is None:
-                    continue
-                tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v, do))
-                tq, tk, tv = (x.detach().requires_grad_(True) for x in (tq, tk, tv))
+        return {}
+    cupy.cuda.Device().synchronize()
+    tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v, do))
+    tq, tk, tv = (x.detach().requires_grad_(True) for x in (tq, tk, tv))
+    cases = {}
+    for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def fwd(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        try:
+            tout = fwd()
+        except Exception:
+            continue
+        cases[f"{name} fwd"] = fwd
+        cases[f"{name} bwd"] = lambda tout=tout: torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)
+    return cases
 
-                def tfwd():
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
 
-                tout = tfwd()
-                tbwd = lambda: torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)  # noqa: E731
-                for mode, fn in (("fwd", tfwd), ("bwd", tbwd)):
-                    row = dict(impl="sdpa-flash", mode=mode, S=S, D=D, causal=causal,
-                               gpu_us=time_torch_ms(fn) * 1e3, host_us=host_us(fn, args.calls, torch.cuda.synchronize))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    for mode, prof in profiles.items():
-        print(f"\n--- cProfile, cupyflash {mode}, S=128 D=64, {args.calls} calls (tottime) ---")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+def meta() -> dict:
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    info = dict(gpu=props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+                cupy=cupy.__version__, cupyflash=cupyflash.__version__,
+                nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())), driver=cupy.cuda.runtime.driverGetVersion(),
+                python=platform.python_version(), numpy=np.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except Exception:
+        pass
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    sync = cupy.cuda.Device().synchronize
+    rows, profiles = [], {}
+    for shape in TINY + SHORT:
+        B, S, H, D = shape
+        for causal in (False, True):
+            q, k, v, do = (cupy.asarray(rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16)) for _ in range(4))
+            cases = cupyflash_cases(q, k, v, do, causal)
+            if shape == TINY[0] and not causal:
+                a = q.transpose(0, 2, 1, 3).reshape(B * H, S, D)
+                cases["cupy matmul"] = lambda a=a: cupy.matmul(a, a.transpose(0, 2, 1))
+            peers = torch_cases(q, k, v, do, causal)
+            for name, fn in {**cases, **peers}.items():
+                gpu = (time_torch_ms(fn) if name.startswith("sdpa") else time_ms(fn, repeats=30)) * 1e3
+                sync_fn = sync
+                if name.startswith("sdpa"):
+                    import torch
+                    sync_fn = torch.cuda.synchronize
+                row = dict(case=name, B=B, S=S, H=H, D=D, causal=causal, tiny=shape in TINY, gpu_us=gpu,
+                           host_us=host_us(fn, args.calls, sync_fn))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if shape == TINY[0] and not causal and name in ("fwd", "bwd"):
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    for _ in range(args.calls):
+                        fn()
+                    prof.disable()
+                    sync()
+                    profiles[name] = prof
+    for name, prof in profiles.items():
+        print(f"\n--- cProfile, cupyflash {name}, {TINY[0]}, {args.calls} calls (tottime) ---")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    info = meta()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(gpu=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), rows=rows), f, indent=1)
-    print(f"\n{'impl':>10} {'mode':>4} {'S':>4} {'D':>4} {'causal':>6} {'GPU us':>8} {'host us':>8}")
+            json.dump(dict(meta=info, calls=args.calls, rows=rows), f, indent=1)
+    print(f"\n{info['gpu']}, bf16, {args.calls} calls back to back, microseconds per call")
+    print(f"{'case':>16} {'B':>4} {'S':>4} {'H':>3} {'D':>4} {'causal':>6} {'GPU us':>8} {'host us':>8}")
     for r in rows:
-        print(f"{r['impl']:>10} {r['mode']:>4} {r['S']:>4} {r['D']:>4} {str(r['causal']):>6} "
+        print(f"{r['case']:>16} {r['B']:>4} {r['S']:>4} {r['H']:>3} {r['D']:>4} {str(r['causal']):>6} "
               f"{r['gpu_us']:>8.1f} {r['host_us']:>8.1f}")
 
 

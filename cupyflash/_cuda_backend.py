@@ -1,15 +1,25 @@
-"""The GPU path: shapes the launches of the forward and backward passes (no kernel calls here
-except through _launch). Inputs arrive validated by _checks."""
+"""The GPU path: plans the launches of the forward and backward passes (no kernel calls here
+except through _launch). Inputs arrive validated by _checks.
+
+A plan holds everything a call decides from its inputs' layouts (shapes, strides, dtype,
+device, flags): the kernel set, the prepared launches and their parameter templates, and for
+the Hopper kernels the TMA tensor maps. Calling a plan with arrays of those layouts fills in
+the pointers and launches; the public API caches plans (_plans.py), so a repeated call costs
+a few microseconds of host time instead of re-deriving all of this (bench/host_path.py).
+"""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import cupy
+from cupy.cuda import runtime
 
 from . import _config, _launch, _tma
 
 _ALIGN = 16  # cp.async copies 16 bytes: pointers and (batch, seqlen, heads) strides must be 16-byte multiples
+_SCRATCH_ALIGN = 256  # the backward's fp32 scratch arrays share one allocation, each on a 256-byte boundary
+_MAP_CACHE_SIZE = 64  # TMA tensor maps a plan keeps, by data pointers (a training loop cycles through a few)
 
 
 def _aligned(x: cupy.ndarray) -> bool:
@@ -46,96 +56,259 @@ def _grid(n_rows: int, block: int, heads: int, batch: int) -> tuple:
     return (math.ceil(n_rows / block), heads, batch)
 
 
-def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
+def _pointers_aligned(*pointers: int) -> bool:
+    acc = 0
+    for p in pointers:
+        acc |= p
+    return acc % _ALIGN == 0
+
+
+def _may_allocate(stream) -> bool:
+    """False while the stream captures a CUDA graph (the legacy default stream never does)."""
+    return stream.ptr == 0 or not stream.is_capturing()
+
+
+class _TensorMaps:
+    """The TMA tensor maps of a plan's tiled inputs: the layout and box of each is fixed by the
+    plan, so a map depends on its data pointer alone; the last few are kept by pointer."""
+    __slots__ = ("specs", "cache")
+
+    def __init__(self, tiles: dict):
+        # name -> (array, box rows): the layout of each comes from the array the plan was made for
+        self.specs = tuple((x.dtype, x.shape, x.strides, rows) for x, rows in tiles.values())
+        self.cache = {}
+
+    def __call__(self, pointers: tuple) -> tuple:
+        maps = self.cache.get(pointers)
+        if maps is None:
+            if len(self.cache) >= _MAP_CACHE_SIZE:
+                self.cache.clear()
+            maps = tuple(_tma.tensor_map(p, *spec[:3], spec[3]) for p, spec in zip(pointers, self.specs))
+            self.cache[pointers] = maps
+        return maps
+
+
+_QKV_O_LSE = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse")
+
+
+class ForwardPlan:
+    """The forward launch for one set of layouts of q, k, v and the out and lse buffers."""
+
+    def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple):
+        B, Sq, H, D = q.shape
+        self.device = q.data.device_id
+        self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (B, H, Sq)
+        self.allocates_out, self.allocates_lse = allocates  # (out, lse) were not given: allocate them
+        fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
+                      o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(B), heads=np.int32(H),
+                      seqlen_q=np.int32(Sq), seqlen_k=np.int32(k.shape[1]), head_dim=np.int32(D),
+                      scale_log2=_config.scale_log2(scale))
+        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the TMA tensor maps
+            f = ks.fwd
+            self.maps = _TensorMaps(dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)))
+            inner = tuple(fields[n] for n in _launch.FWD_PARAMS.names)
+            self.params = _launch.ParamTemplate(
+                _launch.FWD_SM90_PARAMS, dict(fwd=inner, **dict(zip("qkv", self.maps(self._qkv(q, k, v))))),
+                pointers=tuple("fwd." + p for p in _QKV_O_LSE), maps=("q", "k", "v"))
+        else:
+            self.maps = None
+            self.params = _launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_QKV_O_LSE)
+        self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
+                                             ks.fwd_smem())
+
+    @staticmethod
+    def _qkv(q, k, v) -> tuple:
+        return (q.data.ptr, k.data.ptr, v.data.ptr)
+
+    def launch(self, q, k, v, o, lse, stream_ptr: int) -> None:
+        qkv = self._qkv(q, k, v)
+        maps = self.maps(qkv) if self.maps is not None else ()
+        self.kernel(stream_ptr, self.params.fill((*qkv, o.data.ptr, lse.data.ptr), maps))
+
+    def __call__(self, q, k, v, out, lse):
+        """(out, lse) for arrays of the plan's layouts, or None when this call cannot take the
+        plan as it is (a pointer off 16 bytes, another current device, an allocation while
+        the stream captures a graph): the caller then takes the checked path."""
+        if not _pointers_aligned(q.data.ptr, k.data.ptr, v.data.ptr, 0 if out is None else out.data.ptr):
+            return None
+        if runtime.getDevice() != self.device:
+            return None
+        stream = cupy.cuda.get_current_stream()
+        if (self.allocates_out or self.allocates_lse) and not _may_allocate(stream):
+            return None
+        o = cupy.empty(self.out_shape, self.dtype) if self.allocates_out else out
+        l = cupy.empty(self.lse_shape, np.float32) if self.allocates_lse else lse
+        self.launch(q, k, v, o, l, stream.ptr)
+        return o, l
+
+
+def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
+    """(out, lse, plan): the forward on any validated inputs, and the plan it ran when that plan
+    serves every later call with the same layouts (None when an input was copied first or the
+    problem is empty)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
         o, o_user = _out_buffer(out, q.shape, q.dtype)
         l = lse if lse is not None else cupy.empty((B, H, Sq), dtype=np.float32)
-        if o.size == 0 or l.size == 0:
+        if o.size == 0 or l.size == 0 or Sk == 0:
+            o = out if out is not None else o
+            if o.size:
+                o.fill(0)
             if l.size:
                 l.fill(-np.inf)  # no keys: every row is empty
-            return (out if out is not None else o), l
-        if Sk == 0:
-            o.fill(0)
-            l.fill(-np.inf)
-            return (out if out is not None else o), l
+            return o, l, None
         ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk)
-        q, k, v = (_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
-        fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
-                      o=_launch.tensor_ref(o), lse=np.uint64(l.data.ptr), batch=np.int32(B), heads=np.int32(H),
-                      seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
-                      scale_log2=_config.scale_log2(scale))
-        if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the TMA tensor maps
-            f = ks.fwd
-            params = _launch.pack_sm90(_launch.FWD_SM90_PARAMS, fields,
-                                       dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)))
-        else:
-            params = _launch.pack(_launch.FWD_PARAMS, **fields)
-        _launch.launch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
-                       ks.fwd_smem(), params)
+        ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
+        plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None))
+        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr)
+        reusable = o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
         if o_user is not None:
             o_user[...] = o
             o = o_user
-        return o, l
+        return o, l, (plan if reusable else None)
 
 
-def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
-             bwd_config=None, workspace=None, deterministic: bool = False):
-    B, Sq, H, D = q.shape
+def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
+    return forward_with_plan(q, k, v, causal=causal, scale=scale, out=out, lse=lse, fwd_config=fwd_config)[:2]
+
+
+_BWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "dout.ptr", "dq.ptr", "dk.ptr", "dv.ptr", "lse", "dsum",
+                 "dq_accum")
+
+
+class BackwardPlan:
+    """The backward launches for one set of layouts of the inputs, gradient buffers and workspace."""
+
+    def __init__(self, ks: _config.KernelSet, dout, q, k, v, out, lse, grads: tuple, scale: float,
+                 allocates: tuple):
+        B, Sq, H, D = q.shape
+        Sk = k.shape[1]
+        self.device = q.data.device_id
+        self.shapes, self.dtype = (q.shape, k.shape, v.shape), q.dtype
+        self.allocates_grads, self.allocates_scratch = allocates  # (dq, dk, dv), workspace not given
+        self.deterministic = ks.deterministic
+        self.dsum_shape, self.dsum_bytes = (B, H, Sq), B * H * Sq * 4
+        self.dsum_bytes_padded = -(-self.dsum_bytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        self.accum_bytes = 0 if ks.deterministic else B * H * Sq * D * 4  # the dQ pass needs no accumulator
+        dq, dk, dv = grads
+        fields = dict(
+            q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
+            o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(dq),
+            dk=_launch.tensor_ref(dk), dv=_launch.tensor_ref(dv), lse=np.uint64(0), dsum=np.uint64(0),
+            dq_accum=np.uint64(0), batch=np.int32(B), heads=np.int32(H), seqlen_q=np.int32(Sq),
+            seqlen_k=np.int32(Sk), head_dim=np.int32(D), scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
+        self.params = _launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS)
+        self.maps = self.main_params = None
+        if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
+            g = ks.bwd
+            self.maps = _TensorMaps(dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
+            inner = tuple(fields[n] for n in _launch.BWD_PARAMS.names)
+            maps = self.maps(self._tiled(dout, q, k, v))
+            self.main_params = _launch.ParamTemplate(
+                _launch.BWD_SM90_PARAMS, dict(bwd=inner, **dict(zip(("q", "k", "v", "dout"), maps))),
+                pointers=tuple("bwd." + p for p in _BWD_POINTERS), maps=("q", "k", "v", "dout"))
+        rows = _config.ROWWISE_ROWS_PER_BLOCK
+        # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
+        self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
+        # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j (not when deterministic)
+        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
+                                           ks.bwd_smem())
+        if ks.deterministic:
+            # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
+            self.finish = _launch.PreparedLaunch(ks, ks.dq_name(), _grid(Sq, ks.dq.block_m, H, B), ks.dq_threads(),
+                                                 ks.dq_smem())
+        else:
+            # 3. dQ = scale * dQ_accum in the input dtype
+            self.finish = _launch.PreparedLaunch(ks, ks.convert_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
+
+    @staticmethod
+    def _tiled(dout, q, k, v) -> tuple:
+        return (q.data.ptr, k.data.ptr, v.data.ptr, dout.data.ptr)
+
+    def scratch(self):
+        """(dsum pointer, dq_accum pointer, the allocation that holds them): both fp32 scratch
+        arrays in one allocation from CuPy's pool, freed when the caller drops it (the pool
+        reuses it only for later work on the same stream)."""
+        mem = cupy.cuda.alloc(self.dsum_bytes_padded + self.accum_bytes)
+        return mem.ptr, (0 if self.deterministic else mem.ptr + self.dsum_bytes_padded), mem
+
+    def launch(self, dout, q, k, v, out, lse, grads, dsum_ptr: int, accum_ptr: int, stream_ptr: int) -> None:
+        dq, dk, dv = grads
+        # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
+        pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, dq.data.ptr, dk.data.ptr,
+                    dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr)
+        params = self.params.fill(pointers)
+        main = params
+        if self.main_params is not None:
+            main = self.main_params.fill(pointers, self.maps(self._tiled(dout, q, k, v)))
+        self.preprocess(stream_ptr, params)
+        self.main(stream_ptr, main)
+        self.finish(stream_ptr, params)
+
+    def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, workspace):
+        """(dq, dk, dv) for arrays of the plan's layouts, or None when this call cannot take the
+        plan as it is (see ForwardPlan.__call__)."""
+        pointers = [dout.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr]
+        if not self.allocates_grads:
+            pointers += [dq.data.ptr, dk.data.ptr, dv.data.ptr]
+        if not _pointers_aligned(*pointers) or runtime.getDevice() != self.device:
+            return None
+        stream = cupy.cuda.get_current_stream()
+        if (self.allocates_grads or self.allocates_scratch) and not _may_allocate(stream):
+            return None
+        if self.allocates_grads:
+            dq, dk, dv = (cupy.empty(shape, self.dtype) for shape in self.shapes)
+        if self.allocates_scratch:
+            dsum_ptr, accum_ptr, _mem = self.scratch()
+        else:
+            dsum_ptr, accum_ptr = workspace[0].data.ptr, (0 if self.deterministic else workspace[1].data.ptr)
+        self.launch(dout, q, k, v, out, lse, (dq, dk, dv), dsum_ptr, accum_ptr, stream.ptr)
+        return dq, dk, dv
+
+
+def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
+                       bwd_config=None, workspace=None, deterministic: bool = False):
+    """((dq, dk, dv), plan): the backward on any validated inputs, and the plan it ran when that
+    plan serves every later call with the same layouts (see forward_with_plan)."""
+    D = q.shape[3]
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
         grads = [_out_buffer(buf, x.shape, q.dtype) for buf, x in ((dq, q), (dk, k), (dv, v))]
-        (g_dq, u_dq), (g_dk, u_dk), (g_dv, u_dv) = grads
+        staged = [g for g, _ in grads]
+        plan = None
         if q.size == 0 or k.size == 0:
-            for g in (g_dq, g_dk, g_dv):
+            for g in staged:
                 g.fill(0)
         else:
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
                                     seqlen_k=Sk)  # the forward's kernel set too: one module per problem
-            dout, q, k, v = (_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v))
-            out = _kernel_ready(out)
-            lse = cupy.ascontiguousarray(lse)
+            ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)
+            lse_ready = cupy.ascontiguousarray(lse)
+            plan = BackwardPlan(ks, *ready, lse_ready, tuple(staged), scale,
+                                allocates=(dq is None, workspace is None))
             if workspace is not None:
-                dsum, dq_accum = workspace
-            else:  # the deterministic dQ pass needs no fp32 accumulator
-                dsum = cupy.empty((B, H, Sq), dtype=np.float32)
-                dq_accum = None if deterministic else cupy.empty((B, H, Sq, D), dtype=np.float32)
-            # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
-            dq_accum_ptr = 0 if deterministic else dq_accum.data.ptr
-            fields = dict(
-                q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
-                o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(g_dq),
-                dk=_launch.tensor_ref(g_dk), dv=_launch.tensor_ref(g_dv), lse=np.uint64(lse.data.ptr),
-                dsum=np.uint64(dsum.data.ptr), dq_accum=np.uint64(dq_accum_ptr), batch=np.int32(B),
-                heads=np.int32(H), seqlen_q=np.int32(Sq), seqlen_k=np.int32(Sk), head_dim=np.int32(D),
-                scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
-            params = _launch.pack(_launch.BWD_PARAMS, **fields)
-            main_params = params
-            if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
-                g = ks.bwd
-                main_params = _launch.pack_sm90(
-                    _launch.BWD_SM90_PARAMS, fields,
-                    dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
-            rows_per_block = _config.ROWWISE_ROWS_PER_BLOCK
-            # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
-            _launch.launch(ks, ks.preprocess_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
-            # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j (not when deterministic)
-            _launch.launch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
-                           ks.bwd_smem(), main_params)
-            if deterministic:
-                # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
-                _launch.launch(ks, ks.dq_name(), _grid(Sq, ks.dq.block_m, H, B), ks.dq_threads(), ks.dq_smem(), params)
+                dsum_ptr, accum_ptr = workspace[0].data.ptr, (0 if deterministic else workspace[1].data.ptr)
             else:
-                # 3. dQ = scale * dQ_accum in the input dtype
-                _launch.launch(ks, ks.convert_name(), _grid(Sq, rows_per_block, H, B), 32 * rows_per_block, 0, params)
+                dsum_ptr, accum_ptr, _mem = plan.scratch()
+            plan.launch(*ready, lse_ready, staged, dsum_ptr, accum_ptr, cupy.cuda.get_current_stream().ptr)
+            inputs = (dout, q, k, v, out, lse)
+            if not (all(a is b for a, b in zip((*ready, lse_ready), inputs))
+                    and all(user is None for _, user in grads) and (dq is None) == (dk is None) == (dv is None)):
+                plan = None
         result = []
-        for g, user in ((g_dq, u_dq), (g_dk, u_dk), (g_dv, u_dv)):
+        for g, user in grads:
             if user is not None:
                 user[...] = g
                 g = user
             result.append(g)
-        return tuple(result)
+        return tuple(result), plan
+
+
+def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
+             bwd_config=None, workspace=None, deterministic: bool = False):
+    return backward_with_plan(dout, q, k, v, out, lse, causal=causal, scale=scale, dq=dq, dk=dk, dv=dv,
+                              bwd_config=bwd_config, workspace=workspace, deterministic=deterministic)[0]
 
 
 def backward_workspace(batch: int, heads: int, seqlen_q: int, head_dim: int):

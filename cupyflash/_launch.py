@@ -7,11 +7,13 @@ the 48 KB default is requested only after checking the device's opt-in limit.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import struct
 
 import numpy as np
 import cupy
+from cupy.cuda import driver
 
 from . import _tma
 from ._compile import NVRTC_OPTIONS, nvrtc_arch
@@ -175,7 +177,63 @@ def _check_grid(grid: tuple) -> tuple:
     return tuple(int(g) for g in grid)
 
 
-def launch(ks: KernelSet, name: str, grid: tuple, threads: int, smem: int, params: np.ndarray) -> None:
-    """Launch kernel ``name`` of ``ks`` on the current device and CuPy's current stream."""
-    fn = _kernel(ks, name, smem)
-    fn(_check_grid(grid), (int(threads),), (params,), shared_mem=int(smem))
+_U64 = struct.Struct("<Q")
+
+
+def _field_offset(dtype: np.dtype, path: str) -> int:
+    """Byte offset of a field given as a dotted path ("fwd.q.ptr") in a (nested) struct dtype."""
+    offset = 0
+    for name in path.split("."):
+        dtype, off = dtype.fields[name][:2]
+        offset += off
+    return offset
+
+
+class ParamTemplate:
+    """A kernel's parameter struct packed once (``pack``), with the offsets of the fields that
+    change from call to call: the data pointers (``pointers``, dotted paths of uint64 fields)
+    and the TMA tensor maps (``maps``, paths of 128-byte fields). ``fill`` copies the bytes and
+    stores those fields: a few hundred nanoseconds where ``pack`` takes microseconds
+    (bench/host_path.py). Everything else in the struct (shapes, strides, scales) is fixed by
+    the layouts the template was packed for."""
+    __slots__ = ("template", "pointer_offsets", "map_offsets", "_buffer_type")
+
+    def __init__(self, dtype: np.dtype, fields: dict, pointers: tuple = (), maps: tuple = ()):
+        self.template = pack(dtype, **fields).tobytes()
+        self.pointer_offsets = tuple(_field_offset(dtype, p) for p in pointers)
+        self.map_offsets = tuple(_field_offset(dtype, p) for p in maps)
+        self._buffer_type = ctypes.c_char * len(self.template)
+
+    def fill(self, pointers: tuple, maps: tuple = ()):
+        """The struct's bytes with these pointers and maps (in the order of the paths), in a
+        ctypes buffer that ``PreparedLaunch`` hands to the driver."""
+        buf = self._buffer_type.from_buffer_copy(self.template)
+        for off, ptr in zip(self.pointer_offsets, pointers):
+            _U64.pack_into(buf, off, ptr)
+        for off, m in zip(self.map_offsets, maps):
+            buf[off:off + _tma.DESC_BYTES] = m
+        return buf
+
+
+
+class PreparedLaunch:
+    """One kernel of a KernelSet ready to launch on the current device: its CUfunction (compiled
+    and loaded at construction, with the shared-memory limit raised), grid, block and dynamic
+    shared memory. A call launches it on a stream with a filled ParamTemplate through the
+    driver's cuLaunchKernel: no per-call argument conversion (CuPy's RawKernel call reads each
+    argument's array interface)."""
+    __slots__ = ("name", "function", "grid", "threads", "smem")
+
+    def __init__(self, ks: KernelSet, name: str, grid: tuple, threads: int, smem: int):
+        self.name = name
+        self.grid = _check_grid(grid)
+        self.threads = int(threads)
+        self.smem = int(smem)
+        self.function = _kernel(ks, name, self.smem).kernel.ptr
+
+    def __call__(self, stream_ptr: int, params) -> None:
+        # cuLaunchKernel copies the argument bytes before it returns: params may go right after
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        gx, gy, gz = self.grid
+        driver.launchKernel(self.function, gx, gy, gz, self.threads, 1, 1, self.smem, stream_ptr,
+                            ctypes.addressof(args), 0)

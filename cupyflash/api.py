@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Union
 
-from . import _checks
+from . import _checks, _plans
 from ._dtypes import lse_dtype
 
 if TYPE_CHECKING:  # for type checkers only: cupyflash imports cupy lazily
@@ -17,12 +17,14 @@ Array = Union["numpy.ndarray", "cupy.ndarray"]
 ArrayInput = Any
 
 
-def _backend(on_gpu: bool):
-    if on_gpu:
-        from . import _cuda_backend as backend
-    else:
-        from . import _numpy_backend as backend
-    return backend
+def _gpu_backend():
+    from . import _cuda_backend
+    return _cuda_backend
+
+
+def _cpu_backend():
+    from . import _numpy_backend
+    return _numpy_backend
 
 
 def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool = False,
@@ -76,6 +78,13 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     ValueError
         Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
+    # a call with the layouts of an earlier one reuses its checked plan (_plans)
+    key = _plans.forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse)
+    plan = _plans.FORWARD.get(key)
+    if plan is not None:
+        result = plan(q, k, v, out, lse)
+        if result is not None:
+            return result if return_lse else result[0]
     q = _checks.as_array(q, "q")
     k = _checks.as_array(k, "k")
     v = _checks.as_array(v, "v")
@@ -95,7 +104,10 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     if on_gpu:
         _checks.check_graph_capture(dev, needed={"out": out, "lse": lse},
                                     in_place={"q": q, "k": k, "v": v, "out": out}, dense={})
-    o, l = _backend(on_gpu).forward(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
+        o, l, plan = _gpu_backend().forward_with_plan(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
+        _plans.FORWARD.put(key, plan)
+    else:
+        o, l = _cpu_backend().forward(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
     return (o, l) if return_lse else o
 
 
@@ -151,6 +163,12 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     TypeError, ValueError
         As for :func:`flash_attention`, naming the argument.
     """
+    key = _plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic)
+    plan = _plans.BACKWARD.get(key)
+    if plan is not None:
+        result = plan(dout, q, k, v, out, lse, dq, dk, dv, workspace)
+        if result is not None:
+            return result
     names = ("dout", "q", "k", "v", "out", "lse")
     arrays = {n: _checks.as_array(a, n) for n, a in zip(names, (dout, q, k, v, out, lse))}
     dev = _checks.check_same_backend(arrays)
@@ -178,8 +196,12 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
             dev, needed={**grads, "workspace": workspace},
             in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")} | grads,
             dense={"lse": arrays["lse"]})
-    return _backend(on_gpu).backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
-                                     causal=causal, scale=scale, **grads, **extra)
+        result, plan = _gpu_backend().backward_with_plan(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
+                                                         causal=causal, scale=scale, **grads, **extra)
+        _plans.BACKWARD.put(key, plan)
+        return result
+    return _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
+                                   causal=causal, scale=scale, **grads, **extra)
 
 
 def backward_workspace(q: ArrayInput) -> tuple[Array, Array]:
