@@ -31,7 +31,8 @@ def _kernel_ready(x: cupy.ndarray, tma: bool = False) -> cupy.ndarray:
     only odd views whose rows do not start on 16-byte boundaries are copied; for TMA loads also
     views with a negative or zero stride)."""
     ready = _aligned(x) and (not tma or _tma.encodable(x.data.ptr, x.shape, x.strides))
-    return x if ready else cupy.ascontiguousarray(x)
+    # a copy even when x is C-contiguous (ascontiguousarray would return x itself, pointer unchanged)
+    return x if ready else x.copy(order="C")
 
 
 def _out_buffer(buf, like_shape, dtype):
