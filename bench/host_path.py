@@ -31,7 +31,7 @@ from tune import time_ms, time_torch_ms  # same directory (bench/)
 
 # (batch, seqlen, heads, head_dim): the small shape of the host-time target, then the short
 # rows of the published benchmark
-TINY = [(1, 128, 8, 64), (1, 128, 8, 128)]
+TINY = [(1, 128, 2, 64), (1, 128, 2, 128)]
 SHORT = [(128, 128, 32, 64), (128, 128, 16, 128), (64, 256, 16, 128)]
 
 
@@ -84,6 +84,45 @@ def torch_cases(q, k, v, do, causal):
     return cases
 
 
+def components(calls: int) -> list:
+    """Microseconds per call of each step a planned call takes, timed alone in a loop (the launch
+    on a tiny kernel-free stream would still queue work, so the launch is left to the totals)."""
+    from cupyflash import _plans, _cuda_backend
+    B, S, H, D = TINY[0]
+    q, k, v, do = (cupy.asarray(np.ones((B, S, H, D), np.float32).astype(BFLOAT16)) for _ in range(4))
+    out, lse = cupyflash.flash_attention(q, k, v, return_lse=True)
+    cupyflash.flash_attention_backward(do, q, k, v, out, lse)
+    fkey = _plans.forward_key(q, k, v, None, None, False, None, False)
+    bkey = _plans.backward_key(do, q, k, v, out, lse, None, None, None, None, False, None, False)
+    fplan, bplan = _plans.FORWARD.get(fkey), _plans.BACKWARD.get(bkey)
+    stream = cupy.cuda.get_current_stream()
+    steps = {
+        "forward_key": lambda: _plans.forward_key(q, k, v, None, None, False, None, False),
+        "backward_key": lambda: _plans.backward_key(do, q, k, v, out, lse, None, None, None, None, False, None, False),
+        "plan lookup": lambda: _plans.FORWARD.get(fkey),
+        "x.data.ptr x3": lambda: (q.data.ptr, k.data.ptr, v.data.ptr),
+        "runtime.getDevice": cupy.cuda.runtime.getDevice,
+        "get_current_stream": cupy.cuda.get_current_stream,
+        "stream.is_capturing": stream.is_capturing,
+        "cupy.empty (out)": lambda: cupy.empty(q.shape, q.dtype),
+        "cupy.cuda.alloc (scratch)": lambda: cupy.cuda.alloc(B * H * S * (D + 1) * 4),
+        "fwd params.fill": lambda: fplan.params.fill((1, 2, 3, 4, 5), fplan.maps((q.data.ptr, k.data.ptr, v.data.ptr))
+                                                     if fplan.maps else ()),
+        "bwd params.fill x2": lambda: (bplan.params.fill(tuple(range(11))), bplan.main_params and
+                                       bplan.main_params.fill(tuple(range(11)), bplan.maps((1, 2, 3, 4)))),
+    }
+    rows = []
+    for name, fn in steps.items():
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rows.append(dict(step=name, us=(time.perf_counter() - t0) / calls * 1e6))
+    cupy.cuda.Device().synchronize()
+    del _cuda_backend
+    return rows
+
+
 def meta() -> dict:
     props = cupy.cuda.runtime.getDeviceProperties(0)
     info = dict(gpu=props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
@@ -113,7 +152,7 @@ def main():
             q, k, v, do = (cupy.asarray(rng.standard_normal(shape, dtype=np.float32).astype(BFLOAT16)) for _ in range(4))
             cases = cupyflash_cases(q, k, v, do, causal)
             if shape == TINY[0] and not causal:
-                a = q.transpose(0, 2, 1, 3).reshape(B * H, S, D)
+                a = q.astype(np.float16).transpose(0, 2, 1, 3).reshape(B * H, S, D)  # CuPy has no bf16 matmul
                 cases["cupy matmul"] = lambda a=a: cupy.matmul(a, a.transpose(0, 2, 1))
             peers = torch_cases(q, k, v, do, causal)
             for name, fn in {**cases, **peers}.items():
@@ -138,9 +177,13 @@ def main():
         print(f"\n--- cProfile, cupyflash {name}, {TINY[0]}, {args.calls} calls (tottime) ---")
         pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     info = meta()
+    steps = components(args.calls)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(meta=info, calls=args.calls, rows=rows), f, indent=1)
+            json.dump(dict(meta=info, calls=args.calls, rows=rows, components=steps), f, indent=1)
+    print(f"\nsteps of a planned call, {TINY[0]}, microseconds each")
+    for r in steps:
+        print(f"{r['step']:>28} {r['us']:>7.2f}")
     print(f"\n{info['gpu']}, bf16, {args.calls} calls back to back, microseconds per call")
     print(f"{'case':>16} {'B':>4} {'S':>4} {'H':>3} {'D':>4} {'causal':>6} {'GPU us':>8} {'host us':>8}")
     for r in rows:

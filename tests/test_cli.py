@@ -1,4 +1,4 @@
-"""The cupyflash command (cli.py) and its machinery (cupyflash.bench).
+"""The cupyflash command (cupyflash/cli.py) and its machinery (cupyflash.bench).
 
 CPU tests run every command through click's CliRunner: help, bad options (usage error,
 exit 2, the option named), the no-GPU behaviour, the JSON / CSV schema (bench on a NumPy
@@ -19,9 +19,7 @@ from click.testing import CliRunner
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX must not take 75% of the GPU
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # cli.py sits at the repository root (a py-module once installed)
-import cli  # noqa: E402
-from cupyflash import api, bench, reference  # noqa: E402
+from cupyflash import api, bench, cli, reference  # noqa: E402
 from cupyflash._dtypes import BFLOAT16  # noqa: E402
 from conftest import GPU_SKIP_REASON, error_report  # noqa: E402
 
@@ -81,6 +79,15 @@ def test_python_cli_py_help_works_from_a_checkout():
     r = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "bench" in r.stdout and "check" in r.stdout
+
+
+def test_python_m_cupyflash_runs_the_command_under_its_own_name(tmp_path):
+    """From any directory (no checkout on sys.path but the installed package)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "cupyflash", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: cupyflash ") and "kernels" in r.stdout
 
 
 def test_run_peers_help_works_from_a_checkout():

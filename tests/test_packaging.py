@@ -22,7 +22,11 @@ def test_wheel_contains_every_kernel_source(tmp_path):
     assert sources, "no kernel sources found in the checkout"
     missing = [s for s in sources if f"cupyflash/kernels_cu/{s}" not in names]
     assert not missing, f"kernel sources missing from {wheel.name}: {missing}"
-    assert "cli.py" in names
+    assert "cupyflash/cli.py" in names and "cupyflash/__main__.py" in names
+    assert "cli.py" not in names, "the wheel must not install a top-level module named cli"
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "cupyflash = cupyflash.cli:main" in text, text
 
 
 def test_sources_are_found_from_the_package():
