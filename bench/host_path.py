@@ -96,6 +96,7 @@ def components(calls: int) -> list:
     bkey = _plans.backward_key(do, q, k, v, out, lse, None, None, None, None, False, None, False)
     fplan, bplan = _plans.FORWARD.get(fkey), _plans.BACKWARD.get(bkey)
     stream = cupy.cuda.get_current_stream()
+    qkv = (q.data.ptr, k.data.ptr, v.data.ptr)
     steps = {
         "forward_key": lambda: _plans.forward_key(q, k, v, None, None, False, None, False),
         "backward_key": lambda: _plans.backward_key(do, q, k, v, out, lse, None, None, None, None, False, None, False),
@@ -106,10 +107,10 @@ def components(calls: int) -> list:
         "stream.is_capturing": stream.is_capturing,
         "cupy.empty (out)": lambda: cupy.empty(q.shape, q.dtype),
         "cupy.cuda.alloc (scratch)": lambda: cupy.cuda.alloc(B * H * S * (D + 1) * 4),
-        "fwd params.fill": lambda: fplan.params.fill((1, 2, 3, 4, 5), fplan.maps((q.data.ptr, k.data.ptr, v.data.ptr))
-                                                     if fplan.maps else ()),
+        "cupy.ndarray(memptr=)": lambda: cupy.ndarray(q.shape, q.dtype, memptr=q.data),
+        "fwd params.fill": lambda: fplan.params.fill((1, 2, 3, 4, 5), fplan.maps(qkv) if fplan.maps else ()),
         "bwd params.fill x2": lambda: (bplan.params.fill(tuple(range(11))), bplan.main_params and
-                                       bplan.main_params.fill(tuple(range(11)), bplan.maps((1, 2, 3, 4)))),
+                                       bplan.main_params.fill(tuple(range(11)), bplan.maps((*qkv, do.data.ptr)))),
     }
     rows = []
     for name, fn in steps.items():

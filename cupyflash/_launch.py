@@ -205,15 +205,15 @@ class ParamTemplate:
         self._buffer_type = ctypes.c_char * len(self.template)
 
     def fill(self, pointers: tuple, maps: tuple = ()):
-        """The struct's bytes with these pointers and maps (in the order of the paths), in a
-        ctypes buffer that ``PreparedLaunch`` hands to the driver."""
-        buf = self._buffer_type.from_buffer_copy(self.template)
+        """The struct's bytes with these pointers and maps (in the order of the paths), as a
+        ctypes view of a fresh bytearray that ``PreparedLaunch`` hands to the driver. (The
+        stores go to the bytearray: slice assignment into a ctypes array copies byte by byte.)"""
+        buf = bytearray(self.template)
         for off, ptr in zip(self.pointer_offsets, pointers):
             _U64.pack_into(buf, off, ptr)
         for off, m in zip(self.map_offsets, maps):
             buf[off:off + _tma.DESC_BYTES] = m
-        return buf
-
+        return self._buffer_type.from_buffer(buf)  # the view keeps buf alive
 
 
 class PreparedLaunch:
