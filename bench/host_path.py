@@ -109,8 +109,9 @@ def components(calls: int) -> list:
         "cupy.cuda.alloc (scratch)": lambda: cupy.cuda.alloc(B * H * S * (D + 1) * 4),
         "cupy.ndarray(memptr=)": lambda: cupy.ndarray(q.shape, q.dtype, memptr=q.data),
         "fwd params.fill": lambda: fplan.params.fill((1, 2, 3, 4, 5), fplan.maps(qkv) if fplan.maps else ()),
-        "bwd params.fill x2": lambda: (bplan.params.fill(tuple(range(11))), bplan.main_params and
-                                       bplan.main_params.fill(tuple(range(11)), bplan.maps((*qkv, do.data.ptr)))),
+        "bwd params.fill": lambda: bplan.params.fill(tuple(range(11)), bplan.maps((*qkv, do.data.ptr))
+                                                     if bplan.maps else ()),
+        "3 arrays in one allocation": lambda: _cuda_backend._empty_together(*((q.shape, q.dtype),) * 3),
     }
     rows = []
     for name, fn in steps.items():
@@ -120,7 +121,6 @@ def components(calls: int) -> list:
             fn()
         rows.append(dict(step=name, us=(time.perf_counter() - t0) / calls * 1e6))
     cupy.cuda.Device().synchronize()
-    del _cuda_backend
     return rows
 
 

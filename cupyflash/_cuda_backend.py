@@ -18,7 +18,7 @@ from cupy.cuda import runtime
 from . import _config, _launch, _tma
 
 _ALIGN = 16  # cp.async copies 16 bytes: pointers and (batch, seqlen, heads) strides must be 16-byte multiples
-_SCRATCH_ALIGN = 256  # the backward's fp32 scratch arrays share one allocation, each on a 256-byte boundary
+_SCRATCH_ALIGN = 256  # arrays that share one allocation each start on a 256-byte boundary
 _MAP_CACHE_SIZE = 64  # TMA tensor maps a plan keeps, by data pointers (a training loop cycles through a few)
 
 
@@ -41,6 +41,18 @@ def _out_buffer(buf, like_shape, dtype):
     if _aligned(buf):
         return buf, None
     return cupy.empty(like_shape, dtype=dtype), buf  # write to a staging buffer, copy back after
+
+
+def _empty_together(*shapes_dtypes) -> list:
+    """Uninitialised arrays of these (shape, dtype)s in one allocation from CuPy's pool, each on
+    a 256-byte boundary: one allocation and a view each cost about half of an empty() each on
+    the lent host (bench/host_path.py). The block lives as long as any of the arrays does."""
+    offsets, total = [], 0
+    for shape, dtype in shapes_dtypes:
+        offsets.append(total)
+        total += -(-math.prod(shape) * np.dtype(dtype).itemsize // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    mem = cupy.cuda.alloc(total)
+    return [cupy.ndarray(shape, dtype, memptr=mem + off) for (shape, dtype), off in zip(shapes_dtypes, offsets)]
 
 
 def _cc(device_id=None) -> int:
@@ -137,10 +149,16 @@ class ForwardPlan:
         stream = cupy.cuda.get_current_stream()
         if (self.allocates_out or self.allocates_lse) and not _may_allocate(stream):
             return None
-        o = cupy.empty(self.out_shape, self.dtype) if self.allocates_out else out
-        l = cupy.empty(self.lse_shape, np.float32) if self.allocates_lse else lse
+        o, l = self.outputs(out, lse)
         self.launch(q, k, v, o, l, stream.ptr)
         return o, l
+
+    def outputs(self, out, lse) -> tuple:
+        """out and lse, allocated where not given (together when both are missing)."""
+        if self.allocates_out and self.allocates_lse:
+            return tuple(_empty_together((self.out_shape, self.dtype), (self.lse_shape, np.float32)))
+        return (cupy.empty(self.out_shape, self.dtype) if self.allocates_out else out,
+                cupy.empty(self.lse_shape, np.float32) if self.allocates_lse else lse)
 
 
 def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
@@ -174,6 +192,7 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
     return forward_with_plan(q, k, v, causal=causal, scale=scale, out=out, lse=lse, fwd_config=fwd_config)[:2]
 
 
+assert _launch.BWD_SM90_PARAMS.fields["bwd"][1] == 0  # BackwardPlan.launch passes one buffer to all kernels
 _BWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "dout.ptr", "dq.ptr", "dk.ptr", "dv.ptr", "lse", "dsum",
                  "dq_accum")
 
@@ -199,16 +218,17 @@ class BackwardPlan:
             dk=_launch.tensor_ref(dk), dv=_launch.tensor_ref(dv), lse=np.uint64(0), dsum=np.uint64(0),
             dq_accum=np.uint64(0), batch=np.int32(B), heads=np.int32(H), seqlen_q=np.int32(Sq),
             seqlen_k=np.int32(Sk), head_dim=np.int32(D), scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
-        self.params = _launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS)
-        self.maps = self.main_params = None
         if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
             g = ks.bwd
             self.maps = _TensorMaps(dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
             inner = tuple(fields[n] for n in _launch.BWD_PARAMS.names)
             maps = self.maps(self._tiled(dout, q, k, v))
-            self.main_params = _launch.ParamTemplate(
+            self.params = _launch.ParamTemplate(
                 _launch.BWD_SM90_PARAMS, dict(bwd=inner, **dict(zip(("q", "k", "v", "dout"), maps))),
                 pointers=tuple("bwd." + p for p in _BWD_POINTERS), maps=("q", "k", "v", "dout"))
+        else:
+            self.maps = None
+            self.params = _launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS)
         rows = _config.ROWWISE_ROWS_PER_BLOCK
         # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
         self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
@@ -239,12 +259,11 @@ class BackwardPlan:
         # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, dq.data.ptr, dk.data.ptr,
                     dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr)
-        params = self.params.fill(pointers)
-        main = params
-        if self.main_params is not None:
-            main = self.main_params.fill(pointers, self.maps(self._tiled(dout, q, k, v)))
+        # one buffer for the three kernels: BwdSm90Params starts with the BwdParams that the
+        # preprocess and the dQ kernels read (the driver copies as many bytes as each kernel takes)
+        params = self.params.fill(pointers, self.maps(self._tiled(dout, q, k, v)) if self.maps is not None else ())
         self.preprocess(stream_ptr, params)
-        self.main(stream_ptr, main)
+        self.main(stream_ptr, params)
         self.finish(stream_ptr, params)
 
     def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, workspace):
@@ -259,7 +278,7 @@ class BackwardPlan:
         if (self.allocates_grads or self.allocates_scratch) and not _may_allocate(stream):
             return None
         if self.allocates_grads:
-            dq, dk, dv = (cupy.empty(shape, self.dtype) for shape in self.shapes)
+            dq, dk, dv = _empty_together(*((shape, self.dtype) for shape in self.shapes))
         if self.allocates_scratch:
             dsum_ptr, accum_ptr, _mem = self.scratch()
         else:
