@@ -175,6 +175,14 @@ class AttentionShape:
 
 
 def check_qkv(q, k, v) -> AttentionShape:
+    shape = check_qkv_shapes(q, k, v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(name, x)
+    return shape
+
+
+def check_qkv_shapes(q, k, v) -> AttentionShape:
+    """The shape rules alone (no strides: traced JAX values have none)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, seqlen, heads, head_dim), "
@@ -189,8 +197,6 @@ def check_qkv(q, k, v) -> AttentionShape:
         raise ValueError(f"k and v must have the same seqlen, got {k.shape[1]} and {v.shape[1]}")
     if D % HEAD_DIM_MULTIPLE or not (0 < D <= MAX_HEAD_DIM):
         raise ValueError(f"head_dim {D} is not supported; supported head_dim: {SUPPORTED_HEAD_DIMS_TEXT}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_last_dim_contiguous(name, x)
     return AttentionShape(B, Sq, k.shape[1], H, D)
 
 

@@ -1,0 +1,163 @@
+"""cupyflash as JAX functions: usable under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+
+    from cupyflash.jax import flash_attention
+    out = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True))(q, k, v)
+
+How: ``jax.experimental.buffer_callback`` calls a Python function while XLA runs the
+computation, handing it XLA's device buffers (inputs and the outputs to fill) and XLA's CUDA
+stream. The callback wraps each buffer as a cupy array on its own pointer (no copy), and runs
+cupyflash's forward or backward on that stream with every output preallocated by XLA: the
+workspace of the backward is two more outputs of the call, so CuPy allocates nothing and the
+host never waits for the GPU. The gradient is a ``jax.custom_vjp`` whose forward saves
+(q, k, v, out, lse) and whose backward is cupyflash's. Under ``jax.vmap`` the callback gets
+the mapped axes in front ("broadcast_all") and folds them into the batch axis.
+
+Arguments are checked when the function is traced, with the messages of the array API
+(shapes, dtypes, head_dim, flags): a ValueError or TypeError naming the argument. The
+layout is flash-attn's, (batch, seqlen, heads, head_dim). GPU arrays only (CUDA JAX).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+try:
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.buffer_callback import buffer_callback
+except ImportError as e:  # JAX is an optional extra
+    raise ImportError("cupyflash.jax needs JAX with CUDA support, which is not installed: "
+                      "pip install 'cupyflash[jax]' (or jax[cuda13] / jax[cuda12] yourself)") from e
+
+import numpy as np
+
+from . import _checks, api
+
+__all__ = ["flash_attention"]
+
+
+# ---- trace time: the checks --------------------------------------------------------------
+
+def _check(q, k, v, causal, softmax_scale):
+    """The array API's checks on the traced shapes and dtypes: (causal, scale)."""
+    named = {"q": q, "k": k, "v": v}
+    for name, x in named.items():
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
+    _checks.check_dtype({n: _Spec(x) for n, x in named.items()}, on_gpu=True)
+    shape = _checks.check_qkv_shapes(*(_Spec(x) for x in (q, k, v)))
+    return _checks.check_bool("causal", causal), _checks.check_scale(softmax_scale, shape.head_dim)
+
+
+class _Spec:
+    """shape, ndim and dtype of a traced value, as _checks reads them."""
+
+    def __init__(self, x):
+        self.shape, self.dtype = tuple(x.shape), np.dtype(x.dtype)
+        self.ndim = len(self.shape)
+
+
+# ---- run time: the callbacks on XLA's buffers ----------------------------------------------
+
+def _as_cupy(buf, folded_shape):
+    """An XLA buffer as a cupy array on its own memory (no copy), its leading (vmapped and
+    batch) axes folded into one: ``folded_shape``."""
+    import cupy
+    iface = buf.__cuda_array_interface__
+    ptr = iface["data"][0]
+    dtype = np.dtype(buf.dtype)
+    nbytes = math.prod(buf.shape) * dtype.itemsize
+    mem = cupy.cuda.UnownedMemory(ptr, nbytes, buf)
+    return cupy.ndarray(folded_shape, dtype, memptr=cupy.cuda.MemoryPointer(mem, 0))
+
+
+def _fold(shape, trailing: int) -> tuple:
+    """(prod(leading axes), *the last ``trailing`` axes)."""
+    return (math.prod(shape[:-trailing]),) + tuple(shape[-trailing:])
+
+
+def _on_xla_stream(ctx):
+    import cupy
+    if not ctx.stream:
+        raise RuntimeError("cupyflash.jax runs on CUDA devices only; these arrays are not on a GPU")
+    return cupy.cuda.ExternalStream(ctx.stream)
+
+
+def _forward_callback(causal, scale, ctx, outs, q, k, v):
+    o_buf, lse_buf = outs
+    qkv = [_as_cupy(b, _fold(b.shape, 3)) for b in (q, k, v)]
+    with _on_xla_stream(ctx):
+        api.flash_attention(*qkv, causal=causal, softmax_scale=scale, out=_as_cupy(o_buf, _fold(o_buf.shape, 3)),
+                            lse=_as_cupy(lse_buf, _fold(lse_buf.shape, 2)))
+
+
+def _backward_callback(causal, scale, ctx, outs, dout, q, k, v, o, lse):
+    dq, dk, dv, ws_d, ws_acc = outs
+    ins = [_as_cupy(b, _fold(b.shape, 3)) for b in (dout, q, k, v, o)]
+    grads = {n: _as_cupy(b, _fold(b.shape, 3)) for n, b in (("dq", dq), ("dk", dk), ("dv", dv))}
+    workspace = (_as_cupy(ws_d, _fold(ws_d.shape, 2)), _as_cupy(ws_acc, _fold(ws_acc.shape, 3)))
+    with _on_xla_stream(ctx):
+        api.flash_attention_backward(*ins, _as_cupy(lse, _fold(lse.shape, 2)), causal=causal, softmax_scale=scale,
+                                     workspace=workspace, **grads)
+
+
+def _forward_call(q, k, v, causal, scale):
+    B, Sq, H, D = q.shape
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Sq), jnp.float32))
+    return buffer_callback(functools.partial(_forward_callback, causal, scale), shapes,
+                           vmap_method="broadcast_all")(q, k, v)
+
+
+def _backward_call(dout, q, k, v, o, lse, causal, scale):
+    B, Sq, H, D = q.shape
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+              jax.ShapeDtypeStruct(v.shape, v.dtype),
+              jax.ShapeDtypeStruct((B, H, Sq), jnp.float32),      # workspace: D = rowsum(dO * O)
+              jax.ShapeDtypeStruct((B, H, Sq, D), jnp.float32))   # workspace: the fp32 dQ accumulator
+    return buffer_callback(functools.partial(_backward_callback, causal, scale), shapes,
+                           vmap_method="broadcast_all")(dout, q, k, v, o, lse)[:3]
+
+
+# ---- the differentiable function ---------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, causal, scale):
+    return _forward_call(q, k, v, causal, scale)
+
+
+def _attention_fwd(q, k, v, causal, scale):
+    out, lse = _forward_call(q, k, v, causal, scale)
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _attention_bwd(causal, scale, residuals, cotangents):
+    q, k, v, out, lse = residuals
+    dout, _ = cotangents  # lse is returned but not differentiated: its cotangent is ignored
+    return _backward_call(dout.astype(q.dtype), q, k, v, out, lse, causal, scale)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                    return_lse: bool = False):
+    """:func:`cupyflash.flash_attention` as a JAX function (jit, grad, vmap).
+
+    Parameters
+    ----------
+    q : jax.Array, shape (batch, seqlen_q, heads, head_dim), on a CUDA device
+    k, v : jax.Array, shape (batch, seqlen_k, heads, head_dim)
+        float16, bfloat16 or float32, one dtype; head_dim a multiple of 8 up to 256.
+    causal, softmax_scale : as in :func:`cupyflash.flash_attention`.
+    return_lse : bool
+        Also return the float32 (batch, heads, seqlen_q) log-sum-exp (not differentiable:
+        its cotangent is ignored).
+
+    Returns
+    -------
+    out, or (out, lse)
+    """
+    causal, scale = _check(q, k, v, causal, softmax_scale)
+    return_lse = _checks.check_bool("return_lse", return_lse)
+    out, lse = _attention(q, k, v, causal, scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,197 @@
+"""cupyflash.jax (issue 17, part 2), as specifications:
+
+- ``jax.jit(jax.grad(loss))`` through cupyflash.jax gives the gradients of float64 attention
+  within flash-attn's bound (2x naive attention's error in the same precision), as
+  ``jax.nn.dot_product_attention`` with cuDNN does on the same inputs;
+- it works under ``jax.vmap`` over a leading axis, and the kernels read XLA's buffers in place;
+- a jitted train step of a small transformer with cupyflash attention lowers its loss;
+- wrong arguments raise at trace time, naming the argument; without JAX, importing
+  cupyflash.jax says JAX is missing and how to install it.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX starts: leave memory to CuPy
+
+import numpy as np
+import pytest
+
+from cupyflash import reference
+from cupyflash._dtypes import BFLOAT16, FLOAT16, FLOAT32
+
+from test_gpu_kernels import assert_within, backward_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_without_jax_the_import_says_what_to_install():
+    code = "import sys; sys.modules['jax'] = None\ntry:\n import cupyflash.jax\nexcept ImportError as e:\n print(e)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "cupyflash.jax needs JAX" in r.stdout and "pip install 'cupyflash[jax]'" in r.stdout, r.stdout
+
+
+def _jax():
+    jax = pytest.importorskip("jax", reason="JAX is an optional extra: pip install 'cupyflash[jax]'")
+    import cupyflash.jax as cfj
+    return jax, cfj
+
+
+def _gpu(jax):
+    for platform in ("cuda", "gpu"):
+        try:
+            return jax.devices(platform)[0]
+        except RuntimeError as e:
+            reason = f"JAX has no CUDA backend: {e}"
+    pytest.skip(reason)
+
+
+@pytest.mark.parametrize("args,kwargs,error,pattern", [
+    (((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64, 1)), {}, ValueError, r"^v must have 4 dimensions"),
+    (((1, 8, 2, 64), (1, 8, 3, 64), (1, 8, 3, 64)), {}, ValueError, r"^k has shape \(1, 8, 3, 64\) but q has"),
+    (((1, 8, 2, 60), (1, 8, 2, 60), (1, 8, 2, 60)), {}, ValueError, r"^head_dim 60 is not supported"),
+    (((1, 8, 2, 64),) * 3, {"causal": 1}, TypeError, r"^causal must be a bool, got int"),
+    (((1, 8, 2, 64),) * 3, {"softmax_scale": -1.0}, ValueError, r"^softmax_scale must be finite and > 0"),
+    (((1, 8, 2, 64),) * 3, {"return_lse": "yes"}, TypeError, r"^return_lse must be a bool"),
+])
+def test_bad_arguments_raise_at_trace_time_naming_the_argument(args, kwargs, error, pattern):
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    specs = [jax.ShapeDtypeStruct(s, jnp.float16) for s in args]
+    with pytest.raises(error, match=pattern):
+        jax.eval_shape(lambda q, k, v: cfj.flash_attention(q, k, v, **kwargs), *specs)
+
+
+def test_a_dtype_the_kernels_lack_is_a_value_error_at_trace_time():
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    spec = jax.ShapeDtypeStruct((1, 8, 2, 64), jnp.int32)
+    with pytest.raises(ValueError, match=r"^q has dtype int32; supported on the GPU: float16, bfloat16, float32"):
+        jax.eval_shape(lambda q: cfj.flash_attention(q, q, q), spec)
+
+
+def test_the_function_has_the_arrays_output_shapes():
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    q = jax.ShapeDtypeStruct((2, 5, 3, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 7, 3, 64), jnp.bfloat16)
+    out, lse = jax.eval_shape(lambda q, k: cfj.flash_attention(q, k, k, return_lse=True), q, k)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((2, 5, 3, 64), jnp.bfloat16, (2, 3, 5), jnp.float32)
+
+
+# ---- on the GPU ----------------------------------------------------------------------------
+
+def _loss_grads(jax, attention, causal):
+    import jax.numpy as jnp
+
+    def loss(q, k, v, dout):
+        return jnp.sum(attention(q, k, v, causal).astype(jnp.float32) * dout.astype(jnp.float32))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_jit_grad_matches_float64_as_cudnn_does(rng, dtype, causal):
+    jax, cfj = _jax()
+    gpu = _gpu(jax)
+    q, k, v, dout = backward_inputs(rng, dtype, 2, 512, 512, 4, 128)
+    jq, jk, jv, jdo = (jax.device_put(x, gpu) for x in (q, k, v, dout))
+    ours = _loss_grads(jax, lambda q, k, v, c: cfj.flash_attention(q, k, v, causal=c), causal)
+    cudnn = _loss_grads(jax, lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, is_causal=c,
+                                                                              implementation="cudnn"), causal)
+    ref_o, _ = reference.attention(q, k, v, causal=causal, upcast=True)
+    naive_o, _ = reference.attention(q, k, v, causal=causal, upcast=False)
+    ref_g = reference.attention_backward(dout, q, k, v, causal=causal, upcast=True)
+    naive_g = reference.attention_backward(dout, q, k, v, causal=causal, upcast=False)
+    out = np.asarray(jax.jit(lambda q, k, v: cfj.flash_attention(q, k, v, causal=causal))(jq, jk, jv))
+    assert_within(f"out [jit, causal={causal}]", out, ref_o, naive_o, dtype)
+    for impl, fn in (("cupyflash.jax", ours), ("cuDNN", cudnn)):
+        _, grads = fn(jq, jk, jv, jdo)
+        for name, got, want, nv in zip(("dq", "dk", "dv"), grads, ref_g, naive_g):
+            assert_within(f"{name} [{impl}, jit(grad), causal={causal}]", np.asarray(got), want, nv, dtype)
+
+
+@pytest.mark.gpu
+def test_vmap_over_a_leading_axis_is_the_same_as_a_loop(rng):
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    gpu = _gpu(jax)
+    q, k, v, dout = (np.stack(t) for t in zip(*(backward_inputs(rng, BFLOAT16, 2, 130, 200, 2, 64) for _ in range(3))))
+    jq, jk, jv, jdo = (jax.device_put(x, gpu) for x in (q, k, v, dout))
+    f = lambda q, k, v: cfj.flash_attention(q, k, v, causal=True)  # noqa: E731
+    mapped = jax.jit(jax.vmap(f))(jq, jk, jv)
+    looped = jnp.stack([f(jq[i], jk[i], jv[i]) for i in range(3)])
+    assert mapped.shape == (3, 2, 130, 2, 64)
+    assert np.array_equal(np.asarray(mapped), np.asarray(looped))
+    # and its gradient, with k, v shared across the mapped axis
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax.vmap(f, in_axes=(0, None, None))(q, k, v).astype(jnp.float32)
+                                                 * jdo.astype(jnp.float32)), argnums=(0, 1, 2)))(jq, jk[0], jv[0])
+    for i in range(3):
+        want = reference.attention_backward(dout[i], q[i], k[0], v[0], causal=True, upcast=True)
+        naive = reference.attention_backward(dout[i], q[i], k[0], v[0], causal=True, upcast=False)
+        assert_within(f"dq [vmap {i}]", np.asarray(g[0][i]), want[0], naive[0], BFLOAT16)
+    dk_want = sum(reference.attention_backward(dout[i], q[i], k[0], v[0], causal=True, upcast=True)[1] for i in range(3))
+    dk_naive = sum(reference.attention_backward(dout[i], q[i], k[0], v[0], causal=True, upcast=False)[1].astype(np.float64)
+                   for i in range(3))
+    assert_within("dk [vmap, summed over the mapped axis]", np.asarray(g[1]), dk_want, dk_naive, BFLOAT16, factor=3.0)
+
+
+@pytest.mark.gpu
+def test_the_kernels_read_xla_buffers_in_place():
+    """_as_cupy views the buffer's own memory: the pointer the CUDA array interface names."""
+    jax, cfj = _jax()
+    import cupy
+
+    class FakeBuffer:  # what buffer_callback hands over: shape, dtype, __cuda_array_interface__
+        def __init__(self, array):
+            self.shape, self.dtype = array.shape, array.dtype
+            self.__cuda_array_interface__ = array.__cuda_array_interface__
+
+    x = cupy.arange(2 * 3 * 4 * 8, dtype=cupy.float16).reshape(2, 3, 4, 8)
+    view = cfj._as_cupy(FakeBuffer(x), (2, 3, 4, 8))
+    assert view.data.ptr == x.data.ptr and view.dtype == x.dtype
+    folded = cfj._as_cupy(FakeBuffer(x.reshape(1, 2, 3, 4, 8)), cfj._fold((1, 2, 3, 4, 8), 3))
+    assert folded.shape == (2, 3, 4, 8) and folded.data.ptr == x.data.ptr
+
+
+@pytest.mark.gpu
+def test_a_jitted_train_step_of_a_small_transformer_lowers_its_loss(rng):
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    gpu = _gpu(jax)
+    V, B, S, H, D = 16, 8, 64, 2, 64
+    E = H * D
+    tokens = jax.device_put(rng.integers(0, V, (B, S)).astype(np.int32), gpu)  # predict the previous token
+
+    def init(key):
+        ks = jax.random.split(key, 5)
+        return {"emb": jax.random.normal(ks[0], (V, E)) * 0.1, "pos": jax.random.normal(ks[1], (S, E)) * 0.1,
+                "qkv": jax.random.normal(ks[2], (E, 3 * E)) / np.sqrt(E),
+                "proj": jax.random.normal(ks[3], (E, E)) / np.sqrt(E), "out": jax.random.normal(ks[4], (E, V)) / np.sqrt(E)}
+
+    def loss(p, tokens):
+        x = p["emb"][tokens] + p["pos"]
+        q, k, v = jnp.split(x @ p["qkv"], 3, axis=-1)
+        q, k, v = (t.reshape(B, S, H, D).astype(jnp.bfloat16) for t in (q, k, v))
+        a = cfj.flash_attention(q, k, v, causal=True).reshape(B, S, E).astype(jnp.float32)
+        logits = (x + a @ p["proj"]) @ p["out"]
+        target = jnp.roll(tokens, 1, axis=1)[:, 1:]
+        logp = jax.nn.log_softmax(logits[:, 1:])
+        return -jnp.mean(jnp.take_along_axis(logp, target[..., None], axis=-1))
+
+    @jax.jit
+    def step(p, tokens):
+        value, grads = jax.value_and_grad(loss)(p, tokens)
+        return jax.tree.map(lambda w, g: w - 0.5 * g, p, grads), value
+
+    params = jax.device_put(init(jax.random.PRNGKey(0)), gpu)
+    losses = []
+    for _ in range(60):
+        params, value = step(params, tokens)
+        losses.append(float(value))
+    assert all(np.isfinite(losses)), losses
+    assert losses[-1] < 0.5 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}: {losses[::10]}"
