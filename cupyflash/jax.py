@@ -63,8 +63,10 @@ def _as_cupy(buf, folded_shape):
     """An XLA buffer as a cupy array on its own memory (no copy), its leading (vmapped and
     batch) axes folded into one: ``folded_shape``."""
     import cupy
-    iface = buf.__cuda_array_interface__
-    ptr = iface["data"][0]
+    try:
+        ptr = buf.__cuda_array_interface__["data"][0]
+    except (AttributeError, TypeError, ValueError):  # a dtype the interface cannot name: DLPack
+        return cupy.from_dlpack(buf).reshape(folded_shape)
     dtype = np.dtype(buf.dtype)
     nbytes = math.prod(buf.shape) * dtype.itemsize
     mem = cupy.cuda.UnownedMemory(ptr, nbytes, buf)
@@ -85,18 +87,18 @@ def _on_xla_stream(ctx):
 
 def _forward_callback(causal, scale, ctx, outs, q, k, v):
     o_buf, lse_buf = outs
-    qkv = [_as_cupy(b, _fold(b.shape, 3)) for b in (q, k, v)]
     with _on_xla_stream(ctx):
+        qkv = [_as_cupy(b, _fold(b.shape, 3)) for b in (q, k, v)]
         api.flash_attention(*qkv, causal=causal, softmax_scale=scale, out=_as_cupy(o_buf, _fold(o_buf.shape, 3)),
                             lse=_as_cupy(lse_buf, _fold(lse_buf.shape, 2)))
 
 
 def _backward_callback(causal, scale, ctx, outs, dout, q, k, v, o, lse):
     dq, dk, dv, ws_d, ws_acc = outs
-    ins = [_as_cupy(b, _fold(b.shape, 3)) for b in (dout, q, k, v, o)]
-    grads = {n: _as_cupy(b, _fold(b.shape, 3)) for n, b in (("dq", dq), ("dk", dk), ("dv", dv))}
-    workspace = (_as_cupy(ws_d, _fold(ws_d.shape, 2)), _as_cupy(ws_acc, _fold(ws_acc.shape, 3)))
     with _on_xla_stream(ctx):
+        ins = [_as_cupy(b, _fold(b.shape, 3)) for b in (dout, q, k, v, o)]
+        grads = {n: _as_cupy(b, _fold(b.shape, 3)) for n, b in (("dq", dq), ("dk", dk), ("dv", dv))}
+        workspace = (_as_cupy(ws_d, _fold(ws_d.shape, 2)), _as_cupy(ws_acc, _fold(ws_acc.shape, 3)))
         api.flash_attention_backward(*ins, _as_cupy(lse, _fold(lse.shape, 2)), causal=causal, softmax_scale=scale,
                                      workspace=workspace, **grads)
 
