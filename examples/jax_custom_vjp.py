@@ -23,7 +23,7 @@ What it costs against ``jax.nn.dot_product_attention(..., implementation="cudnn"
 
 - It runs eagerly: cupyflash launches from Python, so ``flash_attention_jax`` cannot sit
   inside ``jax.jit`` (a traced value has no memory to hand over; it raises a TypeError
-  saying so). Jit the code around it instead.
+  saying so). ``cupyflash.jax.flash_attention`` is the jittable version (buffer_callback).
 - Per call: a few microseconds per DLPack handoff (3 in + 2 out forward, 6 in + 3 out
   backward), the Python checks and launches, and the host waiting at each fence, so JAX
   cannot queue work ahead while attention runs.
@@ -60,7 +60,8 @@ def _to_cupy(x: jax.Array) -> cupy.ndarray:
     """JAX -> CuPy, zero-copy; CuPy's current stream waits for x (DLPack stream handshake)."""
     if isinstance(x, jax.core.Tracer):
         raise TypeError("flash_attention_jax runs eagerly (cupyflash launches its kernels from "
-                        "Python): call it outside jax.jit / jax.vmap and jit the code around it")
+                        "Python): call it outside jax.jit / jax.vmap, or use cupyflash.jax.flash_attention, "
+                        "which works under jit, grad and vmap")
     return cupy.from_dlpack(x)
 
 
