@@ -140,12 +140,13 @@ class ForwardPlan:
 
     def __call__(self, q, k, v, out, lse):
         """(out, lse) for arrays of the plan's layouts, or None when this call cannot take the
-        plan as it is (a pointer off 16 bytes, another current device, an allocation while
-        the stream captures a graph): the caller then takes the checked path."""
+        plan as it is (a pointer off 16 bytes, an allocation while the stream captures a
+        graph): the caller then takes the checked path."""
         if not _pointers_aligned(q.data.ptr, k.data.ptr, v.data.ptr, 0 if out is None else out.data.ptr):
             return None
         if runtime.getDevice() != self.device:
-            return None
+            with cupy.cuda.Device(self.device):  # the arrays' device; its current stream
+                return self(q, k, v, out, lse)
         stream = cupy.cuda.get_current_stream()
         if (self.allocates_out or self.allocates_lse) and not _may_allocate(stream):
             return None
@@ -272,8 +273,11 @@ class BackwardPlan:
         pointers = [dout.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr]
         if not self.allocates_grads:
             pointers += [dq.data.ptr, dk.data.ptr, dv.data.ptr]
-        if not _pointers_aligned(*pointers) or runtime.getDevice() != self.device:
+        if not _pointers_aligned(*pointers):
             return None
+        if runtime.getDevice() != self.device:
+            with cupy.cuda.Device(self.device):  # the arrays' device; its current stream
+                return self(dout, q, k, v, out, lse, dq, dk, dv, workspace)
         stream = cupy.cuda.get_current_stream()
         if (self.allocates_grads or self.allocates_scratch) and not _may_allocate(stream):
             return None

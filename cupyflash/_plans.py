@@ -6,7 +6,7 @@ the pointers. So api.py keys each call on those layouts (``forward_key``, ``back
 keeps the plan the checked path built (_cuda_backend.ForwardPlan, BackwardPlan). A later call
 with the same key skips the checks and the planning: one key and one dictionary lookup, then
 the plan fills in the pointers and launches. What the key cannot hold is checked by the plan
-on every call (pointer alignment, the current device, graph capture); a call that fails
+on every call (pointer alignment, graph capture; it switches to the arrays' device); a call that fails
 those takes the checked path. Only exact cupy.ndarray inputs get keys: other objects are
 converted first, so they take the checked path every time.
 """
