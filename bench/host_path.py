@@ -25,6 +25,7 @@ import numpy as np
 import cupy
 
 import cupyflash
+from cupyflash import _cuda_backend
 from cupyflash._dtypes import BFLOAT16
 
 from tune import time_ms, time_torch_ms  # same directory (bench/)
@@ -53,8 +54,12 @@ def cupyflash_cases(q, k, v, do, causal):
     bufs = dict(out=cupy.empty_like(q), lse=cupy.empty_like(lse))
     grads = dict(dq=cupy.empty_like(q), dk=cupy.empty_like(k), dv=cupy.empty_like(v),
                  workspace=cupyflash.backward_workspace(q))
+    # inputs at new pointers on every call: more sets than a plan keeps filled parameters for
+    sets = [tuple(x.copy() for x in (q, k, v)) for _ in range(_cuda_backend._PARAM_CACHE_SIZE + 16)]
+    turn = iter(range(10 ** 9))
     return {
         "fwd": lambda: cupyflash.flash_attention(q, k, v, causal=causal),
+        "fwd new ptrs": lambda: cupyflash.flash_attention(*sets[next(turn) % len(sets)], causal=causal),
         "fwd out=": lambda: cupyflash.flash_attention(q, k, v, causal=causal, **bufs),
         "bwd": lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal),
         "bwd dq=..ws=": lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal, **grads),
@@ -87,7 +92,7 @@ def torch_cases(q, k, v, do, causal):
 def components(calls: int) -> list:
     """Microseconds per call of each step a planned call takes, timed alone in a loop (the launch
     on a tiny kernel-free stream would still queue work, so the launch is left to the totals)."""
-    from cupyflash import _plans, _cuda_backend
+    from cupyflash import _plans
     B, S, H, D = TINY[0]
     q, k, v, do = (cupy.asarray(np.ones((B, S, H, D), np.float32).astype(BFLOAT16)) for _ in range(4))
     out, lse = cupyflash.flash_attention(q, k, v, return_lse=True)
@@ -108,10 +113,12 @@ def components(calls: int) -> list:
         "cupy.empty (out)": lambda: cupy.empty(q.shape, q.dtype),
         "cupy.cuda.alloc (scratch)": lambda: cupy.cuda.alloc(B * H * S * (D + 1) * 4),
         "cupy.ndarray(memptr=)": lambda: cupy.ndarray(q.shape, q.dtype, memptr=q.data),
-        "fwd params.fill": lambda: fplan.params.fill((1, 2, 3, 4, 5), fplan.maps(qkv) if fplan.maps else ()),
-        "bwd params.fill": lambda: bplan.params.fill(tuple(range(11)), bplan.maps((*qkv, do.data.ptr))
-                                                     if bplan.maps else ()),
-        "3 arrays in one allocation": lambda: _cuda_backend._empty_together(*((q.shape, q.dtype),) * 3),
+        "cupy.ndarray(shape, dtype)": lambda: cupy.ndarray(q.shape, q.dtype),
+        "fwd params, cached": lambda: fplan.params((*qkv, 4, 5)),
+        "fwd params, filled": lambda: fplan.params.template.fill((*qkv, 4, 5), fplan.params.maps(qkv)
+                                                                 if fplan.params.maps else ()),
+        "bwd params, filled": lambda: bplan.params.template.fill((*qkv, *range(3, 11)), bplan.params.maps(
+            (*qkv, do.data.ptr)) if bplan.params.maps else ()),
     }
     rows = []
     for name, fn in steps.items():

@@ -18,8 +18,9 @@ from cupy.cuda import runtime
 from . import _config, _launch, _tma
 
 _ALIGN = 16  # cp.async copies 16 bytes: pointers and (batch, seqlen, heads) strides must be 16-byte multiples
-_SCRATCH_ALIGN = 256  # arrays that share one allocation each start on a 256-byte boundary
-_MAP_CACHE_SIZE = 64  # TMA tensor maps a plan keeps, by data pointers (a training loop cycles through a few)
+_SCRATCH_ALIGN = 256  # the backward's two fp32 scratch arrays share one allocation, each on a 256-byte boundary
+_F32 = np.dtype(np.float32)
+_PARAM_CACHE_SIZE = 64  # filled parameter buffers a plan keeps, by data pointers (a loop cycles through a few)
 
 
 def _aligned(x: cupy.ndarray) -> bool:
@@ -41,18 +42,6 @@ def _out_buffer(buf, like_shape, dtype):
     if _aligned(buf):
         return buf, None
     return cupy.empty(like_shape, dtype=dtype), buf  # write to a staging buffer, copy back after
-
-
-def _empty_together(*shapes_dtypes) -> list:
-    """Uninitialised arrays of these (shape, dtype)s in one allocation from CuPy's pool, each on
-    a 256-byte boundary: one allocation and a view each cost about half of an empty() each on
-    the lent host (bench/host_path.py). The block lives as long as any of the arrays does."""
-    offsets, total = [], 0
-    for shape, dtype in shapes_dtypes:
-        offsets.append(total)
-        total += -(-math.prod(shape) * np.dtype(dtype).itemsize // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
-    mem = cupy.cuda.alloc(total)
-    return [cupy.ndarray(shape, dtype, memptr=mem + off) for (shape, dtype), off in zip(shapes_dtypes, offsets)]
 
 
 def _cc(device_id=None) -> int:
@@ -83,22 +72,35 @@ def _may_allocate(stream) -> bool:
 
 class _TensorMaps:
     """The TMA tensor maps of a plan's tiled inputs: the layout and box of each is fixed by the
-    plan, so a map depends on its data pointer alone; the last few are kept by pointer."""
-    __slots__ = ("specs", "cache")
+    plan, so a map depends on its data pointer alone."""
+    __slots__ = ("specs",)
 
     def __init__(self, tiles: dict):
         # name -> (array, box rows): the layout of each comes from the array the plan was made for
         self.specs = tuple((x.dtype, x.shape, x.strides, rows) for x, rows in tiles.values())
-        self.cache = {}
 
     def __call__(self, pointers: tuple) -> tuple:
-        maps = self.cache.get(pointers)
-        if maps is None:
-            if len(self.cache) >= _MAP_CACHE_SIZE:
+        return tuple(_tma.tensor_map(p, *spec[:3], spec[3]) for p, spec in zip(pointers, self.specs))
+
+
+class _FilledParams:
+    """A plan's parameter buffers by data pointers: a call whose pointers an earlier call had
+    (CuPy's pool hands a loop the same blocks again) reuses its filled buffer, read-only (the
+    driver copies the bytes at each launch); others fill the template, with the TMA maps."""
+    __slots__ = ("template", "maps", "tiled", "cache")
+
+    def __init__(self, template: _launch.ParamTemplate, maps: _TensorMaps | None, tiled: tuple = ()):
+        self.template, self.maps, self.tiled = template, maps, tiled  # tiled: which pointers have maps
+        self.cache = {}
+
+    def __call__(self, pointers: tuple):
+        buf = self.cache.get(pointers)
+        if buf is None:
+            if len(self.cache) >= _PARAM_CACHE_SIZE:
                 self.cache.clear()
-            maps = tuple(_tma.tensor_map(p, *spec[:3], spec[3]) for p, spec in zip(pointers, self.specs))
-            self.cache[pointers] = maps
-        return maps
+            maps = self.maps(tuple(pointers[i] for i in self.tiled)) if self.maps is not None else ()
+            buf = self.cache[pointers] = self.template.fill(pointers, maps)
+        return buf
 
 
 _QKV_O_LSE = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse")
@@ -118,14 +120,14 @@ class ForwardPlan:
                       scale_log2=_config.scale_log2(scale))
         if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the TMA tensor maps
             f = ks.fwd
-            self.maps = _TensorMaps(dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)))
+            maps = _TensorMaps(dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)))
             inner = tuple(fields[n] for n in _launch.FWD_PARAMS.names)
-            self.params = _launch.ParamTemplate(
-                _launch.FWD_SM90_PARAMS, dict(fwd=inner, **dict(zip("qkv", self.maps(self._qkv(q, k, v))))),
+            template = _launch.ParamTemplate(
+                _launch.FWD_SM90_PARAMS, dict(fwd=inner, **dict(zip("qkv", maps(self._qkv(q, k, v))))),
                 pointers=tuple("fwd." + p for p in _QKV_O_LSE), maps=("q", "k", "v"))
+            self.params = _FilledParams(template, maps, tiled=(0, 1, 2))
         else:
-            self.maps = None
-            self.params = _launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_QKV_O_LSE)
+            self.params = _FilledParams(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_QKV_O_LSE), None)
         self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
                                              ks.fwd_smem())
 
@@ -134,9 +136,7 @@ class ForwardPlan:
         return (q.data.ptr, k.data.ptr, v.data.ptr)
 
     def launch(self, q, k, v, o, lse, stream_ptr: int) -> None:
-        qkv = self._qkv(q, k, v)
-        maps = self.maps(qkv) if self.maps is not None else ()
-        self.kernel(stream_ptr, self.params.fill((*qkv, o.data.ptr, lse.data.ptr), maps))
+        self.kernel(stream_ptr, self.params((q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr)))
 
     def __call__(self, q, k, v, out, lse):
         """(out, lse) for arrays of the plan's layouts, or None when this call cannot take the
@@ -155,11 +155,9 @@ class ForwardPlan:
         return o, l
 
     def outputs(self, out, lse) -> tuple:
-        """out and lse, allocated where not given (together when both are missing)."""
-        if self.allocates_out and self.allocates_lse:
-            return tuple(_empty_together((self.out_shape, self.dtype), (self.lse_shape, np.float32)))
-        return (cupy.empty(self.out_shape, self.dtype) if self.allocates_out else out,
-                cupy.empty(self.lse_shape, np.float32) if self.allocates_lse else lse)
+        """out and lse, allocated where not given."""
+        return (cupy.ndarray(self.out_shape, self.dtype) if self.allocates_out else out,
+                cupy.ndarray(self.lse_shape, _F32) if self.allocates_lse else lse)
 
 
 def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
@@ -221,15 +219,15 @@ class BackwardPlan:
             seqlen_k=np.int32(Sk), head_dim=np.int32(D), scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
         if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
             g = ks.bwd
-            self.maps = _TensorMaps(dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
+            maps = _TensorMaps(dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
             inner = tuple(fields[n] for n in _launch.BWD_PARAMS.names)
-            maps = self.maps(self._tiled(dout, q, k, v))
-            self.params = _launch.ParamTemplate(
-                _launch.BWD_SM90_PARAMS, dict(bwd=inner, **dict(zip(("q", "k", "v", "dout"), maps))),
+            template = _launch.ParamTemplate(
+                _launch.BWD_SM90_PARAMS, dict(bwd=inner, **dict(zip(("q", "k", "v", "dout"), maps(
+                    (q.data.ptr, k.data.ptr, v.data.ptr, dout.data.ptr))))),
                 pointers=tuple("bwd." + p for p in _BWD_POINTERS), maps=("q", "k", "v", "dout"))
+            self.params = _FilledParams(template, maps, tiled=(0, 1, 2, 4))  # q, k, v, dout in _BWD_POINTERS
         else:
-            self.maps = None
-            self.params = _launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS)
+            self.params = _FilledParams(_launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS), None)
         rows = _config.ROWWISE_ROWS_PER_BLOCK
         # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
         self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
@@ -243,10 +241,6 @@ class BackwardPlan:
         else:
             # 3. dQ = scale * dQ_accum in the input dtype
             self.finish = _launch.PreparedLaunch(ks, ks.convert_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
-
-    @staticmethod
-    def _tiled(dout, q, k, v) -> tuple:
-        return (q.data.ptr, k.data.ptr, v.data.ptr, dout.data.ptr)
 
     def scratch(self):
         """(dsum pointer, dq_accum pointer, the allocation that holds them): both fp32 scratch
@@ -262,7 +256,7 @@ class BackwardPlan:
                     dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr)
         # one buffer for the three kernels: BwdSm90Params starts with the BwdParams that the
         # preprocess and the dQ kernels read (the driver copies as many bytes as each kernel takes)
-        params = self.params.fill(pointers, self.maps(self._tiled(dout, q, k, v)) if self.maps is not None else ())
+        params = self.params(pointers)
         self.preprocess(stream_ptr, params)
         self.main(stream_ptr, params)
         self.finish(stream_ptr, params)
@@ -282,7 +276,7 @@ class BackwardPlan:
         if (self.allocates_grads or self.allocates_scratch) and not _may_allocate(stream):
             return None
         if self.allocates_grads:
-            dq, dk, dv = _empty_together(*((shape, self.dtype) for shape in self.shapes))
+            dq, dk, dv = (cupy.ndarray(shape, self.dtype) for shape in self.shapes)
         if self.allocates_scratch:
             dsum_ptr, accum_ptr, _mem = self.scratch()
         else:

@@ -78,11 +78,21 @@ def _fold(shape, trailing: int) -> tuple:
     return (math.prod(shape[:-trailing]),) + tuple(shape[-trailing:])
 
 
+class _XlaStream:
+    """XLA's stream pointer, as the CUDA stream protocol hands a stream over."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
 def _on_xla_stream(ctx):
     import cupy
     if not ctx.stream:
         raise RuntimeError("cupyflash.jax runs on CUDA devices only; these arrays are not on a GPU")
-    return cupy.cuda.ExternalStream(ctx.stream)
+    return cupy.cuda.Stream.from_external(_XlaStream(ctx.stream))
 
 
 def _forward_callback(causal, scale, ctx, outs, q, k, v):

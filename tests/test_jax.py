@@ -184,14 +184,19 @@ def test_a_jitted_train_step_of_a_small_transformer_lowers_its_loss(rng):
         return -jnp.mean(jnp.take_along_axis(logp, target[..., None], axis=-1))
 
     @jax.jit
-    def step(p, tokens):
-        value, grads = jax.value_and_grad(loss)(p, tokens)
-        return jax.tree.map(lambda w, g: w - 0.5 * g, p, grads), value
+    def step(p, m, v, t, tokens):  # Adam, lr 3e-3
+        value, g = jax.value_and_grad(loss)(p, tokens)
+        m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, g)
+        v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, v, g)
+        p = jax.tree.map(lambda w, m, v: w - 3e-3 * (m / (1 - 0.9 ** t)) / (jnp.sqrt(v / (1 - 0.999 ** t)) + 1e-8),
+                         p, m, v)
+        return p, m, v, value
 
     params = jax.device_put(init(jax.random.PRNGKey(0)), gpu)
+    m, v = (jax.tree.map(jnp.zeros_like, params) for _ in range(2))
     losses = []
-    for _ in range(60):
-        params, value = step(params, tokens)
+    for t in range(1, 61):  # the same model with XLA's attention on the CPU: 2.78 -> 0.01
+        params, m, v, value = step(params, m, v, t, tokens)
         losses.append(float(value))
     assert all(np.isfinite(losses)), losses
-    assert losses[-1] < 0.5 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}: {losses[::10]}"
+    assert losses[-1] < 0.25 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}: {losses[::10]}"
