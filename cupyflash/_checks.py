@@ -172,6 +172,11 @@ class AttentionShape:
     seqlen_k: int
     heads: int
     head_dim: int
+    heads_kv: int = -1  # -1: as many as heads
+
+    def __post_init__(self):
+        if self.heads_kv == -1:
+            object.__setattr__(self, "heads_kv", self.heads)
 
 
 def check_qkv(q, k, v) -> AttentionShape:
@@ -189,15 +194,21 @@ def check_qkv_shapes(q, k, v) -> AttentionShape:
                              f"got shape {tuple(x.shape)}")
     B, Sq, H, D = q.shape
     for name, x in (("k", k), ("v", v)):
-        b, _, h, d = x.shape
-        if (b, h, d) != (B, H, D):
-            raise ValueError(f"{name} has shape {tuple(x.shape)} but q has {tuple(q.shape)}: batch, "
-                             "heads and head_dim must match (layout is batch, seqlen, heads, head_dim)")
+        b, _, _, d = x.shape
+        if (b, d) != (B, D):
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but q has {tuple(q.shape)}: batch and "
+                             "head_dim must match (layout is batch, seqlen, heads, head_dim)")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same seqlen, got {k.shape[1]} and {v.shape[1]}")
+    H_kv = k.shape[2]
+    if v.shape[2] != H_kv:
+        raise ValueError(f"v has {v.shape[2]} heads but k has {H_kv}: k and v must have the same heads")
+    if H != H_kv and (H_kv == 0 or H % H_kv):
+        raise ValueError(f"q has {H} heads but k and v have {H_kv}: the query heads must be a multiple of the "
+                         "key/value heads (grouped-query attention: query head h reads kv head h // (H_q // H_kv))")
     if D % HEAD_DIM_MULTIPLE or not (0 < D <= MAX_HEAD_DIM):
         raise ValueError(f"head_dim {D} is not supported; supported head_dim: {SUPPORTED_HEAD_DIMS_TEXT}")
-    return AttentionShape(B, Sq, k.shape[1], H, D)
+    return AttentionShape(B, Sq, k.shape[1], H, D, H_kv)
 
 
 def check_like(name: str, x, shape: tuple, dtype, what: str):
@@ -268,3 +279,55 @@ def check_graph_capture(device: int, needed: dict, in_place: dict, dense: dict):
         if not x.flags.c_contiguous:
             raise ValueError(f"{n} would be copied to a C-contiguous buffer, which cannot happen "
                              "during CUDA-graph capture: pass a C-contiguous array")
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_per_head(name: str, x, shapes: tuple, input_dtype, device, rule: str):
+    """A float32 per-head array (float64 too for float64 inputs) of one of ``shapes``, on ``device``."""
+    x = as_array(x, name)
+    if _device_of(x) != device:
+        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}")
+    allowed = (np.dtype(np.float32),) + ((np.dtype(np.float64),) if np.dtype(input_dtype) == np.float64 else ())
+    if x.dtype not in allowed:
+        raise ValueError(f"{name} must have dtype {' or '.join(dtype_name(d) for d in allowed)}, got {dtype_name(x.dtype)}")
+    if tuple(x.shape) not in shapes:
+        raise ValueError(f"{name} must have shape {' or '.join(str(s) for s in shapes)} ({rule}), got {tuple(x.shape)}")
+    return x
+
+
+def check_variants(shape: AttentionShape, dtype, device, causal: bool, window_size, softcap, alibi_slopes, sinks):
+    """window_size, softcap, alibi_slopes, sinks (issue 14's variants) -> a Variants."""
+    from ._variants import UNBOUNDED, Variants
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    left, right = (_check_int(f"window_size[{n}]", w) for n, w in enumerate(window_size))
+    for n, w in enumerate((left, right)):
+        if w < UNBOUNDED:
+            raise ValueError(f"window_size[{n}] must be >= -1 (-1: unbounded), got {w}")
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softcap must be a real number, got {type(softcap).__name__}")
+    if not math.isfinite(float(softcap)) or softcap < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0: no softcap), got {softcap!r}")
+    H, B = shape.heads, shape.batch
+    if alibi_slopes is not None:
+        alibi_slopes = _check_per_head("alibi_slopes", alibi_slopes, ((H,), (B, H)), dtype, device,
+                                       "one slope per query head, or per batch and query head")
+    if sinks is not None:
+        sinks = _check_per_head("sinks", sinks, ((H,),), dtype, device, "one sink logit per query head")
+    return Variants.of(causal, (left, right), float(softcap), alibi_slopes, sinks)
+
+
+def check_gpu_variants(shape: AttentionShape, variants):
+    """The variants the CUDA kernels do not have yet raise here, naming the argument."""
+    todo = [name for name, used in (("k/v with fewer heads than q (grouped-query attention)", shape.heads_kv != shape.heads),
+                                    ("window_size", variants.window not in ((-1, -1), (-1, 0))),
+                                    ("softcap", variants.softcap > 0), ("alibi_slopes", variants.alibi_slopes is not None),
+                                    ("sinks", variants.sinks is not None)) if used]
+    if todo:
+        raise ValueError(f"{', '.join(todo)}: not supported on the GPU yet; the NumPy backend (numpy arrays) has "
+                         "every variant, and the CUDA kernels for them are in progress")

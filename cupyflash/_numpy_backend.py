@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._dtypes import FLOAT32, FLOAT64, lse_dtype
+from ._variants import Variants
 
 #: queries per tile (rows of S)
 BLOCK_M = 128
@@ -41,150 +42,167 @@ def _bhsd(x, dtype):
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=dtype)
 
 
-def _scale_log2(scale: float) -> float:
-    """The one factor applied to raw scores: exp(S * scale) == exp2(S * scale_log2)."""
-    return scale * LOG2E
-
-
 # ---------------------------------------------------------------------------------------
-# Causal mask (bottom-right aligned): query i sees keys j <= i + seqlen_k - seqlen_q.
+# Heads: query head h reads kv head h // G (G = H_q // H_kv, grouped-query attention). The
+# arrays are viewed as (batch, H_kv, G, seqlen, dim), k and v as (batch, H_kv, 1, seqlen, dim):
+# the batched matmuls broadcast each kv head over its group, nothing is repeated in memory.
 
-def _keys_end(i1: int, causal: bool, seqlen_q: int, seqlen_k: int) -> int:
-    """One past the last key any query before i1 sees; later key blocks are skipped."""
-    if not causal:
-        return seqlen_k
-    return max(0, min(seqlen_k, i1 + seqlen_k - seqlen_q))
-
-
-def _first_query(j0: int, causal: bool, seqlen_q: int, seqlen_k: int) -> int:
-    """The first query that sees key j0; earlier queries are skipped for that key block."""
-    if not causal:
-        return 0
-    return min(seqlen_q, max(0, j0 - (seqlen_k - seqlen_q)))
+def _grouped(x, heads_kv: int):
+    """(batch, H_q, ...) -> (batch, H_kv, G, ...)."""
+    group = x.shape[1] // heads_kv if heads_kv else 1  # no heads at all: an empty problem
+    return x.reshape(x.shape[0], heads_kv, group, *x.shape[2:])
 
 
-def _apply_causal_mask(S, i0: int, j0: int, seqlen_q: int, seqlen_k: int):
-    """S for queries i0.. and keys j0.., with -inf where a key lies after the query's last key."""
-    rows, cols = S.shape[-2:]
-    if j0 + cols - 1 <= i0 + seqlen_k - seqlen_q:  # the tile's top row already sees every key
-        return S
-    i = np.arange(i0, i0 + rows)[:, None]
-    j = np.arange(j0, j0 + cols)[None, :]
-    return np.where(j <= i + (seqlen_k - seqlen_q), S, -np.inf)
+def _per_head(values, batch: int, heads_kv: int, trailing: int):
+    """A per-head float array ((H_q,) or (batch, H_q)) as (batch or 1, H_kv, G, 1 x trailing)."""
+    if values is None:
+        return None
+    v = np.asarray(values, np.float64).reshape(-1 if np.ndim(values) == 2 else 1, np.shape(values)[-1])
+    return v.reshape(v.shape[0], heads_kv, -1, *((1,) * trailing))
+
+
+def _tiles(first: int, end: int, block: int):
+    """Tile starts covering [first, end), aligned to multiples of block as the kernels' are."""
+    return range(first // block * block, end, block)
 
 
 # ---------------------------------------------------------------------------------------
 # Forward
 
-def _forward_query_block(Q_i, K, V, i0, *, causal, scale_log2, seqlen_q):
-    """O_i and lse_i for one block of queries Q_i (batch, heads, rows, dim) starting at i0."""
-    seqlen_k = K.shape[2]
-    m = np.full(Q_i.shape[:3], -np.inf, Q_i.dtype)  # running max of the raw scores S
-    l = np.zeros(Q_i.shape[:3], Q_i.dtype)          # running sum of exp2(S * scale_log2 - m')
-    O = np.zeros(Q_i.shape, Q_i.dtype)              # running sum of P V, not yet divided by l
-    for j0 in range(0, _keys_end(i0 + Q_i.shape[2], causal, seqlen_q, seqlen_k), BLOCK_N):
-        K_j, V_j = K[:, :, j0:j0 + BLOCK_N], V[:, :, j0:j0 + BLOCK_N]
-        S = Q_i @ K_j.swapaxes(-1, -2)
-        if causal:
-            S = _apply_causal_mask(S, i0, j0, seqlen_q, seqlen_k)
-        m_new = np.maximum(m, S.max(axis=-1))
+def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_log2):
+    """O_i and lse_i for one block of queries Q_i (batch, H_kv, G, rows, dim) starting at i0."""
+    seqlen_k, rows = K.shape[-2], Q_i.shape[-2]
+    i = np.arange(i0, i0 + rows)[:, None]
+    if sink_log2 is None:
+        m = np.full(Q_i.shape[:-1], -np.inf, Q_i.dtype)  # running max of the logits (log2 units)
+        l = np.zeros(Q_i.shape[:-1], Q_i.dtype)          # running sum of exp2(logit - m)
+    else:  # the sink is a logit every row sees first: m = sink, l = exp2(sink - m) = 1
+        m = np.broadcast_to(sink_log2, Q_i.shape[:-1]).astype(Q_i.dtype)
+        l = np.ones(Q_i.shape[:-1], Q_i.dtype)
+    O = np.zeros(Q_i.shape, Q_i.dtype)                   # running sum of P V, not yet divided by l
+    for j0 in _tiles(*var.key_range(i0, i0 + rows, seqlen_q, seqlen_k), BLOCK_N):
+        K_j, V_j = K[..., j0:j0 + BLOCK_N, :], V[..., j0:j0 + BLOCK_N, :]
+        j = np.arange(j0, j0 + K_j.shape[-2])[None, :]
+        X = var.logits((Q_i @ K_j.swapaxes(-1, -2)) * scale, i, j, seqlen_q, seqlen_k, slopes) * LOG2E
+        m_new = np.maximum(m, X.max(axis=-1))
         # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead so that
         # exp2(-inf - shift) = 0 rather than exp2(-inf + inf) = NaN.
-        shift = np.where(m_new == -np.inf, 0, m_new * scale_log2)
-        alpha = np.exp2(m * scale_log2 - shift)  # rescales what was summed under the old max
-        P = np.exp2(S * scale_log2 - shift[..., None])
+        shift = np.where(m_new == -np.inf, 0, m_new)
+        alpha = np.exp2(m - shift)  # rescales what was summed under the old max
+        P = np.exp2(X - shift[..., None])
         l = alpha * l + P.sum(axis=-1)
         O = alpha[..., None] * O + P @ V_j
         m = m_new
-    # Rows that saw no key (l = 0): out 0, lse -inf.
+    # Rows that saw no key and no sink (l = 0): out 0, lse -inf.
     l_safe = np.where(l == 0, 1, l)
     O /= l_safe[..., None]
-    lse = np.where(l == 0, -np.inf, (m * scale_log2 + np.log2(l_safe)) * LN2)
+    lse = np.where(l == 0, -np.inf, (m + np.log2(l_safe)) * LN2)
     return O, lse
 
 
-def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None):
+def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, variants: Variants | None = None):
     """Attention output and log-sum-exp by the blocked online-softmax algorithm.
 
     Parameters
     ----------
     q : numpy array (batch, seqlen_q, heads, head_dim)
-    k, v : numpy arrays (batch, seqlen_k, heads, head_dim), q's dtype
+    k, v : numpy arrays (batch, seqlen_k, heads_kv, head_dim), q's dtype; heads_kv divides heads
     causal : bool
     scale : float
         The softmax scale, > 0.
     out : numpy array shaped like q, q's dtype, optional
     lse : numpy array (batch, heads, seqlen_q), float32 (float64 for float64 inputs), optional
         Written in place and returned when given.
+    variants : Variants, optional
+        Window, softcap, ALiBi, sinks (causal folded in); default: ``Variants.of(causal)``.
 
     Returns
     -------
     (out, lse)
     """
+    var = variants or Variants.of(causal)
     batch, seqlen_q, heads, _ = q.shape
+    heads_kv = k.shape[2]
     acc = _accumulator_dtype(q.dtype)
     if out is None:
         out = np.empty(q.shape, q.dtype)
     if lse is None:
         lse = np.empty((batch, heads, seqlen_q), lse_dtype(q.dtype))
-    K, V = _bhsd(k, acc), _bhsd(v, acc)
-    q_bhsd, out_bhsd = q.transpose(0, 2, 1, 3), out.transpose(0, 2, 1, 3)
+    K, V = (_bhsd(x, acc)[:, :, None] for x in (k, v))
+    Q = _grouped(_bhsd(q, acc), heads_kv)
+    slopes = _per_head(var.alibi_slopes, batch, heads_kv, 2)
+    sink_log2 = None if var.sinks is None else _per_head(var.sinks, batch, heads_kv, 1) * LOG2E
+    out_g, lse_g = _grouped(out.transpose(0, 2, 1, 3), heads_kv), _grouped(lse, heads_kv)
     for i0 in range(0, seqlen_q, BLOCK_M):
         i1 = min(i0 + BLOCK_M, seqlen_q)
-        Q_i = np.ascontiguousarray(q_bhsd[:, :, i0:i1], dtype=acc)
-        O_i, lse_i = _forward_query_block(Q_i, K, V, i0, causal=causal,
-                                          scale_log2=_scale_log2(scale), seqlen_q=seqlen_q)
-        out_bhsd[:, :, i0:i1] = O_i
-        lse[:, :, i0:i1] = lse_i
+        O_i, lse_i = _forward_query_block(Q[..., i0:i1, :], K, V, i0, scale=scale, var=var, seqlen_q=seqlen_q,
+                                          slopes=slopes, sink_log2=sink_log2)
+        out_g[..., i0:i1, :] = O_i
+        lse_g[..., i0:i1] = lse_i
     return out, lse
 
 
 # ---------------------------------------------------------------------------------------
 # Backward
 
-def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None):
-    """Gradients of attention with respect to q, k and v, recomputing P from lse.
+def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
+             variants: Variants | None = None):
+    """Gradients of attention with respect to q, k and v (and the sinks), recomputing P from lse.
 
     Parameters
     ----------
     dout, out : numpy arrays shaped like q, q's dtype
-    q, k, v, causal, scale
+    q, k, v, causal, scale, variants
         As for :func:`forward`.
     lse : numpy array (batch, heads, seqlen_q)
-        The forward pass's log-sum-exp (-inf for queries that see no key).
+        The forward pass's log-sum-exp (-inf for queries that see no key and no sink).
     dq, dk, dv : numpy arrays shaped like q, k, v, q's dtype, optional
         Written in place and returned when given.
 
     Returns
     -------
-    (dq, dk, dv) in q's dtype.
+    (dq, dk, dv) in q's dtype; with sinks, (dq, dk, dv, dsinks), dsinks float32 (H_q,)
+    (float64 for float64 inputs). dk, dv of a kv head sum over the query heads of its group.
     """
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    var = variants or Variants.of(causal)
+    batch, seqlen_q, heads, _ = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
     acc = _accumulator_dtype(q.dtype)
     dq = np.empty(q.shape, q.dtype) if dq is None else dq
     dk = np.empty(k.shape, q.dtype) if dk is None else dk
     dv = np.empty(v.shape, q.dtype) if dv is None else dv
-    Q, K, V, dO = (_bhsd(x, acc) for x in (q, k, v, dout))
-    D = np.sum(dO * _bhsd(out, acc), axis=-1)  # rowsum(dO * O), (batch, heads, seqlen_q)
-    scale_log2 = _scale_log2(scale)
-    # P = exp2(S * scale_log2 - lse * LOG2E); a row with lse = -inf saw no key: subtracting
-    # +inf makes its P exactly 0 (where -(-inf) would give exp2(+inf) or NaN).
-    lse_log2 = lse.astype(acc) * LOG2E
+    K, V = (_bhsd(x, acc)[:, :, None] for x in (k, v))
+    Q, dO, O = (_grouped(_bhsd(x, acc), heads_kv) for x in (q, dout, out))
+    D = np.sum(dO * O, axis=-1)  # rowsum(dO * O), (batch, H_kv, G, seqlen_q)
+    slopes = _per_head(var.alibi_slopes, batch, heads_kv, 2)
+    # P = exp2(logit - lse * LOG2E); a row with lse = -inf saw no key: subtracting +inf makes
+    # its P exactly 0 (where -(-inf) would give exp2(+inf) or NaN).
+    lse_log2 = _grouped(lse.astype(acc), heads_kv) * LOG2E
     lse_log2 = np.where(lse_log2 == -np.inf, np.inf, lse_log2)
     dQ = np.zeros(Q.shape, acc)
     dk_bhsd, dv_bhsd = dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
     for j0 in range(0, seqlen_k, BLOCK_N):
-        K_j, V_j = K[:, :, j0:j0 + BLOCK_N], V[:, :, j0:j0 + BLOCK_N]
-        i0 = _first_query(j0, causal, seqlen_q, seqlen_k)
-        Q_i, dO_i = Q[:, :, i0:], dO[:, :, i0:]
-        S = Q_i @ K_j.swapaxes(-1, -2)  # at most seqlen_q x BLOCK_N per head
-        if causal:
-            S = _apply_causal_mask(S, i0, j0, seqlen_q, seqlen_k)
-        P = np.exp2(S * scale_log2 - lse_log2[:, :, i0:, None])
-        dv_bhsd[:, :, j0:j0 + BLOCK_N] = P.swapaxes(-1, -2) @ dO_i
+        K_j, V_j = K[..., j0:j0 + BLOCK_N, :], V[..., j0:j0 + BLOCK_N, :]
+        j1 = j0 + K_j.shape[-2]
+        i0, i1 = var.query_range(j0, j1, seqlen_q, seqlen_k)
+        if i0 >= i1:  # no query sees these keys
+            dk_bhsd[:, :, j0:j1] = 0
+            dv_bhsd[:, :, j0:j1] = 0
+            continue
+        Q_i, dO_i = Q[..., i0:i1, :], dO[..., i0:i1, :]
+        i, j = np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]
+        S = (Q_i @ K_j.swapaxes(-1, -2)) * scale  # at most seqlen_q x BLOCK_N per head
+        P = np.exp2(var.logits(S, i, j, seqlen_q, seqlen_k, slopes) * LOG2E - lse_log2[..., i0:i1, None])
+        dv_bhsd[:, :, j0:j1] = (P.swapaxes(-1, -2) @ dO_i).sum(axis=2)  # summed over the group
         dP = dO_i @ V_j.swapaxes(-1, -2)
-        dS = P * (dP - D[:, :, i0:, None])
-        dk_bhsd[:, :, j0:j0 + BLOCK_N] = scale * (dS.swapaxes(-1, -2) @ Q_i)
-        dQ[:, :, i0:] += scale * (dS @ K_j)
-    dq.transpose(0, 2, 1, 3)[...] = dQ
-    return dq, dk, dv
+        dS = P * (dP - D[..., i0:i1, None]) * var.softcap_grad(S)  # d loss / d scaled score
+        dk_bhsd[:, :, j0:j1] = scale * (dS.swapaxes(-1, -2) @ Q_i).sum(axis=2)
+        dQ[..., i0:i1, :] += scale * (dS @ K_j)
+    dq.transpose(0, 2, 1, 3)[...] = dQ.reshape(batch, heads, seqlen_q, q.shape[3])
+    if var.sinks is None:
+        return dq, dk, dv
+    # d loss / d sink_h = -sum over rows of P_sink * D, P_sink = exp(sink_h - lse)
+    sink = _per_head(var.sinks, batch, heads_kv, 1)
+    p_sink = np.exp(sink - _grouped(lse.astype(acc), heads_kv))
+    dsinks = -(p_sink * D).sum(axis=(0, 3)).reshape(heads).astype(lse_dtype(q.dtype))
+    return dq, dk, dv, dsinks

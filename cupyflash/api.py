@@ -17,6 +17,12 @@ Array = Union["numpy.ndarray", "cupy.ndarray"]
 ArrayInput = Any
 
 
+def _dense(window_size, softcap, alibi_slopes, sinks) -> bool:
+    """No variant asked for, by the defaults' exact types (a bool softcap is not 0.0)."""
+    return (alibi_slopes is None and sinks is None and type(softcap) in (float, int) and softcap == 0
+            and type(window_size) is tuple and window_size == (-1, -1))
+
+
 def _gpu_backend():
     from . import _cuda_backend
     return _cuda_backend
@@ -28,15 +34,18 @@ def _cpu_backend():
 
 
 def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool = False,
-                    softmax_scale: float | None = None, return_lse: bool = False,
-                    out: ArrayInput | None = None,
+                    softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                    softcap: float = 0.0, alibi_slopes: ArrayInput | None = None, sinks: ArrayInput | None = None,
+                    return_lse: bool = False, out: ArrayInput | None = None,
                     lse: ArrayInput | None = None) -> Array | tuple[Array, Array]:
     """Exact attention ``softmax(q @ k^T * softmax_scale) @ v``, computed tile by tile.
 
     Parameters
     ----------
     q : array, shape (batch, seqlen_q, heads, head_dim)
-    k, v : arrays, shape (batch, seqlen_k, heads, head_dim)
+    k, v : arrays, shape (batch, seqlen_k, heads_kv, head_dim)
+        heads_kv divides heads (grouped-query attention; heads_kv < heads on the NumPy backend
+        only, so far): query head h reads kv head h // (heads // heads_kv).
         cupy arrays run the CUDA kernels on their own device, on CuPy's current stream for
         that device; numpy arrays run the NumPy implementation of the same blocked algorithm.
         Objects with ``__dlpack__`` (JAX, PyTorch) or ``__cuda_array_interface__`` (Numba)
@@ -49,6 +58,17 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         flash-attn). A query that sees no key gets out = 0 and lse = -inf.
     softmax_scale : float, optional
         Defaults to 1 / sqrt(head_dim).
+    window_size : (int, int)
+        (left, right): query i sees keys j with i + o - left <= j <= i + o + right, where
+        o = seqlen_k - seqlen_q; -1 means unbounded on that side; causal sets right = 0.
+    softcap : float
+        When > 0 each scaled score s becomes softcap * tanh(s / softcap).
+    alibi_slopes : array, optional
+        float32 (heads,) or (batch, heads): adds -slope * |i + o - j| to each logit, after the softcap.
+    sinks : array, optional
+        float32 (heads,): each row's softmax denominator gains exp(sinks[h]); lse includes it.
+        window_size (other than causal), softcap, alibi_slopes and sinks run on the NumPy
+        backend only, so far: the GPU path raises a ValueError naming them.
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
@@ -78,8 +98,10 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     ValueError
         Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
-    # a call with the layouts of an earlier one reuses its checked plan (_plans)
-    key = _plans.forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse)
+    # a call with the layouts of an earlier one reuses its checked plan (_plans); the variants
+    # take the checked path
+    dense = _dense(window_size, softcap, alibi_slopes, sinks)
+    key = _plans.forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse) if dense else None
     plan = _plans.FORWARD.get(key)
     if plan is not None:
         result = plan(q, k, v, out, lse)
@@ -94,6 +116,7 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     shape = _checks.check_qkv(q, k, v)
     causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
+    variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
     return_lse = _checks.check_bool("return_lse", return_lse)
     if out is not None:
         out = _checks.check_output_buffer("out", out, q.shape, dtype, dev)
@@ -102,21 +125,25 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
             "lse", lse, (shape.batch, shape.heads, shape.seqlen_q), lse_dtype(dtype), dev,
             c_contiguous=True)
     if on_gpu:
+        _checks.check_gpu_variants(shape, variants)
         _checks.check_graph_capture(dev, needed={"out": out, "lse": lse},
                                     in_place={"q": q, "k": k, "v": v, "out": out}, dense={})
-        o, l, plan = _gpu_backend().forward_with_plan(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
+        o, l, plan = _gpu_backend().forward_with_plan(q, k, v, causal=variants.window == (-1, 0), scale=scale,
+                                                      out=out, lse=lse)
         _plans.FORWARD.put(key, plan)
     else:
-        o, l = _cpu_backend().forward(q, k, v, causal=causal, scale=scale, out=out, lse=lse)
+        o, l = _cpu_backend().forward(q, k, v, causal=causal, scale=scale, out=out, lse=lse, variants=variants)
     return (o, l) if return_lse else o
 
 
 def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: ArrayInput,
                              out: ArrayInput, lse: ArrayInput, *, causal: bool = False,
-                             softmax_scale: float | None = None, dq: ArrayInput | None = None,
+                             softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             softcap: float = 0.0, alibi_slopes: ArrayInput | None = None,
+                             sinks: ArrayInput | None = None, dq: ArrayInput | None = None,
                              dk: ArrayInput | None = None, dv: ArrayInput | None = None,
                              workspace: tuple[Array, Array] | None = None,
-                             deterministic: bool = False) -> tuple[Array, Array, Array]:
+                             deterministic: bool = False) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
 
     Recomputes the attention tile by tile from ``lse``; nothing of size
@@ -137,6 +164,8 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         As in the forward call.
     softmax_scale : float, optional
         As in the forward call (default 1 / sqrt(head_dim)).
+    window_size, softcap, alibi_slopes, sinks
+        As in the forward call.
     dq, dk, dv : arrays, optional
         Preallocated gradients shaped and typed like q, k, v, with the same rules as
         ``out`` of :func:`flash_attention`.
@@ -156,14 +185,19 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     -------
     dq, dk, dv : arrays
         Each with the shape and dtype of q, k, v; cupy arrays for GPU inputs, numpy arrays
-        for CPU inputs.
+        for CPU inputs. With fewer kv heads than query heads, dk and dv of a kv head sum
+        over its group of query heads.
+    dsinks : array
+        Only when ``sinks`` is given: float32 (heads,), the gradient with respect to sinks.
 
     Raises
     ------
     TypeError, ValueError
         As for :func:`flash_attention`, naming the argument.
     """
-    key = _plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic)
+    dense = _dense(window_size, softcap, alibi_slopes, sinks)
+    key = (_plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic)
+           if dense else None)
     plan = _plans.BACKWARD.get(key)
     if plan is not None:
         result = plan(dout, q, k, v, out, lse, dq, dk, dv, workspace)
@@ -183,6 +217,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     causal = _checks.check_bool("causal", causal)
     deterministic = _checks.check_bool("deterministic", deterministic)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
+    variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         grads[name] = None if buf is None else _checks.check_output_buffer(name, buf, like.shape, dtype, dev)
@@ -192,16 +227,18 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
             raise ValueError("workspace is only used by the GPU path; omit it for numpy arrays")
         extra["workspace"] = _checks.check_workspace(workspace, shape, dev)
     if on_gpu:
+        _checks.check_gpu_variants(shape, variants)
         _checks.check_graph_capture(
             dev, needed={**grads, "workspace": workspace},
             in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")} | grads,
             dense={"lse": arrays["lse"]})
         result, plan = _gpu_backend().backward_with_plan(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
-                                                         causal=causal, scale=scale, **grads, **extra)
+                                                         causal=variants.window == (-1, 0), scale=scale, **grads,
+                                                         **extra)
         _plans.BACKWARD.put(key, plan)
         return result
     return _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
-                                   causal=causal, scale=scale, **grads, **extra)
+                                   causal=causal, scale=scale, **grads, **extra, variants=variants)
 
 
 def backward_workspace(q: ArrayInput) -> tuple[Array, Array]:

@@ -32,6 +32,7 @@ except ImportError as e:  # JAX is an optional extra
 import numpy as np
 
 from . import _checks, api
+from ._variants import Variants
 
 __all__ = ["flash_attention"]
 
@@ -46,7 +47,9 @@ def _check(q, k, v, causal, softmax_scale):
             raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
     _checks.check_dtype({n: _Spec(x) for n, x in named.items()}, on_gpu=True)
     shape = _checks.check_qkv_shapes(*(_Spec(x) for x in (q, k, v)))
-    return _checks.check_bool("causal", causal), _checks.check_scale(softmax_scale, shape.head_dim)
+    causal = _checks.check_bool("causal", causal)
+    _checks.check_gpu_variants(shape, Variants.of(causal))  # grouped-query attention: not on the GPU yet
+    return causal, _checks.check_scale(softmax_scale, shape.head_dim)
 
 
 class _Spec:

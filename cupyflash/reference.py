@@ -70,26 +70,59 @@ def _bshd(xp, x, dtype):
     return xp.ascontiguousarray(x.transpose(0, 2, 1, 3).astype(dtype))
 
 
-def _causal_allowed(xp, seqlen_q: int, seqlen_k: int):
-    """(seqlen_q, seqlen_k) bool: key j visible to query i, bottom-right aligned."""
+def _allowed(xp, seqlen_q: int, seqlen_k: int, causal: bool, window_size):
+    """(seqlen_q, seqlen_k) bool: key j visible to query i, bottom-right aligned: with
+    d = j - (i + seqlen_k - seqlen_q), -left <= d <= right (-1: unbounded; causal: right = 0)."""
+    left, right = window_size
+    right = 0 if causal else right
     i = xp.arange(seqlen_q)[:, None]
     j = xp.arange(seqlen_k)[None, :]
-    return j <= i + (seqlen_k - seqlen_q)
+    d = j - (i + (seqlen_k - seqlen_q))
+    ok = xp.ones((seqlen_q, seqlen_k), bool)
+    if left >= 0:
+        ok &= d >= -left
+    if right >= 0:
+        ok &= d <= right
+    return ok, xp.abs(d)
 
 
-def _probabilities(xp, Q, K, scale, causal, prec):
-    """P = softmax(S) row by row, and lse, from scaled scores S = Q K^T * scale.
+def _repeat_kv(X, heads: int):
+    """(batch, H_kv, seqlen, dim) -> (batch, heads, seqlen, dim): kv head h // (heads // H_kv)."""
+    return X.repeat(heads // X.shape[1], axis=1) if X.shape[1] != heads else X
 
-    Fully masked rows (and rows with no key at all) give P = 0 and lse = -inf.
+
+def _per_head(xp, values, dtype):
+    """(H,) or (B, H) -> broadcastable against (B, H, Sq, Sk)."""
+    v = xp.asarray(values).astype(dtype)
+    return v.reshape(*((1,) if v.ndim == 1 else ()), *v.shape, 1, 1)
+
+
+def _probabilities(xp, Q, K, scale, causal, prec, variants=None):
+    """P = softmax row by row, and lse, with the variants applied (module docstring of
+    cupyflash._variants): scaled scores S = Q K^T * scale, softcap, ALiBi, the mask, and the
+    sink's logit in the denominator. Also returns the scaled scores (for the softcap's
+    derivative) and the sinks' probabilities (None without sinks).
+
+    Fully masked rows (and rows with no key at all) give P = 0 and lse = -inf (the sink's
+    logit with sinks).
     """
+    v = variants or {}
+    window, softcap = v.get("window_size", (-1, -1)), v.get("softcap", 0.0)
     seqlen_q, seqlen_k = Q.shape[2], K.shape[2]
-    S = prec.round(Q @ K.swapaxes(-1, -2) * scale)
-    if causal:
-        S = xp.where(_causal_allowed(xp, seqlen_q, seqlen_k), S, -xp.inf)
-    if seqlen_k == 0:
+    S0 = prec.round(Q @ K.swapaxes(-1, -2) * scale)
+    S = softcap * xp.tanh(S0 / softcap) if softcap > 0 else S0
+    allowed, distance = _allowed(xp, seqlen_q, seqlen_k, causal, window)
+    if v.get("alibi_slopes") is not None:
+        S = S - _per_head(xp, v["alibi_slopes"], prec.compute) * distance
+    S = xp.where(allowed, S, -xp.inf)
+    sinks = v.get("sinks")
+    if sinks is not None:  # one more column, the sink's logit, that no value goes with
+        sink_col = xp.broadcast_to(_per_head(xp, sinks, prec.compute), S.shape[:3] + (1,))
+        S = xp.concatenate([S, sink_col], axis=-1)
+    if S.shape[-1] == 0:
         P = xp.zeros(S.shape, prec.compute)
         lse = xp.full(S.shape[:3], -xp.inf, prec.compute)
-        return P, lse
+        return P, lse, S0, None
     m = S.max(axis=-1, keepdims=True)
     m_safe = xp.where(m == -xp.inf, 0, m)  # fully masked row: exp(-inf - 0) = 0, not NaN
     E = xp.exp(S - m_safe)
@@ -97,7 +130,10 @@ def _probabilities(xp, Q, K, scale, causal, prec):
     l_safe = xp.where(l == 0, 1, l)
     P = E / l_safe
     lse = xp.where(l == 0, -xp.inf, m_safe + xp.log(l_safe))[..., 0]
-    return prec.round(P), lse
+    p_sink = None
+    if sinks is not None:
+        P, p_sink = P[..., :-1], P[..., -1]
+    return prec.round(P), lse, S0, p_sink
 
 
 def _default_scale(scale, head_dim):
@@ -105,13 +141,14 @@ def _default_scale(scale, head_dim):
 
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-              upcast: bool = True):
+              upcast: bool = True, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
+              sinks=None):
     """Naive attention ``softmax(q @ k^T * softmax_scale) @ v`` with the score matrix in memory.
 
     Parameters
     ----------
     q : array, shape (batch, seqlen_q, heads, head_dim)
-    k, v : arrays, shape (batch, seqlen_k, heads, head_dim)
+    k, v : arrays, shape (batch, seqlen_k, heads_kv, head_dim), heads_kv dividing heads
         numpy or cupy arrays of one dtype (float16, bfloat16, float32 or float64).
     causal : bool
         Bottom-right aligned causal mask (query i sees keys j <= i + seqlen_k - seqlen_q).
@@ -120,6 +157,8 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     upcast : bool
         True: compute in float64 and return float64. False: compute as naive attention
         would in the input precision (see the module docstring).
+    window_size, softcap, alibi_slopes, sinks
+        The variants, as cupyflash.flash_attention takes them (cupyflash._variants).
 
     Returns
     -------
@@ -130,40 +169,58 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     xp = _array_module(q)
     prec = _Precision(q.dtype, upcast)
     scale = _default_scale(softmax_scale, q.shape[-1])
+    heads = q.shape[2]
     Q, K, V = (_bhsd(x, prec.compute) for x in (q, k, v))
-    P, lse = _probabilities(xp, Q, K, scale, causal, prec)
+    K, V = _repeat_kv(K, heads), _repeat_kv(V, heads)
+    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    P, lse, _, _ = _probabilities(xp, Q, K, scale, causal, prec, variants)
     O = prec.round(P @ V)
     return _bshd(xp, O, prec.output), lse.astype(FLOAT64 if upcast else prec.compute)
 
 
 def attention_backward(dout, q, k, v, *, causal: bool = False,
-                       softmax_scale: float | None = None, upcast: bool = True):
-    """Analytic gradients of :func:`attention` with respect to q, k and v.
+                       softmax_scale: float | None = None, upcast: bool = True, window_size=(-1, -1),
+                       softcap: float = 0.0, alibi_slopes=None, sinks=None):
+    """Analytic gradients of :func:`attention` with respect to q, k and v (and the sinks).
 
-    With P = softmax(S), S = Q K^T * scale and O = P V:
-    dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = scale * dS K,
-    dK = scale * dS^T Q.
+    With P = softmax(L), L the logits of S = Q K^T * scale, and O = P V:
+    dV = P^T dO, dP = dO V^T, dL = P * (dP - rowsum(dO * O)), dS = dL * dL/dS (the softcap's
+    1 - tanh^2; 1 without it), dQ = scale * dS K, dK = scale * dS^T Q; a kv head's dK, dV sum
+    over its query heads; d sink_h = -sum over rows of P_sink * rowsum(dO * O).
 
     Parameters
     ----------
     dout : array, shape of q
         Gradient of the loss with respect to the attention output.
-    q, k, v, causal, softmax_scale, upcast
+    q, k, v, causal, softmax_scale, upcast, window_size, softcap, alibi_slopes, sinks
         As for :func:`attention`.
 
     Returns
     -------
-    (dq, dk, dv) : arrays shaped like q, k, v; float64 if ``upcast`` else q's dtype.
+    (dq, dk, dv) : arrays shaped like q, k, v; float64 if ``upcast`` else q's dtype; with
+    sinks also dsinks, shaped like sinks (float64 if ``upcast`` else float32).
     """
     xp = _array_module(q)
     prec = _Precision(q.dtype, upcast)
     scale = _default_scale(softmax_scale, q.shape[-1])
+    heads, heads_kv = q.shape[2], k.shape[2]
     Q, K, V, dO = (_bhsd(x, prec.compute) for x in (q, k, v, dout))
-    P, _ = _probabilities(xp, Q, K, scale, causal, prec)
+    K, V = _repeat_kv(K, heads), _repeat_kv(V, heads)
+    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    P, _, S0, p_sink = _probabilities(xp, Q, K, scale, causal, prec, variants)
     dV = prec.round(P.swapaxes(-1, -2) @ dO)
     dP = prec.round(dO @ V.swapaxes(-1, -2))
     D = (dP * P).sum(axis=-1, keepdims=True)  # softmax backward: rowsum(dP * P) = rowsum(dO * O)
-    dS = prec.round(P * (dP - D))
+    dS = P * (dP - D)
+    if softcap > 0:
+        dS = dS * (1 - xp.tanh(S0 / softcap) ** 2)
+    dS = prec.round(dS)
     dQ = prec.round(dS @ K * scale)
     dK = prec.round(dS.swapaxes(-1, -2) @ Q * scale)
-    return tuple(_bshd(xp, g, prec.output) for g in (dQ, dK, dV))
+    if heads_kv != heads:  # each kv head's gradient sums over its group of query heads
+        dK, dV = (g.reshape(g.shape[0], heads_kv, heads // heads_kv, *g.shape[2:]).sum(axis=2) for g in (dK, dV))
+    grads = tuple(_bshd(xp, g, prec.output) for g in (dQ, dK, dV))
+    if sinks is None:
+        return grads
+    dsinks = -(p_sink * D[..., 0]).sum(axis=(0, 2))
+    return (*grads, dsinks.astype(FLOAT64 if upcast else FLOAT32))

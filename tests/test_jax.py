@@ -51,8 +51,9 @@ def _gpu(jax):
 
 @pytest.mark.parametrize("args,kwargs,error,pattern", [
     (((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64, 1)), {}, ValueError, r"^v must have 4 dimensions"),
-    (((1, 8, 2, 64), (1, 8, 3, 64), (1, 8, 3, 64)), {}, ValueError, r"^k has shape \(1, 8, 3, 64\) but q has"),
+    (((1, 8, 2, 64), (1, 8, 3, 64), (1, 8, 3, 64)), {}, ValueError, r"^q has 2 heads but k and v have 3"),
     (((1, 8, 2, 60), (1, 8, 2, 60), (1, 8, 2, 60)), {}, ValueError, r"^head_dim 60 is not supported"),
+    (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {}, ValueError, r"grouped-query attention\)?: not supported on the GPU yet"),
     (((1, 8, 2, 64),) * 3, {"causal": 1}, TypeError, r"^causal must be a bool, got int"),
     (((1, 8, 2, 64),) * 3, {"softmax_scale": -1.0}, ValueError, r"^softmax_scale must be finite and > 0"),
     (((1, 8, 2, 64),) * 3, {"return_lse": "yes"}, TypeError, r"^return_lse must be a bool"),

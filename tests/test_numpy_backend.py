@@ -369,7 +369,7 @@ USER_ERRORS = {
     "k-rank-5": (lambda: fwd(k=K[None]), ValueError, r"^k must have 4 dimensions"),
     "batch-mismatch": (lambda: fwd(k=np.concatenate([K, K])), ValueError,
                        r"^k has shape \(2, 6, 2, 16\) but q has \(1, 5, 2, 16\).*batch"),
-    "heads-mismatch": (lambda: fwd(v=V[:, :, :1]), ValueError, r"^v has shape .* but q has.*heads"),
+    "heads-mismatch": (lambda: fwd(v=V[:, :, :1]), ValueError, r"^v has 1 heads but k has 2: k and v must have the same heads"),
     "head-dim-mismatch": (lambda: fwd(k=K[..., :8], v=V[..., :8]), ValueError,
                           r"^k has shape .* but q has.*head_dim"),
     "kv-seqlen-mismatch": (lambda: fwd(v=V[:, :5]), ValueError,

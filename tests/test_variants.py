@@ -1,0 +1,245 @@
+"""The attention variants (issue 14) on the NumPy backend, the executable spec of the kernels:
+grouped-query and multi-query attention, sliding windows, softcapping, ALiBi and sinks, alone
+and mixed. As specifications:
+
+- a brute-force loop over every (batch, head, query) that spells the formulas out agrees with
+  the float64 reference (reference.py);
+- the blocked NumPy backend agrees with the reference within the 2x-naive bound (1e-10 in
+  float64), on odd lengths, seqlen_q != seqlen_k both ways, GQA ratios 1/2/4/8 and MQA;
+- a row that sees no key gets out = 0 and lse = -inf (the sink's logit with sinks);
+- every gradient, dsinks included, matches central finite differences in float64;
+- every wrong argument is a TypeError or ValueError naming it; the GPU refuses what its
+  kernels do not have yet.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from cupyflash import _numpy_backend, flash_attention, flash_attention_backward, reference
+from cupyflash._dtypes import BFLOAT16, FLOAT32, FLOAT64
+from cupyflash._variants import Variants
+
+from conftest import error_report
+from test_numpy_backend import assert_within_naive_bound
+
+# name -> the variant keywords (slopes and sinks drawn per test: "alibi" and "sinks" are flags)
+CASES = {
+    "gqa": {},
+    "window": dict(window_size=(37, 11)),
+    "window-causal": dict(window_size=(50, -1), causal=True),
+    "left-only": dict(window_size=(20, -1)),
+    "softcap": dict(softcap=2.5),
+    "alibi": dict(alibi=True),
+    "alibi-per-batch": dict(alibi="batch"),
+    "sinks": dict(sinks=True),
+    "mixed": dict(window_size=(40, 5), softcap=4.0, alibi=True, sinks=True),
+    "mixed-causal": dict(window_size=(64, 0), causal=True, softcap=3.0, alibi="batch", sinks=True),
+}
+
+
+def _inputs(rng, dtype, B, Sq, Sk, H, H_kv, D):
+    q = rng.standard_normal((B, Sq, H, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, Sk, H_kv, D)).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal((B, Sq, H, D)).astype(dtype)
+    return q, k, v, dout
+
+
+def _keywords(rng, case, B, H, dtype=FLOAT32):
+    kw = dict(CASES[case])
+    alibi, sinks = kw.pop("alibi", None), kw.pop("sinks", None)
+    if alibi:
+        shape = (B, H) if alibi == "batch" else (H,)
+        kw["alibi_slopes"] = (2.0 ** -rng.uniform(1, 8, shape)).astype(dtype)  # ALiBi's geometric slopes
+    if sinks:
+        kw["sinks"] = rng.uniform(-1, 3, (H,)).astype(dtype)
+    return kw
+
+
+def _brute_force(q, k, v, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
+    """The formulas of cupyflash._variants, one (batch, head, query) at a time, in float64."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    B, Sq, H, D = q.shape
+    Sk, H_kv = k.shape[1], k.shape[2]
+    left, right = window_size
+    right = 0 if causal else right
+    out, lse = np.zeros(q.shape), np.full((B, H, Sq), -np.inf)
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // H_kv)
+            for i in range(Sq):
+                logits, values = [], []
+                for j in range(Sk):
+                    d = j - (i + Sk - Sq)
+                    if (left >= 0 and d < -left) or (right >= 0 and d > right):
+                        continue
+                    s = q[b, i, h] @ k[b, j, hk] / math.sqrt(D)
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                    if alibi_slopes is not None:
+                        s -= float(np.asarray(alibi_slopes).reshape(-1, H)[b % np.asarray(alibi_slopes).reshape(-1, H).shape[0], h]) * abs(d)
+                    logits.append(s)
+                    values.append(v[b, j, hk])
+                all_logits = logits + ([float(sinks[h])] if sinks is not None else [])
+                if not all_logits:
+                    continue
+                m = max(all_logits)
+                denom = sum(math.exp(x - m) for x in all_logits)
+                lse[b, h, i] = m + math.log(denom)
+                for x, val in zip(logits, values):
+                    out[b, i, h] += math.exp(x - lse[b, h, i]) * val
+    return out, lse
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_reference_spells_out_the_formulas(rng, case):
+    B, Sq, Sk, H, H_kv, D = 2, 6, 9, 4, 2, 8
+    q, k, v, _ = _inputs(rng, FLOAT64, B, Sq, Sk, H, H_kv, D)
+    kw = _keywords(rng, case, B, H, FLOAT64)
+    want_o, want_l = _brute_force(q, k, v, **kw)
+    got_o, got_l = reference.attention(q, k, v, **kw)
+    assert np.allclose(got_o, want_o, atol=1e-12), f"out: {error_report(got_o, want_o)}"
+    assert np.array_equal(np.isneginf(got_l), np.isneginf(want_l))
+    assert np.allclose(got_l[np.isfinite(want_l)], want_l[np.isfinite(want_l)], atol=1e-12)
+
+
+SHAPES = [(2, 113, 203, 8, 2, 32), (1, 203, 113, 8, 8, 16), (2, 1, 70, 8, 1, 16), (1, 130, 130, 8, 4, 32),
+          (1, 70, 1, 4, 4, 16), (1, 64, 150, 8, 8, 16)]
+SHAPE_IDS = ["Sq113-Sk203-gqa4", "Sq203-Sk113-mha", "Sq1-Sk70-mqa", "Sq130-Sk130-gqa2", "Sq70-Sk1", "Sq64-Sk150-mha"]
+
+
+@pytest.mark.parametrize("dtype", [FLOAT64, FLOAT32, BFLOAT16], ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_numpy_backend_matches_the_reference(rng, case, shape, dtype):
+    B, Sq, Sk, H, H_kv, D = shape
+    q, k, v, dout = _inputs(rng, dtype, B, Sq, Sk, H, H_kv, D)
+    kw = _keywords(rng, case, B, H, FLOAT64 if dtype == FLOAT64 else FLOAT32)
+    o, l = flash_attention(q, k, v, return_lse=True, **kw)
+    ref_o, ref_l = reference.attention(q, k, v, upcast=True, **kw)
+    naive_o, naive_l = reference.attention(q, k, v, upcast=False, **kw)
+    tag = f"{case} {shape}"
+    assert_within_naive_bound(f"out [{tag}]", o, ref_o, naive_o, dtype)
+    assert_within_naive_bound(f"lse [{tag}]", l, ref_l, naive_l, FLOAT64 if dtype == FLOAT64 else FLOAT32)
+    grads = flash_attention_backward(dout, q, k, v, o, l, **kw)
+    ref_g = reference.attention_backward(dout, q, k, v, upcast=True, **kw)
+    naive_g = reference.attention_backward(dout, q, k, v, upcast=False, **kw)
+    assert len(grads) == (4 if "sinks" in kw else 3)
+    for name, got, want, nv in zip(("dq", "dk", "dv", "dsinks"), grads, ref_g, naive_g):
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        # dsinks = -sum_i P_sink * rowsum(dO * O) reads the forward output as stored, rounded to
+        # the input dtype: its slack is that dtype's rounding, though dsinks itself is float32
+        assert_within_naive_bound(f"{name} [{tag}]", got, want, nv, dtype)
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4, 8, 16])
+def test_gqa_is_attention_with_each_kv_head_repeated_over_its_group(rng, ratio):
+    q, k, v, dout = _inputs(rng, FLOAT64, 2, 33, 47, 16, 16 // ratio, 16)
+    o, l = flash_attention(q, k, v, causal=True, return_lse=True)
+    k_rep, v_rep = (np.repeat(x, ratio, axis=2) for x in (k, v))
+    o_rep, l_rep = flash_attention(q, k_rep, v_rep, causal=True, return_lse=True)
+    assert np.allclose(o, o_rep, atol=1e-12) and np.allclose(l, l_rep, atol=1e-12)
+    dq, dk, dv = flash_attention_backward(dout, q, k, v, o, l, causal=True)
+    dq_r, dk_r, dv_r = flash_attention_backward(dout, q, k_rep, v_rep, o_rep, l_rep, causal=True)
+    group_sum = lambda g: g.reshape(*g.shape[:2], 16 // ratio, ratio, g.shape[3]).sum(axis=3)  # noqa: E731
+    assert np.allclose(dq, dq_r, atol=1e-12)
+    assert np.allclose(dk, group_sum(dk_r), atol=1e-12) and np.allclose(dv, group_sum(dv_r), atol=1e-12)
+
+
+def test_rows_that_see_nothing_get_zero_and_minus_inf_or_the_sink(rng):
+    q, k, v, dout = _inputs(rng, FLOAT64, 1, 12, 4, 2, 1, 8)  # causal, Sq > Sk: the first 8 rows see nothing
+    o, l = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert np.all(o[:, :8] == 0) and np.all(np.isneginf(l[:, :, :8]))
+    sinks = np.array([0.5, -1.0])
+    o, l = flash_attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    assert np.all(o[:, :8] == 0) and np.allclose(l[0, :, :8], sinks[:, None])
+    dq, dk, dv, ds = flash_attention_backward(dout, q, k, v, o, l, causal=True, sinks=sinks)
+    assert np.all(dq[:, :8] == 0) and np.all(np.isfinite(ds))
+    # a window that no key falls in: (0, 0) with Sk < Sq shifts every diagonal below row 8
+    o, l = flash_attention(q, k, v, window_size=(0, 0), return_lse=True)
+    assert np.all(o[:, :8] == 0) and np.allclose(o[:, 8:], np.repeat(v[:, :, :1], 2, axis=2)[:, :4].transpose(0, 1, 2, 3))
+
+
+def _finite_difference(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for n in range(flat.size):
+        keep = flat[n]
+        flat[n] = keep + eps
+        up = f()
+        flat[n] = keep - eps
+        down = f()
+        flat[n] = keep
+        gflat[n] = (up - down) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("case", ["mixed", "mixed-causal", "softcap", "sinks"])
+def test_every_gradient_matches_finite_differences(rng, case):
+    B, Sq, Sk, H, H_kv, D = 1, 5, 7, 4, 2, 8
+    q, k, v, dout = _inputs(rng, FLOAT64, B, Sq, Sk, H, H_kv, D)
+    kw = _keywords(rng, case, B, H, FLOAT64)
+    loss = lambda: float(np.sum(flash_attention(q, k, v, **kw) * dout))  # noqa: E731
+    o, l = flash_attention(q, k, v, return_lse=True, **kw)
+    grads = flash_attention_backward(dout, q, k, v, o, l, **kw)
+    wrt = {"dq": q, "dk": k, "dv": v}
+    if "sinks" in kw:
+        wrt["dsinks"] = kw["sinks"]
+    for (name, x), got in zip(wrt.items(), grads):
+        want = _finite_difference(loss, x)
+        assert np.allclose(got, want, atol=1e-6, rtol=1e-5), f"{name} [{case}]: {error_report(got, want)}"
+
+
+def test_softcap_and_alibi_reduce_to_plain_attention_at_their_limits(rng):
+    q, k, v, _ = _inputs(rng, FLOAT64, 1, 20, 30, 2, 2, 16)
+    plain = flash_attention(q, k, v)
+    assert np.allclose(flash_attention(q, k, v, softcap=1e6), plain, atol=1e-9)
+    assert np.allclose(flash_attention(q, k, v, alibi_slopes=np.zeros(2)), plain, atol=1e-12)
+    assert np.allclose(flash_attention(q, k, v, window_size=(-1, -1)), plain, atol=0)
+
+
+@pytest.mark.parametrize("kw,error,pattern", [
+    (dict(window_size=(3,)), TypeError, r"^window_size must be a pair \(left, right\) of ints"),
+    (dict(window_size=(2.0, 1)), TypeError, r"^window_size\[0\] must be an int, got float"),
+    (dict(window_size=(True, 1)), TypeError, r"^window_size\[0\] must be an int, got bool"),
+    (dict(window_size=(4, -2)), ValueError, r"^window_size\[1\] must be >= -1 \(-1: unbounded\), got -2"),
+    (dict(softcap=-1.0), ValueError, r"^softcap must be finite and >= 0"),
+    (dict(softcap=float("inf")), ValueError, r"^softcap must be finite and >= 0"),
+    (dict(softcap="1"), TypeError, r"^softcap must be a real number, got str"),
+    (dict(alibi_slopes=np.ones(3, np.float32)), ValueError, r"^alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+    (dict(alibi_slopes=np.ones(4, np.float16)), ValueError, r"^alibi_slopes must have dtype float32, got float16"),
+    (dict(alibi_slopes=[1.0] * 4), TypeError, r"^alibi_slopes must be a numpy or cupy array"),
+    (dict(sinks=np.ones((2, 4), np.float32)), ValueError, r"^sinks must have shape \(4,\) \(one sink logit per query head\)"),
+    (dict(sinks=np.ones(4, np.int32)), ValueError, r"^sinks must have dtype float32"),
+])
+def test_bad_variant_arguments_name_the_argument_and_the_rule(rng, kw, error, pattern):
+    q, k, v, dout = _inputs(rng, FLOAT32, 2, 8, 8, 4, 2, 16)
+    with pytest.raises(error, match=pattern):
+        flash_attention(q, k, v, **kw)
+    o, l = flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(error, match=pattern):
+        flash_attention_backward(dout, q, k, v, o, l, **kw)
+
+
+def test_heads_that_do_not_group_are_a_value_error(rng):
+    q, k, v, _ = _inputs(rng, FLOAT32, 1, 8, 8, 6, 4, 16)
+    with pytest.raises(ValueError, match=r"^q has 6 heads but k and v have 4: the query heads must be a multiple"):
+        flash_attention(q, k, v)
+
+
+def test_the_backend_is_the_one_variant_policy():
+    """Variants.of folds causal into the window's right side, as flash-attn does."""
+    assert Variants.of(True, (30, 7)).window == (30, 0)
+    assert Variants.of(False).dense and not Variants.of(True).dense
+    assert _numpy_backend.BLOCK_N > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(window_size=(64, 0)), dict(softcap=5.0), dict(sinks="s"), dict(alibi_slopes="a"),
+                                dict(gqa=True)], ids=["window", "softcap", "sinks", "alibi", "gqa"])
+def test_the_gpu_names_the_variants_its_kernels_do_not_have_yet(rng, kw):
+    import cupy
+    q, k, v, _ = (cupy.asarray(x) for x in _inputs(rng, BFLOAT16, 1, 64, 64, 4, 2 if kw.get("gqa") else 4, 64))
+    kw = {n: (cupy.ones(4, np.float32) if val in ("s", "a") else val) for n, val in kw.items() if n != "gqa"}
+    with pytest.raises(ValueError, match=r"not supported on the GPU yet; the NumPy backend"):
+        flash_attention(q, k, v, **kw)
