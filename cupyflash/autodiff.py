@@ -999,28 +999,35 @@ def dropout(a, p: float, *, rng, training: bool = True) -> Tensor:
 # --------------------------------------------------------------------------- attention
 
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                    window_size: tuple = (-1, -1), softcap: float = 0.0, alibi_slopes=None, sinks=None,
                     deterministic: bool = False) -> Tensor:
     """:func:`cupyflash.flash_attention` on the tape.
 
-    q (batch, seqlen_q, heads, head_dim), k and v (batch, seqlen_k, heads, head_dim). The
+    q (batch, seqlen_q, heads, head_dim), k and v (batch, seqlen_k, heads_kv, head_dim). The
     tape saves only q, k, v, out and the log-sum-exp; backward calls
     :func:`cupyflash.flash_attention_backward`, which recomputes the attention tile by
     tile. Nothing of size seqlen_q x seqlen_k is kept. ``deterministic=True`` makes that
     backward call bitwise reproducible (see :func:`cupyflash.flash_attention_backward`).
+    window_size, softcap, alibi_slopes (an array: no gradient) and sinks as in
+    :func:`cupyflash.flash_attention`; sinks may be a Tensor, which then receives dsinks.
     """
     from . import api, _checks
     deterministic = _checks.check_bool("deterministic", deterministic)
     qt, kt, vt = _as_tensor(q), _as_tensor(k), _as_tensor(v)
     xp = qt.xp
     qd, kd, vd = (xp.ascontiguousarray(t.data) for t in (qt, kt, vt))
+    sink_data = None if sinks is None else _as_tensor(sinks).data
+    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sink_data)
     out, lse = api.flash_attention(qd, kd, vd, causal=causal, softmax_scale=softmax_scale,
-                                   return_lse=True)
+                                   return_lse=True, **variants)
 
     def backward(g, qd, kd, vd, out, lse):
         g = _xp(g).ascontiguousarray(g.astype(out.dtype, copy=False))
-        return api.flash_attention_backward(g, qd, kd, vd, out, lse, causal=causal,
-                                            softmax_scale=softmax_scale, deterministic=deterministic)
-    return record(out, (q, k, v), backward, saved=(qd, kd, vd, out, lse), op="flash_attention")
+        grads = api.flash_attention_backward(g, qd, kd, vd, out, lse, causal=causal, softmax_scale=softmax_scale,
+                                             deterministic=deterministic, **variants)
+        return grads if sinks is None else (*grads[:3], grads[3].astype(sink_data.dtype, copy=False))
+    inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+    return record(out, inputs, backward, saved=(qd, kd, vd, out, lse), op="flash_attention")
 
 
 def naive_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None) -> Tensor:

@@ -243,3 +243,16 @@ def test_the_gpu_names_the_variants_its_kernels_do_not_have_yet(rng, kw):
     kw = {n: (cupy.ones(4, np.float32) if val in ("s", "a") else val) for n, val in kw.items() if n != "gqa"}
     with pytest.raises(ValueError, match=r"not supported on the GPU yet; the NumPy backend"):
         flash_attention(q, k, v, **kw)
+
+
+def test_the_tape_carries_dsinks_to_a_sinks_tensor(rng):
+    from cupyflash import autodiff as ad
+    q, k, v, dout = _inputs(rng, FLOAT64, 1, 9, 11, 4, 2, 8)
+    kw = dict(window_size=(6, 2), softcap=3.0, alibi_slopes=(2.0 ** -rng.uniform(1, 8, (4,))))
+    qt, kt, vt = (ad.Tensor(x, requires_grad=True) for x in (q, k, v))
+    st = ad.Tensor(rng.uniform(-1, 2, (4,)), requires_grad=True)
+    out = ad.flash_attention(qt, kt, vt, sinks=st, **kw)
+    ad.sum(out * ad.Tensor(dout)).backward()
+    want = reference.attention_backward(dout, q, k, v, sinks=st.data, **kw)
+    for name, t, w in zip(("dq", "dk", "dv", "dsinks"), (qt, kt, vt, st), want):
+        assert np.allclose(t.grad, w, atol=1e-10), f"{name}: {error_report(t.grad, w)}"
