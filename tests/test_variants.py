@@ -256,3 +256,18 @@ def test_the_tape_carries_dsinks_to_a_sinks_tensor(rng):
     want = reference.attention_backward(dout, q, k, v, sinks=st.data, **kw)
     for name, t, w in zip(("dq", "dk", "dv", "dsinks"), (qt, kt, vt, st), want):
         assert np.allclose(t.grad, w, atol=1e-10), f"{name}: {error_report(t.grad, w)}"
+
+
+def test_the_gpu_variant_rule_without_a_gpu():
+    """What the GPU path refuses (and what it takes: dense and causal), checked on the CPU."""
+    from cupyflash import _checks
+    mha, gqa = _checks.AttentionShape(1, 8, 8, 4, 64), _checks.AttentionShape(1, 8, 8, 4, 64, 2)
+    for causal in (False, True):
+        _checks.check_gpu_variants(mha, Variants.of(causal))  # no error
+    _checks.check_gpu_variants(mha, Variants.of(False, (-1, 0)))  # a window that is the causal mask
+    for shape, var, named in ((gqa, Variants.of(False), "grouped-query"), (mha, Variants.of(True, (64, -1)), "window_size"),
+                              (mha, Variants.of(False, softcap=2.0), "softcap"),
+                              (mha, Variants.of(False, alibi_slopes=np.ones(4)), "alibi_slopes"),
+                              (mha, Variants.of(False, sinks=np.ones(4)), "sinks")):
+        with pytest.raises(ValueError, match=rf"{named}.*not supported on the GPU yet"):
+            _checks.check_gpu_variants(shape, var)
