@@ -3,7 +3,8 @@
 Method (issue 17): at a small shape, where each kernel runs for a few microseconds, N calls
 (2000 by default) are enqueued back to back with no sync between them; wall clock / N is the
 host time per call, as long as the GPU keeps up (the table shows the GPU time per call too:
-host time above it is host-bound). Measured for cupyflash's public API (fresh outputs, and
+host time above it is host-bound). The variant rows call with grouped-query attention, a
+causal window, softcap, ALiBi and sinks at once. Measured for cupyflash's public API (fresh outputs, and
 preallocated out/lse/grads/workspace as a CUDA-graph user would pass), for PyTorch SDPA
 (flash, cuDNN) and for a CuPy matmul on the same inputs, in one process; then the same at the
 short-sequence shapes of the published benchmark (batch * seqlen = 16384), and a cProfile of
@@ -36,17 +37,21 @@ TINY = [(1, 128, 2, 64), (1, 128, 2, 128)]
 SHORT = [(128, 128, 32, 64), (128, 128, 16, 128), (64, 256, 16, 128)]
 
 
-def host_us(fn, calls: int, sync) -> float:
+def host_us(fn, calls: int, sync, rounds: int = 1) -> float:
     """Wall-clock microseconds per call of `calls` calls enqueued back to back (one sync before
-    and after, outside the timed span)."""
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
+    and after, outside the timed span); the median of `rounds` such runs (the lent hosts' timings
+    move by 1.5x from run to run)."""
+    times = []
+    for _ in range(rounds):
         fn()
-    t1 = time.perf_counter()
-    sync()
-    return (t1 - t0) / calls * 1e6
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        times.append((t1 - t0) / calls * 1e6)
+    return float(np.median(times))
 
 
 def cupyflash_cases(q, k, v, do, causal):
@@ -57,12 +62,20 @@ def cupyflash_cases(q, k, v, do, causal):
     # inputs at new pointers on every call: more sets than a plan keeps filled parameters for
     sets = [tuple(x.copy() for x in (q, k, v)) for _ in range(_cuda_backend._PARAM_CACHE_SIZE + 16)]
     turn = iter(range(10 ** 9))
+    # grouped-query attention (one kv head) with a causal window, softcap, ALiBi and sinks
+    H = q.shape[2]
+    kv = (k[:, :, :1], v[:, :, :1])
+    var = dict(causal=causal, window_size=(64, 0), softcap=30.0, alibi_slopes=cupy.full((H,), 0.25, cupy.float32),
+               sinks=cupy.zeros((H,), cupy.float32))
+    vout, vlse = cupyflash.flash_attention(q, *kv, return_lse=True, **var)
     return {
         "fwd": lambda: cupyflash.flash_attention(q, k, v, causal=causal),
         "fwd new ptrs": lambda: cupyflash.flash_attention(*sets[next(turn) % len(sets)], causal=causal),
         "fwd out=": lambda: cupyflash.flash_attention(q, k, v, causal=causal, **bufs),
         "bwd": lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal),
         "bwd dq=..ws=": lambda: cupyflash.flash_attention_backward(do, q, k, v, out, lse, causal=causal, **grads),
+        "fwd variants": lambda: cupyflash.flash_attention(q, *kv, **var),
+        "bwd variants": lambda: cupyflash.flash_attention_backward(do, q, *kv, vout, vlse, **var),
     }
 
 
@@ -170,7 +183,7 @@ def main():
                     import torch
                     sync_fn = torch.cuda.synchronize
                 row = dict(case=name, B=B, S=S, H=H, D=D, causal=causal, tiny=shape in TINY, gpu_us=gpu,
-                           host_us=host_us(fn, args.calls, sync_fn))
+                           host_us=host_us(fn, args.calls, sync_fn, rounds=3 if shape in TINY else 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if shape == TINY[0] and not causal and name in ("fwd", "bwd"):

@@ -3,7 +3,8 @@
 Sweep (flash-attn's convention: batch*seqlen = 16384 tokens, heads*head_dim = 2048):
 seqlen 512..16384, head_dim 64 and 128, causal and not, forward and backward, bfloat16
 and float16, against naive attention (CuPy), PyTorch SDPA (FlashAttention-2 and cuDNN
-backends) and JAX's cuDNN attention, all in this process, on the same inputs and stream.
+backends), JAX's cuDNN attention and FlashAttention-4 (flash_attn.cute, where installed), all
+in this process, on the same inputs and stream.
 
 Writes bench/results/<gpu>-<date>[-<dtype>][-quick].json (GPU name, versions, date, every
 row) and one PNG per dtype beside it (TFLOP/s against seqlen, one panel per head_dim x
@@ -73,7 +74,7 @@ def _plot(results, stem: Path, title: str) -> None:
 @click.option("--dtype", "dtypes", type=click.Choice(["bfloat16", "float16"]), multiple=True,
               help="Only this dtype (repeatable) [default: both].")
 @click.option("--compare", default="all", show_default=True,
-              help="Comma list of peers (naive, torch-flash, torch-cudnn, jax-cudnn) or all.")
+              help=f"Comma list of peers ({', '.join(bench.PEERS)}) or all.")
 @click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS_DIR,
               show_default=True)

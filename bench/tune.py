@@ -113,6 +113,7 @@ CANDIDATES = {
 # --short: the mma.sync forward tiles that Hopper runs up to HOPPER_FWD_SHORT_SEQLEN_K keys
 SHORT_CANDIDATES = {
     64: dict(fwd=[F(128, 64, 4), F(64, 64, 4), F(128, 64, 8), F(64, 128, 4), F(128, 128, 8), F(64, 32, 2)], bwd=[]),
+    128: dict(fwd=[F(128, 32, 4), F(128, 64, 8), F(64, 64, 4), F(64, 32, 4)], bwd=[]),
 }
 
 

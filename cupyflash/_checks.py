@@ -288,10 +288,12 @@ def _check_int(name: str, value) -> int:
 
 
 def _check_per_head(name: str, x, shapes: tuple, input_dtype, device, rule: str):
-    """A float32 per-head array (float64 too for float64 inputs) of one of ``shapes``, on ``device``."""
-    x = as_array(x, name)
-    if _device_of(x) != device:
-        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}")
+    """A float32 per-head array (float64 too for float64 inputs) of one of ``shapes``, on ``device``
+    (device None: a traced value's shape and dtype alone, as cupyflash.jax checks them)."""
+    if device is not None:
+        x = as_array(x, name)
+        if _device_of(x) != device:
+            raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}")
     allowed = (np.dtype(np.float32),) + ((np.dtype(np.float64),) if np.dtype(input_dtype) == np.float64 else ())
     if x.dtype not in allowed:
         raise ValueError(f"{name} must have dtype {' or '.join(dtype_name(d) for d in allowed)}, got {dtype_name(x.dtype)}")
@@ -320,14 +322,3 @@ def check_variants(shape: AttentionShape, dtype, device, causal: bool, window_si
     if sinks is not None:
         sinks = _check_per_head("sinks", sinks, ((H,),), dtype, device, "one sink logit per query head")
     return Variants.of(causal, (left, right), float(softcap), alibi_slopes, sinks)
-
-
-def check_gpu_variants(shape: AttentionShape, variants):
-    """The variants the CUDA kernels do not have yet raise here, naming the argument."""
-    todo = [name for name, used in (("k/v with fewer heads than q (grouped-query attention)", shape.heads_kv != shape.heads),
-                                    ("window_size", variants.window not in ((-1, -1), (-1, 0))),
-                                    ("softcap", variants.softcap > 0), ("alibi_slopes", variants.alibi_slopes is not None),
-                                    ("sinks", variants.sinks is not None)) if used]
-    if todo:
-        raise ValueError(f"{', '.join(todo)}: not supported on the GPU yet; the NumPy backend (numpy arrays) has "
-                         "every variant, and the CUDA kernels for them are in progress")

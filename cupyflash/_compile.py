@@ -127,9 +127,21 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
     head_dims = list(_config.HEAD_DIM_CLASSES) if head_dims is None else [int(h) for h in head_dims]
     cc = arch_cc(arch)
     short = _config.HOPPER_FWD_SHORT_SEQLEN_K  # the forward of short problems too
-    return tuple(_config.kernel_set(dt, hd, causal, cc, deterministic=det, seqlen_k=sk)
-                 for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True)
-                 for sk in (None, short))
+    dense = tuple(_config.kernel_set(dt, hd, causal, cc, deterministic=det, seqlen_k=sk)
+                  for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True)
+                  for sk in (None, short))
+    variant_dims = [hd for hd in head_dims if hd in VARIANT_HEAD_DIMS] or head_dims[:1]
+    return dense + tuple(_config.kernel_set(dt, hd, False, cc, seqlen_k=sk, variant=bits)
+                         for dt in dtypes for hd in variant_dims for bits in CHECKED_VARIANTS for sk in (None, short))
+
+
+#: the variant instantiations the offline check compiles besides the dense and causal ones: each
+#: variant alone and the combinations of today's models (Mistral's causal window, Gemma 2's
+#: causal softcap, gpt-oss's window with sinks, MPT's causal ALiBi), at these head dims
+CHECKED_VARIANTS = (_config.MASK_WINDOW, _config.VARIANT_SOFTCAP, _config.VARIANT_ALIBI, _config.VARIANT_SINKS,
+                    _config.MASK_CAUSAL | _config.VARIANT_SOFTCAP, _config.MASK_WINDOW | _config.VARIANT_SINKS,
+                    _config.MASK_CAUSAL | _config.VARIANT_ALIBI)
+VARIANT_HEAD_DIMS = (64, 128, 256)
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,7 +178,8 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
             s = stats.get(lowered[n], {})
             rows.append({
                 "kernel": n, "kind": _kind(n), "dtype": dtype_name(ks.dtype), "head_dim": ks.head_dim_cls,
-                "causal": ks.causal if n in dyn else None, "arch": arch,
+                "causal": ks.causal if n in dyn else None, "variant": _config.variant_text(ks.variant) if n in dyn else None,
+                "arch": arch,
                 "registers": s.get("registers", -1), "spill_stores": s.get("spill_stores", 0),
                 "spill_loads": s.get("spill_loads", 0), "stack_bytes": s.get("stack_bytes", 0),
                 "shared_bytes": s.get("shared_bytes", 0), "dynamic_shared_bytes": dyn.get(n, 0),

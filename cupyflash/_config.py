@@ -27,6 +27,36 @@ LOG2E = 1.4426950408889634  # log2(e): the kernels exponentiate with exp2
 #: query rows per block of the backward preprocess and dQ-convert kernels (one warp each);
 #: ROWS_PER_BLOCK and CONVERT_ROWS_PER_BLOCK in kernels_cu/flash_bwd_{preprocess,convert}.cu
 ROWWISE_ROWS_PER_BLOCK = 8
+#: threads of the dsinks kernel (DSINKS_THREADS in kernels_cu/flash_bwd_dsinks.cu)
+DSINKS_THREADS = 256
+
+
+# The VARIANT template parameter of every kernel: VariantBits in kernels_cu/variant.cuh.
+MASK_NONE, MASK_CAUSAL, MASK_WINDOW = 0, 1, 2
+VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS = 4, 8, 16
+
+
+def variant_bits(variants) -> int:
+    """The compile-time switches of a call's variants (a cupyflash._variants.Variants): the mask
+    kind (none, causal, window) and a bit each for softcap, ALiBi and sinks. The values stay
+    run-time (VariantParams), so each combination is one instantiation, compiled at first use."""
+    window = tuple(variants.window)
+    bits = MASK_NONE if window == (-1, -1) else MASK_CAUSAL if window == (-1, 0) else MASK_WINDOW
+    if variants.softcap > 0:
+        bits |= VARIANT_SOFTCAP
+    if variants.alibi_slopes is not None:
+        bits |= VARIANT_ALIBI
+    if variants.sinks is not None:
+        bits |= VARIANT_SINKS
+    return bits
+
+
+def variant_text(bits: int) -> str:
+    """The switches in words ('dense', 'causal', 'window+softcap', ...)."""
+    parts = [("", "causal", "window")[bits & 3]]
+    parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"))
+              if bits & bit]
+    return "+".join(p for p in parts if p) or "dense"
 
 
 def scale_log2(softmax_scale: float) -> np.float32:
@@ -199,8 +229,11 @@ _TILES_SM90_MMA = {
     (64, True): (F(64, 64, 4), G(64, 64, 4, 2)),
     (96, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (96, True): (F(128, 64, 4), G(64, 64, 8, 2)),
-    (128, False): (F(128, 64, 4), G(64, 128, 8, 1)),
-    (128, True): (F(128, 64, 4), G(64, 128, 8, 2, balanced=False)),
+    # head_dim 128's forward runs here only up to HOPPER_FWD_SHORT_SEQLEN_K keys. F(128, 64, 4) sat
+    # at 255 registers and spilled 8-40 bytes with the variant code, with NVRTC 13.0 or 13.5 by turns
+    # (bench/NOTES.md, session 9); F(128, 32, 4) needs 220-229
+    (128, False): (F(128, 32, 4), G(64, 128, 8, 1)),
+    (128, True): (F(128, 32, 4), G(64, 128, 8, 2, balanced=False)),
     (160, False): (F(64, 64, 4), G(64, 64, 8, 2)),
     (160, True): (F(64, 64, 4), G(64, 64, 8, 2)),
     (192, False): (F(64, 64, 4), G(32, 64, 8, 2)),
@@ -214,7 +247,7 @@ TILES_DEFAULT = {
     **_TILES_SM90_MMA,
     (64, False): (F(128, 64, 4), G(128, 128, 8, 2)),
     (64, True): (F(128, 64, 4), G(64, 128, 8, 2)),
-    (128, False): (F(128, 64, 4), G(64, 64, 8, 2)),
+    (128, False): (F(128, 32, 4), G(64, 64, 8, 2)),  # FlashAttention-2's sm_86 tile; F(128, 64, 4) spills (above)
     (128, True): (F(128, 64, 8), G(64, 64, 8, 2)),
     (160, False): (F(64, 64, 4), G(32, 32, 4, 2)),
     (160, True): (F(64, 64, 4), G(32, 32, 4, 2)),
@@ -250,7 +283,7 @@ DQ_TILES = {32: DqConfig(128, 64, 8), 64: DqConfig(128, 64, 8), 96: DqConfig(64,
             160: DqConfig(64, 32, 4), 192: DqConfig(64, 32, 4), 256: DqConfig(64, 32, 4)}
 # When a table entry needs more shared memory than the GPU lets one block have (sm_86 and
 # sm_89 allow 99 KB), the smallest tiles run instead: correct everywhere, not tuned.
-SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1))
+SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1, balanced=False))  # row-first: the balanced layout spills (variants)
 SMALL_DQ = (DqConfig(64, 32, 4), DqConfig(32, 32, 2), DqConfig(16, 32, 1))  # the first that fits
 F32 = F32Config()
 
@@ -276,7 +309,9 @@ def _instance(kernel: str, *args) -> str:
 
 @dataclass(frozen=True)
 class KernelSet:
-    """The kernels one (dtype, head_dim class, causal) problem runs, with their template arguments."""
+    """The kernels one (dtype, head_dim class, variant) problem runs, with their template arguments.
+    ``causal``: the tile table's masked entries (a causal or window mask); ``variant``: the
+    kernels' VARIANT bits (variant_bits), by default causal's mask alone."""
     dtype: np.dtype
     head_dim_cls: int
     causal: bool
@@ -284,6 +319,15 @@ class KernelSet:
     bwd: BwdConfig | Sm90BwdConfig | F32Config
     #: the deterministic dQ pass, or None: dQ accumulated with atomics by the backward kernel
     dq: DqConfig | F32Config | None = None
+    variant: int = -1
+
+    def __post_init__(self):
+        if self.variant == -1:
+            object.__setattr__(self, "variant", MASK_CAUSAL if self.causal else MASK_NONE)
+
+    @property
+    def sinks(self) -> bool:
+        return bool(self.variant & VARIANT_SINKS)
 
     @property
     def deterministic(self) -> bool:
@@ -302,7 +346,7 @@ class KernelSet:
         return isinstance(self.bwd, Sm90BwdConfig)
 
     def fwd_name(self) -> str:
-        cls, c = self.head_dim_cls, self.causal
+        cls, c = self.head_dim_cls, self.variant
         if not self.tensor_cores:
             return _instance("flash_fwd_f32_kernel", cls, c)
         f, t = self.fwd, CXX_TYPE[self.dtype]
@@ -311,7 +355,7 @@ class KernelSet:
         return _instance("flash_fwd_kernel", t, cls, f.block_m, f.block_n, f.num_warps, c)
 
     def bwd_name(self) -> str:
-        cls, c = self.head_dim_cls, self.causal
+        cls, c = self.head_dim_cls, self.variant
         if not self.tensor_cores:
             return _instance("flash_bwd_f32_kernel", cls, c)
         g, t = self.bwd, CXX_TYPE[self.dtype]
@@ -322,7 +366,7 @@ class KernelSet:
                          not self.deterministic)
 
     def dq_name(self) -> str:
-        cls, c = self.head_dim_cls, self.causal
+        cls, c = self.head_dim_cls, self.variant
         if not self.tensor_cores:
             return _instance("flash_bwd_dq_f32_kernel", cls, c)
         d = self.dq
@@ -334,9 +378,13 @@ class KernelSet:
     def convert_name(self) -> str:
         return _instance("flash_bwd_convert_dq_kernel", CXX_TYPE[self.dtype])
 
+    @staticmethod
+    def dsinks_name() -> str:
+        return "cupyflash::flash_bwd_dsinks_kernel"
+
     def name_expressions(self) -> tuple[str, ...]:
         last = self.dq_name() if self.deterministic else self.convert_name()
-        return (self.fwd_name(), self.bwd_name(), self.preprocess_name(), last)
+        return (self.fwd_name(), self.bwd_name(), self.preprocess_name(), last) + ((self.dsinks_name(),) if self.sinks else ())
 
     def fwd_threads(self) -> int:
         return 32 * self.fwd.num_warps
@@ -363,9 +411,9 @@ class KernelSet:
         return self.dq.smem_bytes(self.head_dim_cls, self.dtype.itemsize)
 
     def describe(self) -> str:
-        det = ""
+        det = "" if self.variant in (MASK_NONE, MASK_CAUSAL) else f"; variant {variant_text(self.variant)}"
         if self.deterministic:
-            det = ("; deterministic dQ pass" if not self.tensor_cores else
+            det += ("; deterministic dQ pass" if not self.tensor_cores else
                    f"; deterministic dQ pass BLOCK_M={self.dq.block_m} BLOCK_N={self.dq.block_n} warps={self.dq.num_warps}")
         return self._describe() + det
 
@@ -386,16 +434,21 @@ class KernelSet:
 def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
                fwd: FwdConfig | Sm90FwdConfig | None = None,
                bwd: BwdConfig | Sm90BwdConfig | None = None,
-               deterministic: bool = False, seqlen_k: int | None = None) -> KernelSet:
+               deterministic: bool = False, seqlen_k: int | None = None, variant: int | None = None) -> KernelSet:
     """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
     from the tile table unless ``fwd``/``bwd`` override it (tuning). ``deterministic``: the
     backward pass leaves dQ to the dQ pass (no atomics), and so runs the mma.sync backward
     kernel, whose dK, dV are reproducible and whose dQ phase can be skipped. ``seqlen_k`` at
-    or below HOPPER_FWD_SHORT_SEQLEN_K picks the mma.sync forward on Hopper (None: long)."""
+    or below HOPPER_FWD_SHORT_SEQLEN_K picks the mma.sync forward on Hopper (None: long).
+    ``variant``: the VARIANT bits (variant_bits); None: causal's mask alone. A causal or window
+    mask takes the table's causal tiles, whatever ``causal`` says."""
     dtype = np.dtype(dtype)
+    if variant is None:
+        variant = MASK_CAUSAL if causal else MASK_NONE
+    causal = bool(variant & 3)
     cls = head_dim_class(head_dim)
     if dtype == FLOAT32:
-        return KernelSet(dtype, cls, causal, F32, F32, F32 if deterministic else None)
+        return KernelSet(dtype, cls, causal, F32, F32, F32 if deterministic else None, variant)
     if dtype not in (FLOAT16, BFLOAT16):
         raise ValueError(f"no GPU kernels for dtype {dtype_name(dtype)}")
     if isinstance(bwd, Sm90BwdConfig) and deterministic != (bwd.dq_split == "none"):
@@ -411,6 +464,11 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         table_fwd = _TILES_SM90_MMA[(cls, causal)][0]
     if deterministic and cc == 90:
         table_bwd = DETERMINISTIC_BWD_SM90[(cls, causal)]
+    if (isinstance(table_bwd, Sm90BwdConfig) and table_bwd.block_m == 128
+            and variant & (VARIANT_SOFTCAP | VARIANT_ALIBI)):
+        # 128-query tiles leave no registers for the softcap or ALiBi element work (76-92 bytes
+        # spilled with a mask); 64-query tiles with dQ by keys spill nothing (bench/NOTES.md, variants)
+        table_bwd = Sm90BwdConfig(table_bwd.num_wg, "none" if deterministic else "keys", 64)
     limit = smem_optin(cc)
     if table_fwd.smem_bytes(cls, dtype.itemsize) > limit:
         table_fwd = SMALL_TILES[0]
@@ -419,4 +477,4 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
     dq = None
     if deterministic:
         dq = next(c for c in (DQ_TILES[cls], *SMALL_DQ) if c.smem_bytes(cls, dtype.itemsize) <= limit)
-    return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd, dq)
+    return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd, dq, variant)

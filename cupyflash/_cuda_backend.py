@@ -103,31 +103,63 @@ class _FilledParams:
         return buf
 
 
-_QKV_O_LSE = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse")
+# the pointers a forward call fills in: q, k, v, out, lse and the variants' slopes and sinks
+_FWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse", "var.alibi", "var.sinks")
+
+
+def _ptr(x) -> int:
+    return 0 if x is None else x.data.ptr
+
+
+def _variant_fields(variants, q, k, scale: float, dsinks=None) -> tuple:
+    """VariantParams (kernels_cu/params.cuh) of a call: the run-time values of its variants in the
+    kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32).
+    Returns (the struct's values in order, the arrays it points to, kept alive by the caller)."""
+    from ._variants import UNBOUNDED, Variants
+    var = variants or Variants()
+    B, Sq, H, _ = q.shape
+    Sk, group = k.shape[1], H // k.shape[2]
+    unbounded = Sq + Sk  # wider than any band: the kernels need no "unbounded" test
+    left, right = (unbounded if w == UNBOUNDED else min(w, unbounded) for w in var.window)
+    alibi = None if var.alibi_slopes is None else cupy.ascontiguousarray(var.alibi_slopes, dtype=_F32)
+    sinks = None if var.sinks is None else cupy.ascontiguousarray(var.sinks, dtype=_F32)
+    softcap = float(var.softcap)
+    values = (np.uint64(_ptr(alibi)), np.uint64(_ptr(sinks)), np.uint64(_ptr(dsinks)),
+              np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
+              np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
+              np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(0))
+    return values, (alibi, sinks)
+
+
+def _reads_in_place(variant_arrays: tuple, variants) -> bool:
+    """The kernels read the call's own slopes and sinks (no contiguous float32 copy was made)."""
+    given = (None, None) if variants is None else (variants.alibi_slopes, variants.sinks)
+    return all(a is b for a, b in zip(variant_arrays, given))
 
 
 class ForwardPlan:
     """The forward launch for one set of layouts of q, k, v and the out and lse buffers."""
 
-    def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple):
+    def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple, variants=None):
         B, Sq, H, D = q.shape
         self.device = q.data.device_id
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (B, H, Sq)
         self.allocates_out, self.allocates_lse = allocates  # (out, lse) were not given: allocate them
+        var, self.variant_arrays = _variant_fields(variants, q, k, scale)
         fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                       o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(B), heads=np.int32(H),
                       seqlen_q=np.int32(Sq), seqlen_k=np.int32(k.shape[1]), head_dim=np.int32(D),
-                      scale_log2=_config.scale_log2(scale))
+                      scale_log2=_config.scale_log2(scale), var=var)
         if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the TMA tensor maps
             f = ks.fwd
             maps = _TensorMaps(dict(q=(q, f.block_m), k=(k, f.block_n), v=(v, f.block_n)))
             inner = tuple(fields[n] for n in _launch.FWD_PARAMS.names)
             template = _launch.ParamTemplate(
                 _launch.FWD_SM90_PARAMS, dict(fwd=inner, **dict(zip("qkv", maps(self._qkv(q, k, v))))),
-                pointers=tuple("fwd." + p for p in _QKV_O_LSE), maps=("q", "k", "v"))
+                pointers=tuple("fwd." + p for p in _FWD_POINTERS), maps=("q", "k", "v"))
             self.params = _FilledParams(template, maps, tiled=(0, 1, 2))
         else:
-            self.params = _FilledParams(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_QKV_O_LSE), None)
+            self.params = _FilledParams(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_FWD_POINTERS), None)
         self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
                                              ks.fwd_smem())
 
@@ -135,23 +167,24 @@ class ForwardPlan:
     def _qkv(q, k, v) -> tuple:
         return (q.data.ptr, k.data.ptr, v.data.ptr)
 
-    def launch(self, q, k, v, o, lse, stream_ptr: int) -> None:
-        self.kernel(stream_ptr, self.params((q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr)))
+    def launch(self, q, k, v, o, lse, stream_ptr: int, alibi=None, sinks=None) -> None:
+        self.kernel(stream_ptr, self.params((q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr,
+                                             _ptr(alibi), _ptr(sinks))))
 
-    def __call__(self, q, k, v, out, lse):
+    def __call__(self, q, k, v, out, lse, alibi=None, sinks=None):
         """(out, lse) for arrays of the plan's layouts, or None when this call cannot take the
         plan as it is (a pointer off 16 bytes, an allocation while the stream captures a
         graph): the caller then takes the checked path."""
-        if not _pointers_aligned(q.data.ptr, k.data.ptr, v.data.ptr, 0 if out is None else out.data.ptr):
+        if not _pointers_aligned(q.data.ptr, k.data.ptr, v.data.ptr, _ptr(out)):
             return None
         if runtime.getDevice() != self.device:
             with cupy.cuda.Device(self.device):  # the arrays' device; its current stream
-                return self(q, k, v, out, lse)
+                return self(q, k, v, out, lse, alibi, sinks)
         stream = cupy.cuda.get_current_stream()
         if (self.allocates_out or self.allocates_lse) and not _may_allocate(stream):
             return None
         o, l = self.outputs(out, lse)
-        self.launch(q, k, v, o, l, stream.ptr)
+        self.launch(q, k, v, o, l, stream.ptr, alibi, sinks)
         return o, l
 
     def outputs(self, out, lse) -> tuple:
@@ -160,10 +193,11 @@ class ForwardPlan:
                 cupy.ndarray(self.lse_shape, _F32) if self.allocates_lse else lse)
 
 
-def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
+def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None, variants=None):
     """(out, lse, plan): the forward on any validated inputs, and the plan it ran when that plan
-    serves every later call with the same layouts (None when an input was copied first or the
-    problem is empty)."""
+    serves every later call with the same layouts (None when an input, the ALiBi slopes or the
+    sinks were copied first, or the problem is empty). ``variants``: a _variants.Variants, causal
+    folded in."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
@@ -173,50 +207,57 @@ def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None
             o = out if out is not None else o
             if o.size:
                 o.fill(0)
-            if l.size:
-                l.fill(-np.inf)  # no keys: every row is empty
+            if l.size:  # no keys: every row is empty (lse = its sink logit, when it has one)
+                l[...] = -np.inf if variants is None or variants.sinks is None else variants.sinks[None, :, None]
             return o, l, None
-        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk)
+        variant = _config.variant_bits(variants) if variants is not None else None
+        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk, variant=variant)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
-        plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None))
-        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr)
-        reusable = o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
+        plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants)
+        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays)
+        reusable = (o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
+                    and _reads_in_place(plan.variant_arrays, variants))
         if o_user is not None:
             o_user[...] = o
             o = o_user
         return o, l, (plan if reusable else None)
 
 
-def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None):
-    return forward_with_plan(q, k, v, causal=causal, scale=scale, out=out, lse=lse, fwd_config=fwd_config)[:2]
+def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None, variants=None):
+    return forward_with_plan(q, k, v, causal=causal, scale=scale, out=out, lse=lse, fwd_config=fwd_config,
+                             variants=variants)[:2]
 
 
 assert _launch.BWD_SM90_PARAMS.fields["bwd"][1] == 0  # BackwardPlan.launch passes one buffer to all kernels
 _BWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "dout.ptr", "dq.ptr", "dk.ptr", "dv.ptr", "lse", "dsum",
-                 "dq_accum")
+                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks")
 
 
 class BackwardPlan:
     """The backward launches for one set of layouts of the inputs, gradient buffers and workspace."""
 
     def __init__(self, ks: _config.KernelSet, dout, q, k, v, out, lse, grads: tuple, scale: float,
-                 allocates: tuple):
+                 allocates: tuple, variants=None, dsinks=None):
         B, Sq, H, D = q.shape
         Sk = k.shape[1]
         self.device = q.data.device_id
         self.shapes, self.dtype = (q.shape, k.shape, v.shape), q.dtype
-        self.allocates_grads, self.allocates_scratch = allocates  # (dq, dk, dv), workspace not given
+        # (dq, dk, dv), the workspace, dsinks (with sinks) were not given: allocate them
+        self.allocates_grads, self.allocates_scratch, self.allocates_dsinks = allocates
+        self.sinks_shape = (H,) if variants is not None and variants.sinks is not None else None
         self.deterministic = ks.deterministic
         self.dsum_shape, self.dsum_bytes = (B, H, Sq), B * H * Sq * 4
         self.dsum_bytes_padded = -(-self.dsum_bytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
         self.accum_bytes = 0 if ks.deterministic else B * H * Sq * D * 4  # the dQ pass needs no accumulator
         dq, dk, dv = grads
+        var, self.variant_arrays = _variant_fields(variants, q, k, scale, dsinks)
         fields = dict(
             q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
             o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(dq),
             dk=_launch.tensor_ref(dk), dv=_launch.tensor_ref(dv), lse=np.uint64(0), dsum=np.uint64(0),
             dq_accum=np.uint64(0), batch=np.int32(B), heads=np.int32(H), seqlen_q=np.int32(Sq),
-            seqlen_k=np.int32(Sk), head_dim=np.int32(D), scale=np.float32(scale), scale_log2=_config.scale_log2(scale))
+            seqlen_k=np.int32(Sk), head_dim=np.int32(D), scale=np.float32(scale), scale_log2=_config.scale_log2(scale),
+            var=var)
         if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
             g = ks.bwd
             maps = _TensorMaps(dict(q=(q, g.block_m), k=(k, g.block_n), v=(v, g.block_n), dout=(dout, g.block_m)))
@@ -231,9 +272,10 @@ class BackwardPlan:
         rows = _config.ROWWISE_ROWS_PER_BLOCK
         # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
         self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
-        # 2. dK_j, dV_j per key tile; dQ_accum += dS K_j (not when deterministic)
-        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, H, B), ks.bwd_threads(),
-                                           ks.bwd_smem())
+        # 2. dK_j, dV_j per (key tile, kv head), over the query heads of its group; dQ_accum += dS K_j
+        #    (not when deterministic)
+        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, k.shape[2], B),
+                                           ks.bwd_threads(), ks.bwd_smem())
         if ks.deterministic:
             # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
             self.finish = _launch.PreparedLaunch(ks, ks.dq_name(), _grid(Sq, ks.dq.block_m, H, B), ks.dq_threads(),
@@ -241,6 +283,9 @@ class BackwardPlan:
         else:
             # 3. dQ = scale * dQ_accum in the input dtype
             self.finish = _launch.PreparedLaunch(ks, ks.convert_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
+        # 4. dsinks_h = -sum_i exp(sink_h - lse_i) D_i, one block per query head
+        self.dsinks = (_launch.PreparedLaunch(ks, ks.dsinks_name(), (H, 1, 1), _config.DSINKS_THREADS, 0)
+                       if ks.sinks else None)
 
     def scratch(self):
         """(dsum pointer, dq_accum pointer, the allocation that holds them): both fp32 scratch
@@ -249,21 +294,24 @@ class BackwardPlan:
         mem = cupy.cuda.alloc(self.dsum_bytes_padded + self.accum_bytes)
         return mem.ptr, (0 if self.deterministic else mem.ptr + self.dsum_bytes_padded), mem
 
-    def launch(self, dout, q, k, v, out, lse, grads, dsum_ptr: int, accum_ptr: int, stream_ptr: int) -> None:
+    def launch(self, dout, q, k, v, out, lse, grads, dsum_ptr: int, accum_ptr: int, stream_ptr: int,
+               alibi=None, sinks=None, dsinks=None) -> None:
         dq, dk, dv = grads
         # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, dq.data.ptr, dk.data.ptr,
-                    dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr)
+                    dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr, _ptr(alibi), _ptr(sinks), _ptr(dsinks))
         # one buffer for the three kernels: BwdSm90Params starts with the BwdParams that the
         # preprocess and the dQ kernels read (the driver copies as many bytes as each kernel takes)
         params = self.params(pointers)
         self.preprocess(stream_ptr, params)
         self.main(stream_ptr, params)
         self.finish(stream_ptr, params)
+        if self.dsinks is not None:
+            self.dsinks(stream_ptr, params)
 
-    def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, workspace):
-        """(dq, dk, dv) for arrays of the plan's layouts, or None when this call cannot take the
-        plan as it is (see ForwardPlan.__call__)."""
+    def __call__(self, dout, q, k, v, out, lse, dq, dk, dv, workspace, alibi=None, sinks=None, dsinks=None):
+        """(dq, dk, dv), and dsinks with sinks, for arrays of the plan's layouts, or None when this
+        call cannot take the plan as it is (see ForwardPlan.__call__)."""
         pointers = [dout.data.ptr, q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr]
         if not self.allocates_grads:
             pointers += [dq.data.ptr, dk.data.ptr, dv.data.ptr]
@@ -271,48 +319,58 @@ class BackwardPlan:
             return None
         if runtime.getDevice() != self.device:
             with cupy.cuda.Device(self.device):  # the arrays' device; its current stream
-                return self(dout, q, k, v, out, lse, dq, dk, dv, workspace)
+                return self(dout, q, k, v, out, lse, dq, dk, dv, workspace, alibi, sinks, dsinks)
         stream = cupy.cuda.get_current_stream()
-        if (self.allocates_grads or self.allocates_scratch) and not _may_allocate(stream):
+        if (self.allocates_grads or self.allocates_scratch or self.allocates_dsinks) and not _may_allocate(stream):
             return None
         if self.allocates_grads:
             dq, dk, dv = (cupy.ndarray(shape, self.dtype) for shape in self.shapes)
+        if self.allocates_dsinks:
+            dsinks = cupy.ndarray(self.sinks_shape, _F32)
         if self.allocates_scratch:
             dsum_ptr, accum_ptr, _mem = self.scratch()
         else:
             dsum_ptr, accum_ptr = workspace[0].data.ptr, (0 if self.deterministic else workspace[1].data.ptr)
-        self.launch(dout, q, k, v, out, lse, (dq, dk, dv), dsum_ptr, accum_ptr, stream.ptr)
-        return dq, dk, dv
+        self.launch(dout, q, k, v, out, lse, (dq, dk, dv), dsum_ptr, accum_ptr, stream.ptr, alibi, sinks, dsinks)
+        return (dq, dk, dv) if self.sinks_shape is None else (dq, dk, dv, dsinks)
 
 
 def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
-                       bwd_config=None, workspace=None, deterministic: bool = False):
+                       bwd_config=None, workspace=None, deterministic: bool = False, variants=None, dsinks=None):
     """((dq, dk, dv), plan): the backward on any validated inputs, and the plan it ran when that
-    plan serves every later call with the same layouts (see forward_with_plan)."""
+    plan serves every later call with the same layouts (see forward_with_plan). With sinks in
+    ``variants``: ((dq, dk, dv, dsinks), plan), dsinks written into ``dsinks`` when given."""
     D = q.shape[3]
     Sk = k.shape[1]
+    with_sinks = variants is not None and variants.sinks is not None
+    user_dsinks = dsinks
     with cupy.cuda.Device(q.device.id):
         grads = [_out_buffer(buf, x.shape, q.dtype) for buf, x in ((dq, q), (dk, k), (dv, v))]
         staged = [g for g, _ in grads]
+        if with_sinks and dsinks is None:
+            dsinks = cupy.empty((q.shape[2],), dtype=_F32)
         plan = None
         if q.size == 0 or k.size == 0:
-            for g in staged:
+            for g in staged + ([dsinks] if with_sinks else []):
                 g.fill(0)
         else:
+            variant = _config.variant_bits(variants) if variants is not None else None
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
-                                    seqlen_k=Sk)  # the forward's kernel set too: one module per problem
+                                    seqlen_k=Sk, variant=variant)  # the forward's kernel set too: one module per problem
             ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)
             lse_ready = cupy.ascontiguousarray(lse)
-            plan = BackwardPlan(ks, *ready, lse_ready, tuple(staged), scale,
-                                allocates=(dq is None, workspace is None))
+            plan = BackwardPlan(ks, *ready, lse_ready, tuple(staged), scale, variants=variants, dsinks=dsinks,
+                                allocates=(dq is None, workspace is None, with_sinks and user_dsinks is None))
             if workspace is not None:
                 dsum_ptr, accum_ptr = workspace[0].data.ptr, (0 if deterministic else workspace[1].data.ptr)
             else:
                 dsum_ptr, accum_ptr, _mem = plan.scratch()
-            plan.launch(*ready, lse_ready, staged, dsum_ptr, accum_ptr, cupy.cuda.get_current_stream().ptr)
+            plan.launch(*ready, lse_ready, staged, dsum_ptr, accum_ptr, cupy.cuda.get_current_stream().ptr,
+                        *plan.variant_arrays, dsinks)
             inputs = (dout, q, k, v, out, lse)
             if not (all(a is b for a, b in zip((*ready, lse_ready), inputs))
-                    and all(user is None for _, user in grads) and (dq is None) == (dk is None) == (dv is None)):
+                    and all(user is None for _, user in grads) and (dq is None) == (dk is None) == (dv is None)
+                    and _reads_in_place(plan.variant_arrays, variants)):
                 plan = None
         result = []
         for g, user in grads:
@@ -320,13 +378,16 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
                 user[...] = g
                 g = user
             result.append(g)
+        if with_sinks:
+            result.append(dsinks)
         return tuple(result), plan
 
 
 def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
-             bwd_config=None, workspace=None, deterministic: bool = False):
+             bwd_config=None, workspace=None, deterministic: bool = False, variants=None, dsinks=None):
     return backward_with_plan(dout, q, k, v, out, lse, causal=causal, scale=scale, dq=dq, dk=dk, dv=dv,
-                              bwd_config=bwd_config, workspace=workspace, deterministic=deterministic)[0]
+                              bwd_config=bwd_config, workspace=workspace, deterministic=deterministic,
+                              variants=variants, dsinks=dsinks)[0]
 
 
 def backward_workspace(batch: int, heads: int, seqlen_q: int, head_dim: int):

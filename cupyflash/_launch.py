@@ -24,24 +24,28 @@ _TENSOR_REF = np.dtype({"names": ["ptr", "stride_b", "stride_s", "stride_h"],
                         "formats": [np.uint64, np.int64, np.int64, np.int64]}, align=True)
 _COMMON = [("batch", np.int32), ("heads", np.int32), ("seqlen_q", np.int32), ("seqlen_k", np.int32),
            ("head_dim", np.int32)]
+VARIANT_PARAMS = np.dtype([("alibi", np.uint64), ("sinks", np.uint64), ("dsinks", np.uint64), ("alibi_stride_b", np.int64),
+                           ("group_mul", np.uint32), ("group", np.int32), ("window_left", np.int32),
+                           ("window_right", np.int32), ("softcap_in", np.float32), ("softcap_out", np.float32),
+                           ("inv_scale", np.float32), ("pad_", np.int32)], align=True)
 FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
-                       ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32)], align=True)
+                       ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
 BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("dout", _TENSOR_REF), ("dq", _TENSOR_REF), ("dk", _TENSOR_REF), ("dv", _TENSOR_REF),
                        ("lse", np.uint64), ("dsum", np.uint64), ("dq_accum", np.uint64), *_COMMON,
-                       ("scale", np.float32), ("scale_log2", np.float32)], align=True)
+                       ("scale", np.float32), ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
 
 # FwdParams and the TMA tensor maps of q, k, v (TmaDesc: 128 bytes, 64-byte aligned)
 FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
-                            "offsets": [0, 192, 320, 448], "itemsize": 576})
+                            "offsets": [0, 256, 384, 512], "itemsize": 640})
 
 # BwdParams and the tensor maps of q, k, v, dout
 BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": [BWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 4,
-                            "offsets": [0, 320, 448, 576, 704], "itemsize": 832})
+                            "offsets": [0, 384, 512, 640, 768], "itemsize": 896})
 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
-assert ((_TENSOR_REF.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize, FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize)
-        == (32, 160, 312, 576, 832))
+assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
+         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize) == (32, 64, 224, 376, 640, 896))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535

@@ -12,6 +12,8 @@ converted first, so they take the checked path every time.
 """
 from __future__ import annotations
 
+from ._variants import NO_WINDOW
+
 MAX_PLANS = 256  # per pass; the oldest plan goes first
 
 _ndarray = None  # cupy.ndarray once CuPy imported; False when it cannot be
@@ -48,24 +50,42 @@ def _flag(value) -> tuple:
     return (value.__class__, value)
 
 
-def forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse):
-    layouts = _layouts((q, k, v, out, lse))
-    if layouts is None:
+_NO_WINDOW_FLAGS = tuple(_flag(w) for w in NO_WINDOW)
+
+
+def _variant_flags(window_size, softcap):
+    """The window (each side with its type: (True, 0) == (1, 0), but only one is valid) and the
+    softcap; None (no key) for a window that is not a tuple. The API's default window object
+    costs an identity test."""
+    if window_size is NO_WINDOW:
+        return (_NO_WINDOW_FLAGS, _flag(softcap))
+    if window_size.__class__ is not tuple:
         return None
-    return (layouts, _flag(causal), _flag(softmax_scale), _flag(return_lse))
+    return (tuple(_flag(w) for w in window_size), _flag(softcap))
 
 
-def backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic):
+def forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse, window_size=NO_WINDOW, softcap=0.0,
+                alibi_slopes=None, sinks=None):
+    layouts = _layouts((q, k, v, out, lse, alibi_slopes, sinks))
+    variants = _variant_flags(window_size, softcap)
+    if layouts is None or variants is None:
+        return None
+    return (layouts, _flag(causal), _flag(softmax_scale), _flag(return_lse), variants)
+
+
+def backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic,
+                 window_size=NO_WINDOW, softcap=0.0, alibi_slopes=None, sinks=None, dsinks=None):
     if workspace is not None:
         if workspace.__class__ is not tuple or len(workspace) != 2:
             return None
-        arrays = (dout, q, k, v, out, lse, dq, dk, dv, *workspace)
+        arrays = (dout, q, k, v, out, lse, dq, dk, dv, *workspace, alibi_slopes, sinks, dsinks)
     else:
-        arrays = (dout, q, k, v, out, lse, dq, dk, dv, None, None)
+        arrays = (dout, q, k, v, out, lse, dq, dk, dv, None, None, alibi_slopes, sinks, dsinks)
     layouts = _layouts(arrays)
-    if layouts is None:
+    variants = _variant_flags(window_size, softcap)
+    if layouts is None or variants is None:
         return None
-    return (layouts, _flag(causal), _flag(softmax_scale), _flag(deterministic))
+    return (layouts, _flag(causal), _flag(softmax_scale), _flag(deterministic), variants)
 
 
 class PlanCache:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 UNBOUNDED = -1  # a window side without a limit
+NO_WINDOW = (UNBOUNDED, UNBOUNDED)  # the API's default window_size (one object: the plan key tests it by identity)
 
 
 @dataclass(frozen=True)

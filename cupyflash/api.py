@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from . import _checks, _plans
 from ._dtypes import lse_dtype
+from ._variants import NO_WINDOW
 
 if TYPE_CHECKING:  # for type checkers only: cupyflash imports cupy lazily
     import cupy
@@ -15,12 +16,6 @@ Array = Union["numpy.ndarray", "cupy.ndarray"]
 #: What cupyflash takes: numpy or cupy arrays, or any object exposing ``__dlpack__`` (JAX,
 #: PyTorch) or ``__cuda_array_interface__`` (Numba), taken zero-copy.
 ArrayInput = Any
-
-
-def _dense(window_size, softcap, alibi_slopes, sinks) -> bool:
-    """No variant asked for, by the defaults' exact types (a bool softcap is not 0.0)."""
-    return (alibi_slopes is None and sinks is None and type(softcap) in (float, int) and softcap == 0
-            and type(window_size) is tuple and window_size == (-1, -1))
 
 
 def _gpu_backend():
@@ -34,7 +29,7 @@ def _cpu_backend():
 
 
 def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool = False,
-                    softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                    softmax_scale: float | None = None, window_size: tuple[int, int] = NO_WINDOW,
                     softcap: float = 0.0, alibi_slopes: ArrayInput | None = None, sinks: ArrayInput | None = None,
                     return_lse: bool = False, out: ArrayInput | None = None,
                     lse: ArrayInput | None = None) -> Array | tuple[Array, Array]:
@@ -44,8 +39,8 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     ----------
     q : array, shape (batch, seqlen_q, heads, head_dim)
     k, v : arrays, shape (batch, seqlen_k, heads_kv, head_dim)
-        heads_kv divides heads (grouped-query attention; heads_kv < heads on the NumPy backend
-        only, so far): query head h reads kv head h // (heads // heads_kv).
+        heads_kv divides heads (grouped-query and multi-query attention): query head h reads
+        kv head h // (heads // heads_kv); k and v are never repeated in memory.
         cupy arrays run the CUDA kernels on their own device, on CuPy's current stream for
         that device; numpy arrays run the NumPy implementation of the same blocked algorithm.
         Objects with ``__dlpack__`` (JAX, PyTorch) or ``__cuda_array_interface__`` (Numba)
@@ -67,8 +62,8 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         float32 (heads,) or (batch, heads): adds -slope * |i + o - j| to each logit, after the softcap.
     sinks : array, optional
         float32 (heads,): each row's softmax denominator gains exp(sinks[h]); lse includes it.
-        window_size (other than causal), softcap, alibi_slopes and sinks run on the NumPy
-        backend only, so far: the GPU path raises a ValueError naming them.
+        Every variant composes with the others and runs on every path (the CUDA kernels
+        compile each combination a call uses, at first use).
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
@@ -98,13 +93,12 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     ValueError
         Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
-    # a call with the layouts of an earlier one reuses its checked plan (_plans); the variants
-    # take the checked path
-    dense = _dense(window_size, softcap, alibi_slopes, sinks)
-    key = _plans.forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse) if dense else None
+    # a call with the layouts of an earlier one reuses its checked plan (_plans)
+    key = _plans.forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse, window_size, softcap,
+                             alibi_slopes, sinks)
     plan = _plans.FORWARD.get(key)
     if plan is not None:
-        result = plan(q, k, v, out, lse)
+        result = plan(q, k, v, out, lse, alibi_slopes, sinks)
         if result is not None:
             return result if return_lse else result[0]
     q = _checks.as_array(q, "q")
@@ -125,11 +119,10 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
             "lse", lse, (shape.batch, shape.heads, shape.seqlen_q), lse_dtype(dtype), dev,
             c_contiguous=True)
     if on_gpu:
-        _checks.check_gpu_variants(shape, variants)
         _checks.check_graph_capture(dev, needed={"out": out, "lse": lse},
-                                    in_place={"q": q, "k": k, "v": v, "out": out}, dense={})
+                                    in_place={"q": q, "k": k, "v": v, "out": out}, dense=_variant_arrays(variants))
         o, l, plan = _gpu_backend().forward_with_plan(q, k, v, causal=variants.window == (-1, 0), scale=scale,
-                                                      out=out, lse=lse)
+                                                      out=out, lse=lse, variants=variants)
         _plans.FORWARD.put(key, plan)
     else:
         o, l = _cpu_backend().forward(q, k, v, causal=causal, scale=scale, out=out, lse=lse, variants=variants)
@@ -138,10 +131,11 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
 
 def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: ArrayInput,
                              out: ArrayInput, lse: ArrayInput, *, causal: bool = False,
-                             softmax_scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                             softmax_scale: float | None = None, window_size: tuple[int, int] = NO_WINDOW,
                              softcap: float = 0.0, alibi_slopes: ArrayInput | None = None,
                              sinks: ArrayInput | None = None, dq: ArrayInput | None = None,
                              dk: ArrayInput | None = None, dv: ArrayInput | None = None,
+                             dsinks: ArrayInput | None = None,
                              workspace: tuple[Array, Array] | None = None,
                              deterministic: bool = False) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
@@ -169,6 +163,9 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     dq, dk, dv : arrays, optional
         Preallocated gradients shaped and typed like q, k, v, with the same rules as
         ``out`` of :func:`flash_attention`.
+    dsinks : array, optional
+        With ``sinks`` only: a preallocated C-contiguous float32 (heads,) buffer for the
+        sinks' gradient, written in place (needed during CUDA-graph capture).
     workspace : tuple of two cupy arrays, optional
         GPU only: the fp32 scratch from :func:`backward_workspace`. With it and ``dq``,
         ``dk``, ``dv`` given (and a C-contiguous ``lse``), the backward pass allocates
@@ -195,12 +192,11 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     TypeError, ValueError
         As for :func:`flash_attention`, naming the argument.
     """
-    dense = _dense(window_size, softcap, alibi_slopes, sinks)
-    key = (_plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic)
-           if dense else None)
+    key = _plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic,
+                              window_size, softcap, alibi_slopes, sinks, dsinks)
     plan = _plans.BACKWARD.get(key)
     if plan is not None:
-        result = plan(dout, q, k, v, out, lse, dq, dk, dv, workspace)
+        result = plan(dout, q, k, v, out, lse, dq, dk, dv, workspace, alibi_slopes, sinks, dsinks)
         if result is not None:
             return result
     names = ("dout", "q", "k", "v", "out", "lse")
@@ -221,24 +217,36 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         grads[name] = None if buf is None else _checks.check_output_buffer(name, buf, like.shape, dtype, dev)
+    if dsinks is not None:
+        if variants.sinks is None:
+            raise ValueError("dsinks receives the gradient of sinks: pass it only with sinks")
+        dsinks = _checks.check_output_buffer("dsinks", dsinks, (shape.heads,), lse_dtype(dtype), dev, c_contiguous=True)
     extra = {"deterministic": deterministic} if on_gpu else {}
     if workspace is not None:
         if not on_gpu:
             raise ValueError("workspace is only used by the GPU path; omit it for numpy arrays")
         extra["workspace"] = _checks.check_workspace(workspace, shape, dev)
     if on_gpu:
-        _checks.check_gpu_variants(shape, variants)
+        needed = {**grads, "workspace": workspace} | ({"dsinks": dsinks} if variants.sinks is not None else {})
         _checks.check_graph_capture(
-            dev, needed={**grads, "workspace": workspace},
-            in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")} | grads,
-            dense={"lse": arrays["lse"]})
+            dev, needed=needed, in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")} | grads,
+            dense={"lse": arrays["lse"], **_variant_arrays(variants)})
         result, plan = _gpu_backend().backward_with_plan(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
                                                          causal=variants.window == (-1, 0), scale=scale, **grads,
-                                                         **extra)
+                                                         **extra, variants=variants, dsinks=dsinks)
         _plans.BACKWARD.put(key, plan)
         return result
-    return _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
-                                   causal=causal, scale=scale, **grads, **extra, variants=variants)
+    result = _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
+                                     causal=causal, scale=scale, **grads, **extra, variants=variants)
+    if dsinks is not None:
+        dsinks[...] = result[3]
+        result = (*result[:3], dsinks)
+    return result
+
+
+def _variant_arrays(variants) -> dict:
+    """The variant arrays the kernels read in place (C-contiguous float32, else copied first)."""
+    return {n: x for n, x in (("alibi_slopes", variants.alibi_slopes), ("sinks", variants.sinks)) if x is not None}
 
 
 def backward_workspace(q: ArrayInput) -> tuple[Array, Array]:

@@ -3,10 +3,14 @@
 Shared by the ``cupyflash bench`` / ``check`` commands and ``bench/run_peers.py``:
 
 - the problem (:class:`Case`) and the FLOP convention (:func:`attention_flops`);
+- the variants a case asks for (:class:`Variant`: grouped-query attention, sliding window,
+  softcap, ALiBi, sinks), passed to cupyflash, the reference and the peers that can do them
+  (the others are skipped with the reason);
 - the implementations: ``cupyflash`` and the peers ``naive`` (materialised attention in
-  CuPy), ``torch-flash`` / ``torch-cudnn`` (PyTorch SDPA backends) and ``jax-cudnn``
-  (``jax.nn.dot_product_attention``). PyTorch and JAX are imported only inside the peer
-  that needs them, and only when that peer is asked for;
+  CuPy), ``torch-flash`` / ``torch-cudnn`` (PyTorch SDPA backends), ``jax-cudnn``
+  (``jax.nn.dot_product_attention``) and ``fa4`` (FlashAttention-4, ``flash_attn.cute``).
+  PyTorch, JAX and FA4 are imported only inside the peer that needs them, and only when
+  that peer is asked for;
 - timing (CUDA events on one stream; a host clock for JAX, which runs on its own stream),
   peak extra device memory, and the correctness gate that refuses to time a wrong result;
 - the result schema and its JSON / CSV / table / plot writers.
@@ -29,7 +33,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -44,7 +48,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 #: FLOPs of each mode as a multiple of the forward pass (flash-attn's convention)
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 FLOP_CONVENTION = ("FLOPs = 4*B*H*Sq*Sk*D forward, x2.5 backward, x3.5 fwd+bwd, "
-                   "halved when causal")
+                   "halved when causal; with a sliding window Sq*Sk is the number of visible "
+                   "(query, key) pairs")
 #: default sizes (flash-attn benchmark convention): batch*seqlen tokens, heads*head_dim
 DEFAULT_TOKENS = 16384
 DEFAULT_HIDDEN = 2048
@@ -54,11 +59,55 @@ DTYPES = {"bfloat16": BFLOAT16, "float16": FLOAT16, "float32": FLOAT32, "float64
 
 
 def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
-                    causal: bool = False, mode: str = "fwd") -> float:
+                    causal: bool = False, mode: str = "fwd", window_size=(-1, -1)) -> float:
     """FLOPs of one attention call: 4*B*H*Sq*Sk*D forward (two matmuls), x2.5 backward,
-    x3.5 forward+backward, halved when causal."""
-    flops = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim * MODE_FLOP_FACTOR[mode]
-    return flops / 2 if causal else flops
+    x3.5 forward+backward, halved when causal. With a sliding window, Sq*Sk becomes the
+    number of visible (query, key) pairs (causal folded in as right = 0)."""
+    per_pair = 4.0 * batch * heads * head_dim * MODE_FLOP_FACTOR[mode]
+    if tuple(window_size) == (-1, -1):
+        return per_pair * seqlen_q * seqlen_k / (2 if causal else 1)
+    return per_pair * visible_pairs(seqlen_q, seqlen_k, causal, window_size)
+
+
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window_size) -> int:
+    """How many (query, key) pairs the mask lets through: row i sees keys
+    i + o - left .. i + o + right, o = seqlen_k - seqlen_q (bottom-right aligned; -1 unbounded)."""
+    left, right = window_size
+    right = 0 if causal else right
+    diag = np.arange(seqlen_q) + (seqlen_k - seqlen_q)
+    first = np.maximum(diag - left, 0) if left >= 0 else np.zeros_like(diag)
+    last = np.minimum(diag + right, seqlen_k - 1) if right >= 0 else np.full_like(diag, seqlen_k - 1)
+    return int(np.maximum(last - first + 1, 0).sum())
+
+
+def alibi_slopes(heads: int) -> np.ndarray:
+    """The standard geometric ALiBi slopes 2^(-8 (h + 1) / H), float32 (H,)."""
+    return (2.0 ** (-8.0 * (np.arange(heads) + 1) / heads)).astype(np.float32)
+
+
+VARIANTS = ("gqa", "window", "softcap", "alibi", "sinks")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The attention variants a case asks for beyond plain (causal) attention."""
+    kv_heads: int | None = None        # grouped-query attention; None: as many as the query heads
+    window: tuple[int, int] = (-1, -1)  # sliding window (left, right), -1 unbounded
+    softcap: float = 0.0               # 0: off
+    alibi: bool = False                # ALiBi with alibi_slopes(heads)
+    sinks: bool = False                # random float32 sink logits, one per query head
+
+    def features(self, heads: int) -> tuple[str, ...]:
+        """The VARIANTS in use with ``heads`` query heads."""
+        used = (self.kv_heads not in (None, heads), tuple(self.window) != (-1, -1), self.softcap > 0,
+                self.alibi, self.sinks)
+        return tuple(name for name, on in zip(VARIANTS, used) if on)
+
+    def describe(self, heads: int) -> str:
+        """'' for plain attention, else e.g. 'kv_heads=2 window=8,0 softcap=5 alibi sinks'."""
+        text = {"gqa": f"kv_heads={self.kv_heads}", "window": "window={},{}".format(*self.window),
+                "softcap": f"softcap={self.softcap:g}", "alibi": "alibi", "sinks": "sinks"}
+        return " ".join(text[f] for f in self.features(heads))
 
 
 def default_shape(seqlen: int, head_dim: int, tokens: int = DEFAULT_TOKENS,
@@ -78,11 +127,24 @@ class Case:
     dtype: str
     causal: bool
     mode: str
+    variant: Variant = Variant()
 
     @property
     def flops(self) -> float:
         return attention_flops(self.batch, self.heads, self.seqlen_q, self.seqlen_k,
-                               self.head_dim, self.causal, self.mode)
+                               self.head_dim, self.causal, self.mode, self.variant.window)
+
+    @property
+    def heads_kv(self) -> int:
+        return self.variant.kv_heads or self.heads
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.variant.features(self.heads)
+
+    @property
+    def variant_text(self) -> str:
+        return self.variant.describe(self.heads)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -91,14 +153,16 @@ class Case:
     def label(self) -> str:
         seq = (f"{self.seqlen_q}" if self.seqlen_q == self.seqlen_k
                else f"{self.seqlen_q}x{self.seqlen_k}")
-        return (f"{self.mode} {self.dtype} B={self.batch} H={self.heads} S={seq} "
-                f"D={self.head_dim}{' causal' if self.causal else ''}")
+        return " ".join(filter(None, [f"{self.mode} {self.dtype} B={self.batch} H={self.heads} S={seq} "
+                                      f"D={self.head_dim}{' causal' if self.causal else ''}", self.variant_text]))
 
 
 def make_cases(seqlens: Sequence[int], head_dims: Sequence[int], dtypes: Sequence[str],
                causals: Sequence[bool], modes: Sequence[str], *, batch: int | None = None,
-               heads: int | None = None, seqlen_k: int | None = None) -> list[Case]:
-    """The sweep, seqlen innermost. batch/heads default to :func:`default_shape`."""
+               heads: int | None = None, seqlen_k: int | None = None,
+               variant: Variant = Variant()) -> list[Case]:
+    """The sweep, seqlen innermost. batch/heads default to :func:`default_shape`; every case
+    gets ``variant``."""
     cases = []
     for dtype in dtypes:
         for mode in modes:
@@ -107,7 +171,7 @@ def make_cases(seqlens: Sequence[int], head_dims: Sequence[int], dtypes: Sequenc
                     for s in seqlens:
                         b, h = default_shape(s, head_dim)
                         cases.append(Case(batch or b, heads or h, s, seqlen_k or s, head_dim,
-                                          dtype, bool(causal), mode))
+                                          dtype, bool(causal), mode, variant))
     return cases
 
 
@@ -150,10 +214,10 @@ def parse_int_list(text: str) -> list[int]:
 # The result schema
 
 RESULT_FIELDS = ("impl", "mode", "dtype", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim",
-                 "causal", "ms_median", "ms_min", "ms_max", "tflops", "peak_extra_mb",
+                 "causal", "variant", "ms_median", "ms_min", "ms_max", "tflops", "peak_extra_mb",
                  "repeats", "timer", "status", "note")
 STATUSES = ("ok", "skipped", "failed", "oom")
-SCHEMA = "cupyflash-bench/1"
+SCHEMA = "cupyflash-bench/2"  # /1 had no "variant" (its rows read as plain attention)
 DOCUMENT_FIELDS = ("schema", "gpu", "versions", "date", "command", "settings", "results")
 
 
@@ -169,6 +233,7 @@ class Result:
     seqlen_k: int
     head_dim: int
     causal: bool
+    variant: str = ""  # Variant.describe: '' for plain attention
     ms_median: float | None = None
     ms_min: float | None = None
     ms_max: float | None = None
@@ -182,7 +247,8 @@ class Result:
     @classmethod
     def of(cls, case: Case, impl: str, status: str, note: str = "", **kw) -> "Result":
         return cls(impl, case.mode, case.dtype, case.batch, case.heads, case.seqlen_q,
-                   case.seqlen_k, case.head_dim, case.causal, status=status, note=note, **kw)
+                   case.seqlen_k, case.head_dim, case.causal, case.variant_text, status=status,
+                   note=note, **kw)
 
     @classmethod
     def timed(cls, case: Case, impl: str, times_ms: Sequence[float], timer: str,
@@ -196,7 +262,7 @@ class Result:
     @property
     def case_key(self) -> tuple:
         return (self.mode, self.dtype, self.batch, self.heads, self.seqlen_q, self.seqlen_k,
-                self.head_dim, self.causal)
+                self.head_dim, self.causal, self.variant)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -315,12 +381,29 @@ def short_error(exc: BaseException, limit: int = 200) -> str:
 
 @dataclass
 class Inputs:
-    """Fresh standard-normal q, k, v and the output gradient dout (never zeros)."""
+    """Fresh standard-normal q, k, v and the output gradient dout (never zeros), and the
+    variants' keyword arguments for cupyflash and the reference (window_size, softcap,
+    alibi_slopes, sinks: only those the case uses)."""
     q: Any
     k: Any
     v: Any
     dout: Any
     scale: float
+    variants: dict = field(default_factory=dict)
+
+
+def variant_kwargs(variant: Variant, heads: int, xp, draw) -> dict:
+    """The keyword arguments of ``variant`` (arrays in ``xp``); sinks come from ``draw``."""
+    kw: dict[str, Any] = {}
+    if tuple(variant.window) != (-1, -1):
+        kw["window_size"] = tuple(variant.window)
+    if variant.softcap > 0:
+        kw["softcap"] = float(variant.softcap)
+    if variant.alibi:
+        kw["alibi_slopes"] = xp.asarray(alibi_slopes(heads))
+    if variant.sinks:
+        kw["sinks"] = draw((heads,), dtype=np.float32)
+    return kw
 
 
 class Device:
@@ -361,10 +444,11 @@ class Device:
             draw = np.random.default_rng(seed).standard_normal
         dtype = case.np_dtype
         q_shape = (case.batch, case.seqlen_q, case.heads, case.head_dim)
-        kv_shape = (case.batch, case.seqlen_k, case.heads, case.head_dim)
+        kv_shape = (case.batch, case.seqlen_k, case.heads_kv, case.head_dim)
         arrays = [draw(shape, dtype=np.float32).astype(dtype)
                   for shape in (q_shape, kv_shape, kv_shape, q_shape)]
-        return Inputs(*arrays, scale=1.0 / math.sqrt(case.head_dim))
+        return Inputs(*arrays, scale=1.0 / math.sqrt(case.head_dim),
+                      variants=variant_kwargs(case.variant, case.heads, xp, draw))
 
     def measure_peak(self, fn) -> int | None:
         """Bytes allocated from CuPy's pool by one call of fn, at its peak (None on the CPU)."""
@@ -498,66 +582,93 @@ def _amax(xp, ref) -> float:
 MAX_REFERENCE_SCORES = 2**28
 
 
-def _slices(shape, max_batch: int | None, max_heads: int | None):
-    """Index pairs (batch, head) to check one by one (everything at once when unlimited)."""
+def _slices(batch: int, heads: int, heads_kv: int, max_batch: int | None, max_heads: int | None):
+    """(batch, query heads, their kv head) index triples to check one by one: the first
+    ``max_batch`` batch elements (together when that is all of them), and the first kv heads,
+    each with its group of query heads, up to ``max_heads`` query heads (at least one group).
+    Everything at once when both are None."""
     if max_batch is None and max_heads is None:
-        yield slice(None), slice(None)
+        yield slice(None), slice(None), slice(None)
         return
-    nb = shape[0] if max_batch is None else min(max_batch, shape[0])
-    nh = shape[2] if max_heads is None else min(max_heads, shape[2])
-    for b in range(nb):
-        for h in range(nh):
-            yield slice(b, b + 1), slice(h, h + 1)
+    group = heads // heads_kv
+    nb = batch if max_batch is None else min(max_batch, batch)
+    nkv = heads_kv if max_heads is None else min(heads_kv, max(1, max_heads // group))
+    for b in [slice(None)] if nb == batch else [slice(b, b + 1) for b in range(nb)]:
+        for g in range(nkv):
+            yield b, slice(g * group, (g + 1) * group), slice(g, g + 1)
 
 
-def _query_rows(seqlen_q: int, seqlen_k: int) -> slice:
-    """The query rows to check: all, or the last ones when the score matrix is too large.
+def _query_rows(seqlen_q: int, seqlen_k: int, heads: int = 1) -> slice:
+    """The query rows to check: all, or the last ones when the score matrix of ``heads``
+    heads is too large.
 
-    Taking the *last* rows keeps the bottom-right causal alignment (row i of the slice is
-    row seqlen_q - m + i of the problem, and seqlen_k - m + i == i + seqlen_k - seqlen_q).
-    out, lse and dq of a row depend only on that row's q and dout, so they stay exact.
+    Taking the *last* rows keeps the bottom-right alignment of the causal mask, the window
+    and ALiBi (row i of the slice is row seqlen_q - m + i of the problem, and
+    seqlen_k - m + i == i + seqlen_k - seqlen_q). out, lse and dq of a row depend only on
+    that row's q and dout, so they stay exact.
     """
-    m = max(1, MAX_REFERENCE_SCORES // max(seqlen_k, 1))
+    m = max(1, MAX_REFERENCE_SCORES // max(seqlen_k * heads, 1))
     return slice(None) if seqlen_q <= m else slice(seqlen_q - m, None)
+
+
+OUTPUT_NAMES = ("out", "lse", "dq", "dk", "dv", "dsinks")
+GRAD_NAMES = ("dq", "dk", "dv", "dsinks")  # dsinks only with sinks
+
+
+def _sliced_variants(variants: dict, b: slice, heads: slice) -> dict:
+    """The variants' arguments for the batch elements ``b`` and query heads ``heads``."""
+    kw = dict(variants)
+    if "sinks" in kw:
+        kw["sinks"] = kw["sinks"][heads]
+    if "alibi_slopes" in kw:
+        slopes = kw["alibi_slopes"]
+        kw["alibi_slopes"] = slopes[heads] if slopes.ndim == 1 else slopes[b, heads]
+    return kw
 
 
 def check_outputs(outputs: dict, inputs: Inputs, causal: bool, xp, *,
                   max_batch: int | None = 1, max_heads: int | None = 2) -> list[Check]:
-    """Check ``outputs`` (any of out, lse, dq, dk, dv, full size) against the reference.
+    """Check ``outputs`` (any of out, lse, dq, dk, dv, dsinks, full size) against the reference.
 
-    The reference is :mod:`cupyflash.reference` in float64 on the first ``max_batch``
-    batch elements and ``max_heads`` heads, one head at a time (None: everything at once);
-    beyond MAX_REFERENCE_SCORES scores per head only the last query rows are checked, and
-    dk, dv (which need every row) are left out. Each tensor's bound is ``2 * (error of
-    naive attention in the input precision) + flash-attn's rounding atol
-    + ATOL_FLOOR[dtype] * max(1, max|ref|)``.
+    The reference is :mod:`cupyflash.reference` in float64, with the inputs' variants, on
+    the first ``max_batch`` batch elements and ``max_heads`` query heads, one kv head and its
+    group of query heads at a time (None: everything at once); beyond MAX_REFERENCE_SCORES
+    scores per slice only the last query rows are checked, and dk, dv, dsinks (which need
+    every row) are left out, as is dsinks when not every batch element is checked. Each
+    tensor's bound is ``2 * (error of naive attention in the input precision) + flash-attn's
+    rounding atol + ATOL_FLOOR[dtype] * max(1, max|ref|)``.
     """
     from . import reference
 
     dtype = inputs.q.dtype
-    rows = _query_rows(inputs.q.shape[1], inputs.k.shape[1])
-    names = [n for n in ("out", "lse", "dq", "dk", "dv") if n in outputs
-             and not (n in ("dk", "dv") and rows != slice(None))]
+    batch, heads, heads_kv = inputs.q.shape[0], inputs.q.shape[2], inputs.k.shape[2]
+    rows = _query_rows(inputs.q.shape[1], inputs.k.shape[1], heads // heads_kv)
+    every_row = rows == slice(None)
+    every_batch = max_batch is None or max_batch >= batch
+    names = [n for n in OUTPUT_NAMES if n in outputs
+             and (every_row or n not in ("dk", "dv", "dsinks")) and (every_batch or n != "dsinks")]
     err = dict.fromkeys(names, 0.0)
     naive_err = dict.fromkeys(names, 0.0)
     atol = dict.fromkeys(names, 0.0)
     amax = dict.fromkeys(names, 0.0)
-    kw = dict(causal=causal, softmax_scale=inputs.scale)
-    for b, h in _slices(inputs.q.shape, max_batch, max_heads):
-        q, do = (x[b, rows, h] for x in (inputs.q, inputs.dout))
-        k, v = (x[b, :, h] for x in (inputs.k, inputs.v))
+    for b, hq, hkv in _slices(batch, heads, heads_kv, max_batch, max_heads):
+        q, do = (x[b, rows, hq] for x in (inputs.q, inputs.dout))
+        k, v = (x[b, :, hkv] for x in (inputs.k, inputs.v))
+        kw = dict(causal=causal, softmax_scale=inputs.scale, **_sliced_variants(inputs.variants, b, hq))
         ref, naive = {}, {}
         if "out" in names or "lse" in names:
             ref["out"], ref["lse"] = reference.attention(q, k, v, upcast=True, **kw)
             naive["out"], naive["lse"] = reference.attention(q, k, v, upcast=False, **kw)
-        if {"dq", "dk", "dv"} & set(names):
-            ref["dq"], ref["dk"], ref["dv"] = reference.attention_backward(do, q, k, v, upcast=True, **kw)
-            naive["dq"], naive["dk"], naive["dv"] = reference.attention_backward(do, q, k, v, upcast=False, **kw)
+        if set(GRAD_NAMES) & set(names):
+            ref.update(zip(GRAD_NAMES, reference.attention_backward(do, q, k, v, upcast=True, **kw)))
+            naive.update(zip(GRAD_NAMES, reference.attention_backward(do, q, k, v, upcast=False, **kw)))
         for n in names:
             if n == "lse":  # (batch, heads, seqlen_q)
-                actual = outputs[n][b, h, rows]
+                actual = outputs[n][b, hq, rows]
+            elif n == "dsinks":  # (heads,)
+                actual = outputs[n][hq]
             else:
-                actual = outputs[n][b, rows if n in ("out", "dq") else slice(None), h]
+                actual = outputs[n][b, rows, hq] if n in ("out", "dq") else outputs[n][b, :, hkv]
             err[n] = max(err[n], _max_err(xp, actual, ref[n]))
             naive_err[n] = max(naive_err[n], _max_err(xp, naive[n], ref[n]))
             atol[n] = max(atol[n], _rounding_atol(xp, ref[n], actual.dtype))
@@ -591,10 +702,16 @@ class Impl:
     """Base class: a named attention implementation."""
     name = ""
     gated = False  # checked against the reference before timing
+    variants: tuple[str, ...] = ()  # the VARIANTS it can do
 
     def unavailable(self, device: Device) -> str | None:
         """Why this implementation cannot run on this device, or None."""
         return None
+
+    def refuse_variants(self, case: Case) -> None:
+        """Raise Unsupported naming the case's variants this implementation cannot do."""
+        if missing := [f for f in case.features if f not in self.variants]:
+            raise Unsupported(f"{self.name} cannot do {', '.join(missing)}")
 
     def prepare(self, case: Case, inputs: Inputs, device: Device) -> Prepared:
         raise NotImplementedError
@@ -604,6 +721,7 @@ class CupyflashImpl(Impl):
     """cupyflash itself, on the device's arrays (cupy, or numpy on the CPU); with
     ``deterministic``, its bitwise-reproducible backward pass."""
     gated = True
+    variants = VARIANTS
 
     def __init__(self, deterministic: bool = False):
         self.deterministic = deterministic
@@ -612,28 +730,29 @@ class CupyflashImpl(Impl):
     def prepare(self, case, inputs, device):
         from . import api  # looked up at call time, so tests can patch api's functions
         q, k, v, do = inputs.q, inputs.k, inputs.v, inputs.dout
-        causal, det = case.causal, self.deterministic
+        kw = dict(causal=case.causal, **inputs.variants)
+        det = self.deterministic
 
         def forward():
-            return api.flash_attention(q, k, v, causal=causal, return_lse=True)
+            return api.flash_attention(q, k, v, return_lse=True, **kw)
 
         def backward(out, lse):
-            return api.flash_attention_backward(do, q, k, v, out, lse, causal=causal, deterministic=det)
+            return api.flash_attention_backward(do, q, k, v, out, lse, deterministic=det, **kw)
 
         if case.mode == "fwd":
-            run = lambda: api.flash_attention(q, k, v, causal=causal)  # noqa: E731
+            run = lambda: api.flash_attention(q, k, v, **kw)  # noqa: E731
             outputs = lambda: dict(zip(("out", "lse"), forward()))  # noqa: E731
         elif case.mode == "bwd":
             out, lse = forward()
             run = lambda: backward(out, lse)  # noqa: E731
-            outputs = lambda: dict(zip(("dq", "dk", "dv"), run()))  # noqa: E731
+            outputs = lambda: dict(zip(GRAD_NAMES, run()))  # noqa: E731
         else:
             def run():
                 return backward(*forward())
 
             def outputs():
                 out, lse = forward()
-                return dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *backward(out, lse))))
+                return dict(zip(OUTPUT_NAMES, (out, lse, *backward(out, lse))))
         return Prepared(run, device.timer(), lambda: device.measure_peak(run), outputs)
 
 
@@ -660,18 +779,26 @@ def _cupy_bf16_matmul() -> bool:
         return False
 
 
-def naive_forward(xp, q, k, v, causal: bool, scale: float):
+def _kv_per_query_head(xp, X, heads: int):
+    """(batch, heads_kv, seqlen, dim) -> (batch, heads, ...): grouped-query attention, materialised."""
+    return X if X.shape[1] == heads else xp.repeat(X, heads // X.shape[1], axis=1)
+
+
+def naive_forward(xp, q, k, v, causal: bool, scale: float, window_size=(-1, -1)):
     """Materialised attention in the input precision: S = QK^T (rounded to dtype), softmax
     in float32, P rounded to dtype, O = PV. Returns out (q's layout and dtype) and P
-    (batch, heads, seqlen_q, seqlen_k) in dtype, which the backward pass reuses."""
-    dtype = q.dtype
+    (batch, heads, seqlen_q, seqlen_k) in dtype, which the backward pass reuses. k, v may
+    have fewer heads (grouped-query attention: repeated); the mask is causal and/or a window."""
+    from .reference import _allowed
+
+    dtype, heads = q.dtype, q.shape[2]
     Q, K, V = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    K, V = _kv_per_query_head(xp, K, heads), _kv_per_query_head(xp, V, heads)
     S = _matmul(xp, Q, K.transpose(0, 1, 3, 2), dtype).astype(np.float32)
     S *= scale
-    if causal:
-        i = xp.arange(q.shape[1])[:, None]
-        j = xp.arange(k.shape[1])[None, :]
-        S += xp.where(j <= i + (k.shape[1] - q.shape[1]), 0.0, -xp.inf).astype(np.float32)
+    if causal or tuple(window_size) != (-1, -1):
+        visible, _ = _allowed(xp, q.shape[1], k.shape[1], causal, window_size)
+        S += xp.where(visible, 0.0, -xp.inf).astype(np.float32)
     m = S.max(axis=-1, keepdims=True)
     S -= xp.where(m == -xp.inf, 0.0, m)  # fully masked row: exp(-inf) = 0, not NaN
     xp.exp(S, out=S)
@@ -685,9 +812,11 @@ def naive_forward(xp, q, k, v, causal: bool, scale: float):
 
 def naive_backward(xp, dout, q, k, v, out, P, scale: float):
     """Gradients of :func:`naive_forward` from its saved P: dV = P^T dO, dP = dO V^T,
-    dS = P (dP - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q."""
-    dtype = q.dtype
+    dS = P (dP - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q; with fewer kv heads,
+    dK and dV sum over each kv head's query heads."""
+    dtype, heads, heads_kv = q.dtype, q.shape[2], k.shape[2]
     Q, K, V, O, dO = (x.transpose(0, 2, 1, 3) for x in (q, k, v, out, dout))
+    K, V = _kv_per_query_head(xp, K, heads), _kv_per_query_head(xp, V, heads)
     dV = _matmul(xp, P.transpose(0, 1, 3, 2), dO, dtype)
     dS = _matmul(xp, dO, V.transpose(0, 1, 3, 2), dtype).astype(np.float32)
     dS -= (dO.astype(np.float32) * O.astype(np.float32)).sum(axis=-1, keepdims=True)
@@ -696,27 +825,32 @@ def naive_backward(xp, dout, q, k, v, out, P, scale: float):
     dS = dS.astype(dtype)
     dQ = _matmul(xp, dS, K, dtype)
     dK = _matmul(xp, dS.transpose(0, 1, 3, 2), Q, dtype)
+    if heads_kv != heads:
+        dK, dV = (g.reshape(g.shape[0], heads_kv, heads // heads_kv, *g.shape[2:]).astype(np.float32)
+                  .sum(axis=2).astype(dtype) for g in (dK, dV))
     return tuple(g.transpose(0, 2, 1, 3) for g in (dQ, dK, dV))
 
 
 class NaiveImpl(Impl):
     """Materialised attention with the array module's matmuls: what you write without a kernel."""
     name = "naive"
+    variants = ("gqa", "window")
 
     def prepare(self, case, inputs, device):
         xp, s = device.xp, inputs.scale
         q, k, v, do = inputs.q, inputs.k, inputs.v, inputs.dout
+        fwd = functools.partial(naive_forward, window_size=case.variant.window)
         note = ""
         if device.on_gpu and case.np_dtype == BFLOAT16 and not _cupy_bf16_matmul():
             note = "bf16 matmuls in float32 (CuPy has no bf16 matmul)"
         if case.mode == "fwd":
-            run = lambda: naive_forward(xp, q, k, v, case.causal, s)[0]  # noqa: E731
+            run = lambda: fwd(xp, q, k, v, case.causal, s)[0]  # noqa: E731
         elif case.mode == "bwd":
-            out, P = naive_forward(xp, q, k, v, case.causal, s)
+            out, P = fwd(xp, q, k, v, case.causal, s)
             run = lambda: naive_backward(xp, do, q, k, v, out, P, s)  # noqa: E731
         else:
             def run():
-                out, P = naive_forward(xp, q, k, v, case.causal, s)
+                out, P = fwd(xp, q, k, v, case.causal, s)
                 return naive_backward(xp, do, q, k, v, out, P, s)
         return Prepared(run, device.timer(), lambda: device.measure_peak(run), note=note)
 
@@ -726,82 +860,67 @@ def _needs_gpu(device: Device) -> str | None:
 
 
 def _same_alignment(case: Case, who: str) -> None:
-    if case.causal and case.seqlen_q != case.seqlen_k:
-        raise Unsupported(f"{who}'s causal mask is top-left aligned; cupyflash's is bottom-right "
+    if (case.causal or "window" in case.features) and case.seqlen_q != case.seqlen_k:
+        mask = "sliding window" if "window" in case.features else "causal mask"
+        raise Unsupported(f"{who}'s {mask} is top-left aligned; cupyflash's is bottom-right "
                           "(they differ when seqlen_q != seqlen_k)")
 
 
-class TorchSDPAImpl(Impl):
-    """``torch.nn.functional.scaled_dot_product_attention`` pinned to one SDPA backend.
-
-    Tensors are zero-copy DLPack views of the same cupy arrays, transposed to (B, H, S, D);
-    PyTorch runs on the benchmark's cupy stream (``torch.cuda.ExternalStream``).
-    """
-
-    def __init__(self, name: str, backend: str):
-        self.name, self.backend = name, backend
+class TorchImpl(Impl):
+    """Base of the PyTorch peers: zero-copy DLPack tensors of the benchmark's cupy arrays,
+    run on its cupy stream (``torch.cuda.ExternalStream``); backward by ``torch.autograd.grad``.
+    A subclass says what else it needs (:meth:`missing`) and how it attends (:meth:`bind`)."""
 
     def unavailable(self, device):
         if (reason := _needs_gpu(device)):
             return reason
         try:
             torch = importlib.import_module("torch")
-            attention = importlib.import_module("torch.nn.attention")
         except Exception as e:
             return f"PyTorch is not importable ({short_error(e)})"
         if not torch.cuda.is_available():
             return "PyTorch sees no CUDA device (a CPU-only build?)"
-        if not hasattr(attention.SDPBackend, self.backend):
-            return f"this PyTorch ({torch.__version__}) has no SDPBackend.{self.backend}"
+        return self.missing(torch)
+
+    def missing(self, torch) -> str | None:
+        """What else this peer lacks on top of a CUDA PyTorch (a module, a backend), or None."""
         return None
 
-    def prepare(self, case, inputs, device):
-        _same_alignment(case, "PyTorch SDPA")
-        import torch
-        import torch.nn.functional as F
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def contexts(self, case: Case) -> list:
+        """Context managers entered around every call, besides the device and stream."""
+        return []
 
-        backend = getattr(SDPBackend, self.backend)
+    def bind(self, case: Case, inputs: Inputs, qkv: list, dout):
+        """(attn, leaves, dout, note): ``attn()`` runs this peer on the (B, S, H, D) tensors
+        ``qkv`` and returns its output; gradients are taken of ``leaves`` with ``dout``
+        (its layout matching the output's)."""
+        raise NotImplementedError
+
+    def prepare(self, case, inputs, device):
+        import torch
+
         t_stream = torch.cuda.ExternalStream(device.stream.ptr, device=torch.device("cuda", device.id))
 
         def context():
             stack = contextlib.ExitStack()
             stack.enter_context(torch.cuda.device(device.id))
             stack.enter_context(torch.cuda.stream(t_stream))
-            stack.enter_context(sdpa_kernel(backend))
+            for c in self.contexts(case):
+                stack.enter_context(c)
             if case.mode == "fwd":
                 stack.enter_context(torch.no_grad())
             return stack
 
         with context():
-            base = [torch.from_dlpack(x) for x in (inputs.q, inputs.k, inputs.v)]
-            do = torch.from_dlpack(inputs.dout).transpose(1, 2)
-            if case.mode != "fwd":
-                base = [t.requires_grad_() for t in base]
-
-            def attn(views):
-                return F.scaled_dot_product_attention(*views, is_causal=case.causal, scale=inputs.scale)
-
-            views, note = [t.transpose(1, 2) for t in base], "(B,H,S,D) views, zero-copy"
-            try:
-                attn(views)
-            except RuntimeError as e:
-                if is_out_of_memory(e):
-                    raise
-                # some backends want (B,H,S,D)-contiguous tensors: copy once, outside the timing
-                base = [t.detach().transpose(1, 2).contiguous().requires_grad_(case.mode != "fwd")
-                        for t in base]
-                views, note = base, "inputs copied to (B,H,S,D)-contiguous"
-                attn(views)  # raises the backend's reason if it still cannot run
-            grads_of = base
-
+            qkv = [torch.from_dlpack(x).requires_grad_(case.mode != "fwd") for x in (inputs.q, inputs.k, inputs.v)]
+            attn, leaves, do, note = self.bind(case, inputs, qkv, torch.from_dlpack(inputs.dout))
             if case.mode == "fwd":
-                run = lambda: attn(views)  # noqa: E731
+                run = attn
             elif case.mode == "bwd":
-                out = attn(views)
-                run = lambda: torch.autograd.grad(out, grads_of, do, retain_graph=True)  # noqa: E731
+                out = attn()
+                run = lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)  # noqa: E731
             else:
-                run = lambda: torch.autograd.grad(attn(views), grads_of, do)  # noqa: E731
+                run = lambda: torch.autograd.grad(attn(), leaves, do)  # noqa: E731
 
         def peak_bytes():
             t_stream.synchronize()
@@ -816,13 +935,111 @@ class TorchSDPAImpl(Impl):
         return Prepared(run, device.timer(), peak_bytes, context=context, note=note)
 
 
+class TorchSDPAImpl(TorchImpl):
+    """``torch.nn.functional.scaled_dot_product_attention`` pinned to one SDPA backend, on
+    (B, H, S, D) views of the inputs; grouped-query attention with ``enable_gqa=True``."""
+    variants = ("gqa",)
+
+    def __init__(self, name: str, backend: str):
+        self.name, self.backend = name, backend
+
+    def missing(self, torch):
+        try:
+            attention = importlib.import_module("torch.nn.attention")
+        except Exception as e:
+            return f"PyTorch is not importable ({short_error(e)})"
+        if not hasattr(attention.SDPBackend, self.backend):
+            return f"this PyTorch ({torch.__version__}) has no SDPBackend.{self.backend}"
+        return None
+
+    def contexts(self, case):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return [sdpa_kernel(getattr(SDPBackend, self.backend))]
+
+    def bind(self, case, inputs, qkv, dout):
+        _same_alignment(case, "PyTorch SDPA")
+        import torch.nn.functional as F
+
+        kw = dict(is_causal=case.causal, scale=inputs.scale)
+        if "gqa" in case.features:
+            kw["enable_gqa"] = True
+
+        def attn():
+            return F.scaled_dot_product_attention(*views, **kw)
+
+        views, note = [t.transpose(1, 2) for t in qkv], "(B,H,S,D) views, zero-copy"
+        try:
+            attn()
+        except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise
+            # some backends want (B,H,S,D)-contiguous tensors: copy once, outside the timing
+            qkv = [t.detach().transpose(1, 2).contiguous().requires_grad_(case.mode != "fwd") for t in qkv]
+            views, note = qkv, "inputs copied to (B,H,S,D)-contiguous"
+            attn()  # raises the backend's reason if it still cannot run
+        return attn, qkv, dout.transpose(1, 2), note
+
+
+@contextlib.contextmanager
+def _bare_argv():
+    """sys.argv as the program name alone: CuTe DSL (FA4) parses the command line on every
+    compile for its ``-diagnostic`` flag, and ``-d 128`` reads as ``-diagnostic 128`` (exit 2)."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+class FA4Impl(TorchImpl):
+    """FlashAttention-4: ``flash_attn.cute.flash_attn_func`` (the flash-attn-4 wheel, CuTe DSL
+    kernels) on the inputs' own (B, S, H, D) layout. Masks are bottom-right aligned like
+    cupyflash's; grouped-query attention, windows, softcap and sinks (``learnable_sink``) are
+    native; no ALiBi. float16 and bfloat16 only."""
+    name = "fa4"
+    variants = ("gqa", "window", "softcap", "sinks")
+
+    def missing(self, torch):
+        try:
+            importlib.import_module("flash_attn.cute")
+        except Exception as e:
+            return f"FlashAttention-4 is not importable ({short_error(e)}); install flash-attn-4"
+        return None
+
+    def contexts(self, case):
+        return [_bare_argv()]
+
+    def bind(self, case, inputs, qkv, dout):
+        if case.dtype not in ("float16", "bfloat16"):
+            raise Unsupported("FlashAttention-4 takes float16 and bfloat16 only")
+        import torch
+        from flash_attn.cute import flash_attn_func
+
+        left, right = case.variant.window
+        kw = dict(softmax_scale=inputs.scale, causal=case.causal, softcap=case.variant.softcap,
+                  window_size=(None if left < 0 else left, None if right < 0 else right))
+        leaves = list(qkv)
+        if "sinks" in inputs.variants:
+            kw["learnable_sink"] = torch.from_dlpack(inputs.variants["sinks"]).requires_grad_(case.mode != "fwd")
+            leaves.append(kw["learnable_sink"])
+
+        def attn():
+            return flash_attn_func(*qkv, **kw)[0]  # (out, lse)
+
+        attn()  # compiles this configuration outside the timing; raises if FA4 cannot run it
+        return attn, leaves, dout, "(B,S,H,D) tensors, zero-copy"
+
+
 class JaxCudnnImpl(Impl):
     """``jax.nn.dot_product_attention(..., implementation='cudnn')``, jitted.
 
     JAX takes the cupy arrays zero-copy through DLPack (same (B, S, H, D) layout) but runs on
     its own stream, so it is timed with the host clock around ``block_until_ready``.
+    Grouped-query attention is native; of windows, cuDNN takes only causal ones (right = 0).
     """
     name = "jax-cudnn"
+    variants = ("gqa", "window")
 
     def unavailable(self, device):
         if (reason := _needs_gpu(device)):
@@ -846,6 +1063,12 @@ class JaxCudnnImpl(Impl):
 
     def prepare(self, case, inputs, device):
         _same_alignment(case, "jax.nn.dot_product_attention")
+        causal, window = case.causal, {}
+        if "window" in case.features:
+            left, right = case.variant.window
+            if not (causal or right == 0):
+                raise Unsupported("jax-cudnn: cuDNN takes a sliding window only with right = 0 (causal)")
+            causal, window = True, {"local_window_size": (left, 0)} if left >= 0 else {}
         import jax
         import jax.numpy as jnp
 
@@ -860,7 +1083,7 @@ class JaxCudnnImpl(Impl):
                            for x in (inputs.q, inputs.k, inputs.v, inputs.dout))
             note += "; inputs copied through the host"
         attn = functools.partial(jax.nn.dot_product_attention, scale=inputs.scale,
-                                 is_causal=case.causal, implementation="cudnn")
+                                 is_causal=causal, implementation="cudnn", **window)
         if case.mode == "fwd":
             f = jax.jit(attn)
             run = lambda: f(q, k, v)  # noqa: E731
@@ -894,11 +1117,11 @@ def _jax_fwd_and_bwd(jax, f):
 def implementations() -> dict[str, Impl]:
     """Every implementation by name; cupyflash first."""
     impls = [CupyflashImpl(), CupyflashImpl(deterministic=True), NaiveImpl(), TorchSDPAImpl("torch-flash", "FLASH_ATTENTION"),
-             TorchSDPAImpl("torch-cudnn", "CUDNN_ATTENTION"), JaxCudnnImpl()]
+             TorchSDPAImpl("torch-cudnn", "CUDNN_ATTENTION"), JaxCudnnImpl(), FA4Impl()]
     return {i.name: i for i in impls}
 
 
-PEERS = ("naive", "torch-flash", "torch-cudnn", "jax-cudnn")
+PEERS = ("naive", "torch-flash", "torch-cudnn", "jax-cudnn", "fa4")
 
 
 # ---------------------------------------------------------------------------------------
@@ -911,6 +1134,7 @@ def _run_one(impl: Impl, case: Case, inputs: Inputs, device: Device, *, warmup: 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
+                impl.refuse_variants(case)
                 prepared = impl.prepare(case, inputs, device)
                 with prepared.context():
                     if impl.gated and gate:
@@ -1033,7 +1257,7 @@ def versions(peers: Iterable[str] = ()) -> dict:
     except Exception as e:
         out["cupy"] = f"not importable ({short_error(e)})"
     peers = set(peers)
-    if peers & {"torch-flash", "torch-cudnn"}:
+    if peers & {"torch-flash", "torch-cudnn", "fa4"}:
         out["torch"] = _dist_version("torch")
         torch = sys.modules.get("torch")
         if torch is not None:
@@ -1042,6 +1266,8 @@ def versions(peers: Iterable[str] = ()) -> dict:
     if "jax-cudnn" in peers:
         out["jax"] = _dist_version("jax")
         out["jaxlib"] = _dist_version("jaxlib")
+    if "fa4" in peers:
+        out["flash_attn_4"] = _dist_version("flash-attn-4")
     return out
 
 
@@ -1066,6 +1292,15 @@ def results_document(results: Sequence[Result], *, command: Sequence[str], gpu: 
             "results": [r.to_dict() for r in results]}
 
 
+def upgrade_document(doc: dict) -> dict:
+    """A cupyflash-bench/1 document in this schema: its rows gain variant '' (plain attention)."""
+    if doc.get("schema") == "cupyflash-bench/1":
+        doc = {**doc, "schema": SCHEMA, "results": [
+            {k: row.get(k, "") for k in RESULT_FIELDS} if set(row) == set(RESULT_FIELDS) - {"variant"} else row
+            for row in doc.get("results", [])]}
+    return doc
+
+
 def validate_document(doc: dict) -> None:
     """Raise ValueError naming the first thing that does not follow the schema."""
     missing = [k for k in DOCUMENT_FIELDS if k not in doc]
@@ -1087,7 +1322,7 @@ def write_json(path: str | Path, doc: dict) -> None:
 
 
 def load_results(path: str | Path) -> tuple[dict, list[Result]]:
-    doc = json.loads(Path(path).read_text())
+    doc = upgrade_document(json.loads(Path(path).read_text()))
     validate_document(doc)
     return doc, [Result(**row) for row in doc["results"]]
 
@@ -1133,12 +1368,14 @@ def speedup(flash: Result | None, peer: Result) -> float | None:
 def format_table(results: Sequence[Result]) -> str:
     """One line per (case, implementation): times, TFLOP/s, memory, cupyflash's speed-up."""
     base = _baseline(results)
-    header = ["mode", "dtype", "B", "H", "Sq", "Sk", "D", "causal", "impl", "median ms",
-              "min ms", "max ms", "TFLOP/s", "peak MB", "cupyflash speed-up", "status / note"]
+    variants = _has_variants(results)
+    header = ["mode", "dtype", "B", "H", "Sq", "Sk", "D", "causal", *["variant"] * variants, "impl",
+              "median ms", "min ms", "max ms", "TFLOP/s", "peak MB", "cupyflash speed-up", "status / note"]
     rows, last = [], None
     for r in results:
         case_cells = [r.mode, r.dtype, str(r.batch), str(r.heads), str(r.seqlen_q),
-                      str(r.seqlen_k), str(r.head_dim), "yes" if r.causal else "no"]
+                      str(r.seqlen_k), str(r.head_dim), "yes" if r.causal else "no",
+                      *[r.variant or "-"] * variants]
         if r.case_key == last:
             case_cells = [""] * len(case_cells)
         last = r.case_key
@@ -1151,6 +1388,11 @@ def format_table(results: Sequence[Result]) -> str:
     return format_grid(header, rows)
 
 
+def _has_variants(results: Sequence[Result]) -> bool:
+    """Whether any row is more than plain attention (tables then show a variant column)."""
+    return any(r.variant for r in results)
+
+
 def format_comparison(results: Sequence[Result]) -> str:
     """One line per case: cupyflash's TFLOP/s, then each peer's with cupyflash's ratio to it."""
     impls = list(dict.fromkeys(r.impl for r in results))
@@ -1158,12 +1400,14 @@ def format_comparison(results: Sequence[Result]) -> str:
     by_case: dict[tuple, dict[str, Result]] = {}
     for r in results:
         by_case.setdefault(r.case_key, {})[r.impl] = r
-    header = ["mode", "dtype", "D", "causal", "Sq", "cupyflash TF/s"] + [f"{p} TF/s (x)" for p in peers]
+    variants = _has_variants(results)
+    header = ["mode", "dtype", "D", "causal", *["variant"] * variants, "Sq", "cupyflash TF/s"]
+    header += [f"{p} TF/s (x)" for p in peers]
     rows = []
     for key, row in by_case.items():
-        mode, dtype, _, _, sq, _, d, causal = key
+        mode, dtype, _, _, sq, _, d, causal, variant = key
         flash = row.get("cupyflash")
-        cells = [mode, dtype, str(d), "yes" if causal else "no", str(sq),
+        cells = [mode, dtype, str(d), "yes" if causal else "no", *[variant or "-"] * variants, str(sq),
                  _fmt_tflops(flash.tflops) if flash and flash.status == "ok" else (flash.status if flash else "-")]
         for p in peers:
             r = row.get(p)
@@ -1192,24 +1436,25 @@ def require_matplotlib() -> None:
 
 
 def plot_results(results: Sequence[Result], path: str | Path, *, title: str = "") -> None:
-    """TFLOP/s against seqlen, one panel per (dtype, head_dim, causal, mode), one line per implementation."""
+    """TFLOP/s against seqlen, one panel per (dtype, head_dim, causal, mode, variant), one line per
+    implementation."""
     require_matplotlib()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if r.status == "ok"]
-    panels = sorted({(r.dtype, r.head_dim, r.causal, MODES.index(r.mode)) for r in ok})
+    panels = sorted({(r.dtype, r.head_dim, r.causal, MODES.index(r.mode), r.variant) for r in ok})
     if not panels:
         raise ValueError("no successful results to plot")
     impls = list(dict.fromkeys(r.impl for r in results))
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
-    for ax, (dtype, d, causal, m) in zip(axes.flat, panels):
+    for ax, (dtype, d, causal, m, variant) in zip(axes.flat, panels):
         for impl in impls:
             pts = sorted((r.seqlen_q, r.tflops) for r in ok if r.impl == impl and
-                         (r.dtype, r.head_dim, r.causal, r.mode) == (dtype, d, causal, MODES[m]))
+                         (r.dtype, r.head_dim, r.causal, r.mode, r.variant) == (dtype, d, causal, MODES[m], variant))
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl,
                         linewidth=2.5 if impl == "cupyflash" else 1.2)
@@ -1217,7 +1462,8 @@ def plot_results(results: Sequence[Result], path: str | Path, *, title: str = ""
         seqlens = sorted({r.seqlen_q for r in ok})
         ax.set_xticks(seqlens, [f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s) for s in seqlens])
         ax.minorticks_off()
-        ax.set_title(f"{MODES[m]}, {dtype}, head_dim {d}{', causal' if causal else ''}", fontsize=9)
+        ax.set_title(f"{MODES[m]}, {dtype}, head_dim {d}{', causal' if causal else ''}"
+                     f"{', ' + variant if variant else ''}", fontsize=9)
         ax.set_xlabel("seqlen")
         ax.set_ylabel("TFLOP/s")
         ax.set_ylim(bottom=0)

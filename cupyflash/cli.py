@@ -7,6 +7,7 @@ The installed ``cupyflash`` console script, ``python -m cupyflash`` and, in a ch
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 
@@ -70,6 +71,52 @@ class IntList(click.ParamType):
             if self.rule and (msg := self.rule(v)):
                 self.fail(f"{v}: {msg}", param, ctx)
         return values
+
+
+class Window(click.ParamType):
+    """L,R: a sliding window's left and right extents, integers >= 0 or -1 (unbounded)."""
+    name = "L,R"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            left, right = (int(x) for x in str(value).replace(" ", "").split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not L,R (two integers, -1 for unbounded)", param, ctx)
+        if min(left, right) < -1:
+            self.fail(f"{value!r}: each side is >= 0, or -1 for unbounded", param, ctx)
+        return left, right
+
+
+def _softcap(ctx, param, value):
+    if not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"{value} is not a finite number >= 0 (0 = off)", ctx, param)
+    return value
+
+
+def variant_options(command):
+    """The variant flags of bench and check: --kv-heads, --window, --softcap, --alibi, --sinks."""
+    options = [
+        click.option("--kv-heads", type=click.IntRange(min=1),
+                     help="Key/value heads (grouped-query attention); must divide the heads [default: = heads]."),
+        click.option("--window", type=Window(), default="-1,-1", show_default=True,
+                     help="Sliding window L,R: query i sees keys i+o-L .. i+o+R, o = Sk - Sq; -1 unbounded."),
+        click.option("--softcap", type=float, default=0.0, show_default=True, callback=_softcap,
+                     help="Softcap X: each scaled score s becomes X*tanh(s/X); 0 = off."),
+        click.option("--alibi", is_flag=True, help="ALiBi with the standard slopes 2^(-8(h+1)/H)."),
+        click.option("--sinks", is_flag=True, help="One float32 sink logit per head, random (from --seed)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _check_kv_heads(cases) -> None:
+    """--kv-heads must divide every case's number of heads."""
+    if bad := sorted({c.heads for c in cases if c.heads % c.heads_kv}):
+        raise click.BadParameter(f"{cases[0].heads_kv} does not divide the number of heads "
+                                 f"({', '.join(map(str, bad))})", param_hint="'--kv-heads'")
 
 
 def _head_dim_rule(d: int):
@@ -236,9 +283,10 @@ def _progress(total: int, enabled: bool):
               default="no", show_default=True, help="Causal mask; bare --causal means yes.")
 @click.option("--mode", "modes", type=MODES, multiple=True,
               help="fwd, bwd (backward only), fwd+bwd, comma list or 'all' [default: fwd].")
+@variant_options
 @click.option("--compare", "peers", type=PEERS, multiple=True,
-              help="Peers: naive, torch-flash, torch-cudnn, jax-cudnn, 'all' or 'none' [default: all]. "
-                   "A peer that cannot run is reported as skipped with the reason.")
+              help="Peers: naive, torch-flash, torch-cudnn, jax-cudnn, fa4, 'all' or 'none' [default: all]. "
+                   "A peer that cannot run (or cannot do the variant) is reported as skipped with the reason.")
 @click.option("--deterministic", is_flag=True,
               help="Also time cupyflash's bitwise-reproducible backward (deterministic=True) beside the default.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
@@ -255,13 +303,15 @@ def _progress(total: int, enabled: bool):
               help="Write a PNG of TFLOP/s against seqlen (needs matplotlib).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr during sweeps.")
-def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, modes, peers, deterministic,
-                  warmup, repeats, max_time, seed, device_id, json_path, csv_path, plot_path, progress):
+def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, modes, kv_heads, window, softcap,
+                  alibi, sinks, peers, deterministic, warmup, repeats, max_time, seed, device_id, json_path,
+                  csv_path, plot_path, progress):
     """Time cupyflash beside its peers, same process, inputs and stream.
 
     Times are CUDA events after warm-up (median of repeats, with min and max); every
     configuration is first checked against a float64 reference, and a wrong result is
-    reported as FAILED instead of timed (exit status 1).
+    reported as FAILED instead of timed (exit status 1). The variant flags apply to every
+    case and every implementation.
     """
     if plot_path:
         try:
@@ -274,8 +324,10 @@ def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, mo
     modes = _merge(modes, ["fwd"])
     peers = _merge(peers, []) if peers else list(bench.PEERS)  # --compare none: no peers
     causals = {"no": [False], "yes": [True], "both": [False, True]}[causal]
+    variant = bench.Variant(kv_heads, window, softcap, alibi, sinks)
     cases = bench.make_cases(seqlens, head_dims, dtypes, causals, modes,
-                             batch=batch, heads=heads, seqlen_k=seqlen_k)
+                             batch=batch, heads=heads, seqlen_k=seqlen_k, variant=variant)
+    _check_kv_heads(cases)
     device = _bench_device(device_id)
     all_impls = bench.implementations()
     impls = [all_impls["cupyflash"]] + [all_impls["cupyflash-deterministic"]] * deterministic + [all_impls[p] for p in peers]
@@ -283,6 +335,8 @@ def bench_command(batch, heads, seqlens, seqlen_k, head_dims, dtypes, causal, mo
     gpu = bench.gpu_info(device_id) if device.on_gpu else None
     where = f"{gpu['name']} (cc {gpu['cc']})" if gpu else "CPU (numpy)"
     click.echo(f"cupyflash bench on {where}")
+    if variants := sorted({c.variant_text for c in cases} - {""}):
+        click.echo(f"variant: {'; '.join(variants)}")
     click.echo(f"{bench.FLOP_CONVENTION}")
     click.echo(f"time: median of {repeats} after {warmup} warm-up calls "
                f"({'CUDA events on one stream' if device.on_gpu else 'host clock'}); "
@@ -325,6 +379,7 @@ def _report_problems(results):
     """Plain sentences under the table for wrong results and out-of-memory sizes."""
     for r in results:
         what = f"{r.impl} at {r.mode} {r.dtype} B={r.batch} H={r.heads} S={r.seqlen_q} D={r.head_dim}"
+        what += f" {r.variant}" if r.variant else ""
         if r.status == "failed" and r.impl == "cupyflash":
             _echo_err(f"FAILED: {what}: {r.note}")
         elif r.status == "oom":
@@ -357,9 +412,10 @@ def _check_case(case: bench.Case, device: bench.Device, seed: int) -> list[bench
     from . import api
     inputs = device.random_inputs(case, seed)
     q, k, v, do = inputs.q, inputs.k, inputs.v, inputs.dout
-    out, lse = api.flash_attention(q, k, v, causal=case.causal, return_lse=True)
-    dq, dk, dv = api.flash_attention_backward(do, q, k, v, out, lse, causal=case.causal)
-    outputs = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    kw = dict(causal=case.causal, **inputs.variants)
+    out, lse = api.flash_attention(q, k, v, return_lse=True, **kw)
+    grads = api.flash_attention_backward(do, q, k, v, out, lse, **kw)  # (dq, dk, dv[, dsinks])
+    outputs = dict(zip(bench.OUTPUT_NAMES, (out, lse, *grads)))
     return bench.check_outputs(outputs, inputs, case.causal, device.xp, max_batch=None, max_heads=None)
 
 
@@ -372,14 +428,18 @@ def _check_case(case: bench.Case, device: bench.Device, seed: int) -> list[bench
 @click.option("-d", "--head-dim", "head_dims", type=HEAD_DIMS, multiple=True,
               help=f"Head dims [default: GPU {','.join(map(str, CHECK_HEAD_DIMS))}, CPU "
                    f"{','.join(map(str, CHECK_HEAD_DIMS_CPU))}; quick: {','.join(map(str, CHECK_HEAD_DIMS_QUICK))}].")
+@click.option("-H", "--heads", type=click.IntRange(min=1),
+              help="Query heads [default: 3; with --kv-heads N, 2N].")
+@variant_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Print every tensor's error, not just the worst.")
-def check(backend, quick, dtypes, head_dims, seed, device_id, verbose):
-    """Correctness sweep: out, lse, dq, dk, dv against a float64 reference.
+def check(backend, quick, dtypes, head_dims, heads, kv_heads, window, softcap, alibi, sinks, seed, device_id,
+          verbose):
+    """Correctness sweep: out, lse, dq, dk, dv (and dsinks) against a float64 reference.
 
     Each tensor's bound is twice the error of naive attention in the same precision plus a
-    rounding tolerance. Exit status 1 when any case fails.
+    rounding tolerance. The variant flags apply to every case. Exit status 1 when any case fails.
     """
     device = _check_device(backend, device_id)
     supported = GPU_DTYPES if device.on_gpu else CPU_DTYPES
@@ -395,10 +455,14 @@ def check(backend, quick, dtypes, head_dims, seed, device_id, verbose):
     else:
         default_dims, lengths = CHECK_HEAD_DIMS_CPU, CHECK_LENGTHS_CPU
     head_dims = _merge(head_dims, default_dims)
-    cases = [bench.Case(2, 3, sq, sk, d, dt, causal, "fwd+bwd")
+    heads = heads or (2 * kv_heads if kv_heads else 3)
+    variant = bench.Variant(kv_heads, window, softcap, alibi, sinks)
+    cases = [bench.Case(2, heads, sq, sk, d, dt, causal, "fwd+bwd", variant)
              for dt in dtypes for d in head_dims for sq, sk in lengths for causal in (False, True)]
+    _check_kv_heads(cases)
+    shape = " ".join(filter(None, [f"B=2 H={heads}", variant.describe(heads)]))
     click.echo(f"cupyflash check on {'GPU ' + str(device.id) if device.on_gpu else 'the CPU (NumPy backend)'}: "
-               f"{len(cases)} cases; bound = 2 x naive same-precision error + rounding atol")
+               f"{len(cases)} cases ({shape}); bound = 2 x naive same-precision error + rounding atol")
     failures = 0
     with device.activate():
         for n, case in enumerate(cases):

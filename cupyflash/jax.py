@@ -32,24 +32,24 @@ except ImportError as e:  # JAX is an optional extra
 import numpy as np
 
 from . import _checks, api
-from ._variants import Variants
 
 __all__ = ["flash_attention"]
 
 
 # ---- trace time: the checks --------------------------------------------------------------
 
-def _check(q, k, v, causal, softmax_scale):
-    """The array API's checks on the traced shapes and dtypes: (causal, scale)."""
+def _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, sinks):
+    """The array API's checks on the traced shapes and dtypes: (causal, scale, window, softcap)."""
     named = {"q": q, "k": k, "v": v}
-    for name, x in named.items():
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    for name, x in {**named, "alibi_slopes": alibi_slopes, "sinks": sinks}.items():
+        if x is not None and (not hasattr(x, "shape") or not hasattr(x, "dtype")):
             raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
     _checks.check_dtype({n: _Spec(x) for n, x in named.items()}, on_gpu=True)
     shape = _checks.check_qkv_shapes(*(_Spec(x) for x in (q, k, v)))
     causal = _checks.check_bool("causal", causal)
-    _checks.check_gpu_variants(shape, Variants.of(causal))  # grouped-query attention: not on the GPU yet
-    return causal, _checks.check_scale(softmax_scale, shape.head_dim)
+    spec = lambda x: None if x is None else _Spec(x)  # noqa: E731
+    var = _checks.check_variants(shape, q.dtype, None, causal, window_size, softcap, spec(alibi_slopes), spec(sinks))
+    return causal, _checks.check_scale(softmax_scale, shape.head_dim), var.window, var.softcap
 
 
 class _Spec:
@@ -98,72 +98,115 @@ def _on_xla_stream(ctx):
     return cupy.cuda.Stream.from_external(_XlaStream(ctx.stream))
 
 
-def _forward_callback(causal, scale, ctx, outs, q, k, v):
+# variants: the static (window, softcap, with ALiBi, with sinks), causal folded into the window
+
+def _variant_kwargs(variants, extras) -> dict:
+    """The array API's keywords: the window (causal folded in), the softcap and, from the
+    callback's extra buffers in this order, the ALiBi slopes ((batch, heads): the callback folds
+    vmapped axes into the batch) and the sinks."""
+    window, softcap, alibi, sinks = variants
+    kw = dict(window_size=window, softcap=softcap)
+    extras = list(extras)
+    if alibi:
+        buf = extras.pop(0)
+        kw["alibi_slopes"] = _as_cupy(buf, _fold(buf.shape, 1))
+    if sinks:
+        buf = extras.pop(0)
+        kw["sinks"] = _as_cupy(buf, tuple(buf.shape))
+    return kw
+
+
+def _forward_callback(variants, scale, ctx, outs, q, k, v, *extras):
     o_buf, lse_buf = outs
     with _on_xla_stream(ctx):
         qkv = [_as_cupy(b, _fold(b.shape, 3)) for b in (q, k, v)]
-        api.flash_attention(*qkv, causal=causal, softmax_scale=scale, out=_as_cupy(o_buf, _fold(o_buf.shape, 3)),
-                            lse=_as_cupy(lse_buf, _fold(lse_buf.shape, 2)))
+        api.flash_attention(*qkv, **_variant_kwargs(variants, extras), softmax_scale=scale,
+                            out=_as_cupy(o_buf, _fold(o_buf.shape, 3)), lse=_as_cupy(lse_buf, _fold(lse_buf.shape, 2)))
 
 
-def _backward_callback(causal, scale, ctx, outs, dout, q, k, v, o, lse):
-    dq, dk, dv, ws_d, ws_acc = outs
+def _backward_callback(variants, scale, ctx, outs, dout, q, k, v, o, lse, *extras):
+    dq, dk, dv, ws_d, ws_acc, *dsinks = outs
     with _on_xla_stream(ctx):
         ins = [_as_cupy(b, _fold(b.shape, 3)) for b in (dout, q, k, v, o)]
         grads = {n: _as_cupy(b, _fold(b.shape, 3)) for n, b in (("dq", dq), ("dk", dk), ("dv", dv))}
+        if dsinks:
+            grads["dsinks"] = _as_cupy(dsinks[0], tuple(dsinks[0].shape))
         workspace = (_as_cupy(ws_d, _fold(ws_d.shape, 2)), _as_cupy(ws_acc, _fold(ws_acc.shape, 3)))
-        api.flash_attention_backward(*ins, _as_cupy(lse, _fold(lse.shape, 2)), causal=causal, softmax_scale=scale,
-                                     workspace=workspace, **grads)
+        api.flash_attention_backward(*ins, _as_cupy(lse, _fold(lse.shape, 2)), **_variant_kwargs(variants, extras),
+                                     softmax_scale=scale, workspace=workspace, **grads)
 
 
-def _forward_call(q, k, v, causal, scale):
+def _vmap_method(variants) -> str:
+    """Mapped axes fold into the batch ("broadcast_all"), except with sinks: they are one logit
+    per head, so a vmapped call runs once per mapped element ("sequential")."""
+    return "sequential" if variants[3] else "broadcast_all"
+
+
+def _extras(alibi, sinks) -> tuple:
+    return tuple(x for x in (alibi, sinks) if x is not None)
+
+
+def _forward_call(q, k, v, alibi, sinks, variants, scale):
     B, Sq, H, D = q.shape
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Sq), jnp.float32))
-    return buffer_callback(functools.partial(_forward_callback, causal, scale), shapes,
-                           vmap_method="broadcast_all")(q, k, v)
+    return buffer_callback(functools.partial(_forward_callback, variants, scale), shapes,
+                           vmap_method=_vmap_method(variants))(q, k, v, *_extras(alibi, sinks))
 
 
-def _backward_call(dout, q, k, v, o, lse, causal, scale):
+def _backward_call(dout, q, k, v, o, lse, alibi, sinks, variants, scale):
     B, Sq, H, D = q.shape
     shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
               jax.ShapeDtypeStruct(v.shape, v.dtype),
               jax.ShapeDtypeStruct((B, H, Sq), jnp.float32),      # workspace: D = rowsum(dO * O)
               jax.ShapeDtypeStruct((B, H, Sq, D), jnp.float32))   # workspace: the fp32 dQ accumulator
-    return buffer_callback(functools.partial(_backward_callback, causal, scale), shapes,
-                           vmap_method="broadcast_all")(dout, q, k, v, o, lse)[:3]
+    if sinks is not None:
+        shapes += (jax.ShapeDtypeStruct((H,), jnp.float32),)     # dsinks
+    grads = buffer_callback(functools.partial(_backward_callback, variants, scale), shapes,
+                            vmap_method=_vmap_method(variants))(dout, q, k, v, o, lse, *_extras(alibi, sinks))
+    return (*grads[:3], grads[5] if sinks is not None else None)
 
 
 # ---- the differentiable function ---------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, causal, scale):
-    return _forward_call(q, k, v, causal, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, alibi, sinks, variants, scale):
+    return _forward_call(q, k, v, alibi, sinks, variants, scale)
 
 
-def _attention_fwd(q, k, v, causal, scale):
-    out, lse = _forward_call(q, k, v, causal, scale)
-    return (out, lse), (q, k, v, out, lse)
+def _attention_fwd(q, k, v, alibi, sinks, variants, scale):
+    out, lse = _forward_call(q, k, v, alibi, sinks, variants, scale)
+    return (out, lse), (q, k, v, alibi, sinks, out, lse)
 
 
-def _attention_bwd(causal, scale, residuals, cotangents):
-    q, k, v, out, lse = residuals
+def _attention_bwd(variants, scale, residuals, cotangents):
+    q, k, v, alibi, sinks, out, lse = residuals
     dout, _ = cotangents  # lse is returned but not differentiated: its cotangent is ignored
-    return _backward_call(dout.astype(q.dtype), q, k, v, out, lse, causal, scale)
+    dq, dk, dv, dsinks = _backward_call(dout.astype(q.dtype), q, k, v, out, lse, alibi, sinks, variants, scale)
+    return dq, dk, dv, None if alibi is None else jnp.zeros_like(alibi), dsinks  # the slopes get no gradient
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None, sinks=None,
                     return_lse: bool = False):
     """:func:`cupyflash.flash_attention` as a JAX function (jit, grad, vmap).
 
     Parameters
     ----------
     q : jax.Array, shape (batch, seqlen_q, heads, head_dim), on a CUDA device
-    k, v : jax.Array, shape (batch, seqlen_k, heads, head_dim)
-        float16, bfloat16 or float32, one dtype; head_dim a multiple of 8 up to 256.
-    causal, softmax_scale : as in :func:`cupyflash.flash_attention`.
+    k, v : jax.Array, shape (batch, seqlen_k, heads_kv, head_dim)
+        float16, bfloat16 or float32, one dtype; head_dim a multiple of 8 up to 256; heads_kv
+        divides heads (grouped-query attention).
+    causal, softmax_scale, window_size, softcap : as in :func:`cupyflash.flash_attention`
+        (static: a new value traces anew).
+    alibi_slopes : jax.Array, optional
+        float32 (heads,) or (batch, heads), as in :func:`cupyflash.flash_attention`; traced (new
+        values do not retrace); no gradient (its cotangent is zero).
+    sinks : jax.Array, optional
+        float32 (heads,), traced; differentiable: ``jax.grad`` reaches it through dsinks. Under
+        ``jax.vmap`` a call with sinks runs once per mapped element (one sink logit per head).
     return_lse : bool
         Also return the float32 (batch, heads, seqlen_q) log-sum-exp (not differentiable:
         its cotangent is ignored).
@@ -172,7 +215,10 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     -------
     out, or (out, lse)
     """
-    causal, scale = _check(q, k, v, causal, softmax_scale)
+    causal, scale, window, softcap = _check(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, sinks)
     return_lse = _checks.check_bool("return_lse", return_lse)
-    out, lse = _attention(q, k, v, causal, scale)
+    if alibi_slopes is not None:  # per (batch, head), so that vmapped axes fold into the batch with it
+        alibi_slopes = jnp.broadcast_to(alibi_slopes, (q.shape[0], q.shape[2]))
+    variants = (window, softcap, alibi_slopes is not None, sinks is not None)
+    out, lse = _attention(q, k, v, alibi_slopes, sinks, variants, scale)
     return (out, lse) if return_lse else out

@@ -1,5 +1,5 @@
-// What the backward kernels share: the row statistics they read (lse_i, D_i), the element formula
-// that turns a recomputed score into P_ij and dS_ij, and the store of dK_j, dV_j.
+// What the backward kernels share: the row statistics they read (lse_i, D_i) and the store of
+// dK_j, dV_j (the element formulas of P_ij and dS_ij are the variant policy's, variant.cuh).
 #pragma once
 #include "params.cuh"
 #include "traits.cuh"
@@ -17,24 +17,6 @@ __device__ __forceinline__ void row_stats(const BwdParams& p, i64 row_base, int 
 template <int BLOCK_M, int NUM_THREADS>
 __device__ __forceinline__ void load_row_stats(float* sLse, float* sD, const BwdParams& p, i64 row_base, int m0) {
     for (int r = threadIdx.x; r < BLOCK_M; r += NUM_THREADS) row_stats(p, row_base, m0 + r, sLse[r], sD[r]);
-}
-
-// P_ij = exp2(S_ij * scale_log2 - lse_i * log2(e)) where key j is visible to query i (0 elsewhere).
-// Computed everywhere, then selected: a branch around the exponential splits the loop into one
-// block per element, and the same row's lse_i is then loaded once per block (NOTES v3.8).
-__device__ __forceinline__ float probability(float s, bool visible, float lse_log2, float scale_log2) {
-    const float p = exp2f(s * scale_log2 - lse_log2);
-    return visible ? p : 0.f;
-}
-
-// dS_ij = P_ij (dP_ij - D_i).
-__device__ __forceinline__ float score_grad(float p, float dp, float d) { return p * (dp - d); }
-
-// Both, for kernels that have S_ij and dP_ij at the same time.
-__device__ __forceinline__ void prob_and_ds(float s, float dp, bool visible, float lse_log2, float d, float scale_log2,
-                                            float& p, float& ds) {
-    p = probability(s, visible, lse_log2, scale_log2);
-    ds = score_grad(p, dp, d);
 }
 
 // dK_j (times softmax_scale) and dV_j from a warp's register accumulators (rows: keys from key0,

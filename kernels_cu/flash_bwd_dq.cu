@@ -6,15 +6,16 @@
 //   dS_ij = P_ij (dP_ij - D_i), dQ_i += dS_ij K_j (dS in registers as the A operand, like P~ in the forward),
 // and writes dQ_i = softmax_scale * dQ_i in the input dtype.
 #include "traits.cuh"
-#include "mask.cuh"
+#include "variant.cuh"
 #include "bwd_rows.cuh"
 
 namespace cupyflash {
 
 // dS_ij in place of S_ij for one warp's rows (queries q0 + acc_row), keys k0 + acc_col.
-template <bool MASKED, bool IS_CAUSAL, int MT, int NT>
+template <bool MASKED, typename Pol, int MT, int NT>
 __device__ __forceinline__ void scores_to_ds(float (&s)[MT][NT][4], const float (&dp)[MT][NT][4], const BwdParams& p,
-                                             const float (&lse_log2)[MT][2], const float (&d)[MT][2], int q0, int k0) {
+                                             const Pol& pol, const float (&lse_log2)[MT][2], const float (&d)[MT][2],
+                                             int q0, int k0) {
     const int lane = threadIdx.x % 32;
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -23,13 +24,13 @@ __device__ __forceinline__ void scores_to_ds(float (&s)[MT][NT][4], const float 
             #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int i = q0 + acc_row(mt, r, lane), j = k0 + acc_col(nt, r, lane);
-                const bool visible = !MASKED || j <= last_visible_key<IS_CAUSAL>(i, p.seqlen_q, p.seqlen_k);
                 float p_ij;
-                prob_and_ds(s[mt][nt][r], dp[mt][nt][r], visible, lse_log2[mt][r / 2], d[mt][r / 2], p.scale_log2, p_ij, s[mt][nt][r]);
+                pol.template prob_and_ds<MASKED>(s[mt][nt][r], dp[mt][nt][r], i, j, lse_log2[mt][r / 2], d[mt][r / 2],
+                                                 p.scale_log2, p_ij, s[mt][nt][r]);
             }
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int VARIANT>
 __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdParams p) {
     using Tr = DqTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, STRIDE = Tr::STRIDE, NTH = Tr::NUM_THREADS;
@@ -46,9 +47,10 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
     const int lane = threadIdx.x % 32;
     const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
 
-    // Key tiles K_j that any row of Q_i can see: all of them, or up to the causal diagonal.
-    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
-    const int n_blocks = last_key < 0 ? 0 : last_key / BLOCK_N + 1;
+    const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
+    int n_first, n_end;
+    pol.template key_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_end);
 
     // lse_i log2(e) and D_i of this thread's rows
     float lse_log2[MT][2], d[MT][2];
@@ -62,22 +64,22 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
     // Load Q_i, dO_i and K_0, V_0.
     load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
     load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, b, h, 0, p.seqlen_k, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV, p.v, b, h, 0, p.seqlen_k, p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, b, block_kv_head(p.var), n_first * BLOCK_N, p.seqlen_k, p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV, p.v, b, block_kv_head(p.var), n_first * BLOCK_N, p.seqlen_k, p.head_dim);
     cp_async_commit();
 
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
-        const int n0 = n_block * BLOCK_N, buf = n_block % Tr::KV_STAGES;
+    for (int n_block = n_first; n_block < n_end; ++n_block) {
+        const int n0 = n_block * BLOCK_N, buf = (n_block - n_first) % Tr::KV_STAGES;
         const T* sK_j = sK + buf * BLOCK_N * STRIDE;
         const T* sV_j = sV + buf * BLOCK_N * STRIDE;
         cp_async_wait<0>();
         __syncthreads();  // K_j, V_j are visible, and every warp is done with tile j-1, whose buffer the next load reuses
-        if (n_block + 1 < n_blocks) {
+        if (n_block + 1 < n_end) {
             // Prefetch K_{j+1}, V_{j+1} into the other stage.
             T* sK_next = sK + (buf ^ 1) * BLOCK_N * STRIDE;
             T* sV_next = sV + (buf ^ 1) * BLOCK_N * STRIDE;
-            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK_next, p.k, b, h, n0 + BLOCK_N, p.seqlen_k, p.head_dim);
-            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV_next, p.v, b, h, n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK_next, p.k, b, block_kv_head(p.var), n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV_next, p.v, b, block_kv_head(p.var), n0 + BLOCK_N, p.seqlen_k, p.head_dim);
         }
         cp_async_commit();
 
@@ -87,15 +89,15 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
         zero(dp);
         warp_gemm<MT, NT, HEAD_DIM, false, false>(s, sQ + warp_m0 * STRIDE, STRIDE, sK_j, STRIDE);
         warp_gemm<MT, NT, HEAD_DIM, false, false>(dp, sdO + warp_m0 * STRIDE, STRIDE, sV_j, STRIDE);
-        // dS_ij in place of S_ij; keys past seqlen_k or above the causal diagonal get 0, tested only where a tile needs it
-        if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, n0, p.seqlen_q, p.seqlen_k))
-            scores_to_ds<true, IS_CAUSAL>(s, dp, p, lse_log2, d, m0 + warp_m0, n0);
+        // dS_ij in place of S_ij; keys not visible (past seqlen_k, causal, window) get 0, tested only where a tile needs it
+        if (pol.template tile_needs_mask<BLOCK_M, BLOCK_N>(m0, n0))
+            scores_to_ds<true>(s, dp, p, pol, lse_log2, d, m0 + warp_m0, n0);
         else
-            scores_to_ds<false, IS_CAUSAL>(s, dp, p, lse_log2, d, m0 + warp_m0, n0);
+            scores_to_ds<false>(s, dp, p, pol, lse_log2, d, m0 + warp_m0, n0);
         // dQ_i += dS_ij K_j
         warp_gemm_rs<T, MT, NT, DT, STRIDE>(dq, s, sK_j);
     }
-    cp_async_wait<0>();  // no copy may outlive the block (only matters when n_blocks == 0)
+    cp_async_wait<0>();  // no copy may outlive the block (only matters when no key tile is visible)
 
     // dQ_i = softmax_scale * dQ_i
     store_acc_tile<T>(p.dq, b, h, m0 + warp_m0, 0, p.seqlen_q, p.head_dim, dq, UniformScale<MT>(p.scale).v);

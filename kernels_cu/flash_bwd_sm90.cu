@@ -12,6 +12,7 @@
 //   the dQ pass computes dQ).
 #include "traits.cuh"
 #include "bwd_rows.cuh"
+#include "variant.cuh"
 
 namespace cupyflash {
 
@@ -36,26 +37,25 @@ struct BwdSm90Smem {
     __device__ float* dsum(int it) const { return lse(it) + Tr::BLOCK_M; }
 };
 
-// Producer warpgroup: K_j, V_j once, then each query tile into stage it % STAGES once the
-// consumers have released its previous use. A stage's "full" barrier completes when every
+// Producer warpgroup: K_j, V_j once, then each query tile of the walk (every query head of the
+// group, grouped-query attention) into stage it % STAGES once the consumers have released its previous use. A stage's "full" barrier completes when every
 // producer thread has stored its share of lse_i, D_i and arrived, and Q_i, dO_i have landed:
 // thread 0's arrival announces their bytes, and it issues the copies (TMA).
 template <typename Tr>
-__device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const BwdSm90Smem<Tr>& sm, int b, int h,
-                                            int n0, i64 row_base, int m_begin) {
+__device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const BwdSm90Smem<Tr>& sm, int b, int h_kv,
+                                            int n0, const QueryWalk& walk) {
     using TileQ = typename Tr::TileQ;
     const BwdParams& p = params.bwd;
-    const int m_end = Tr::query_tiles(p.seqlen_q);
     const bool tma_thread = threadIdx.x == 0;
     if (tma_thread) {
         mbarrier_arrive_expect_tx(sm.kv_full, 2 * Tr::TileKV::BYTES);
-        tma_load_tile<typename Tr::TileKV>(sm.k, params.k, sm.kv_full, n0, h, b);
-        tma_load_tile<typename Tr::TileKV>(sm.v, params.v, sm.kv_full, n0, h, b);
+        tma_load_tile<typename Tr::TileKV>(sm.k, params.k, sm.kv_full, n0, h_kv, b);
+        tma_load_tile<typename Tr::TileKV>(sm.v, params.v, sm.kv_full, n0, h_kv, b);
     }
-    for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
-        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, m0 = m_block * Tr::BLOCK_M;
+    for (int it = 0; it < walk.count; ++it) {
+        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, m0 = walk.m_block(it) * Tr::BLOCK_M, h = walk.head(it);
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
-        load_row_stats<Tr::BLOCK_M, Tr::PRODUCER_THREADS>(sm.lse(it), sm.dsum(it), p, row_base, m0);
+        load_row_stats<Tr::BLOCK_M, Tr::PRODUCER_THREADS>(sm.lse(it), sm.dsum(it), p, (i64(b) * p.heads + h) * p.seqlen_q, m0);
         if (tma_thread) {
             mbarrier_arrive_expect_tx(&sm.full[stage], 2 * TileQ::BYTES);
             tma_load_tile<TileQ>(sm.q(it), params.q, &sm.full[stage], m0, h, b);
@@ -67,29 +67,35 @@ __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const B
 }
 
 // P^T of this warpgroup's 64 keys (rows) x BLOCK_M queries (columns), in place of S^T; keys a
-// query may not see (causal, or past seqlen_k) get P = 0.
-template <typename Tr, bool IS_CAUSAL>
-__device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], const BwdParams& p, const float* sLse, int key0,
-                                              int m0) {
+// query does not see (causal, window, past seqlen_k) get P = 0. WITH_DS (the softcap kernels,
+// which call it once dP^T is ready too): dS^T = P^T (dP^T - D_i) (1 - tanh^2) in place of dP^T in
+// the same pass, so the softcap's derivative is never stored (no registers to spare for it).
+template <typename Tr, bool WITH_DS, typename Pol>
+__device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], float (&dpt)[Tr::MT][4], const Pol& pol,
+                                              const BwdParams& p, const float* sLse, const float* sD, int key0, int m0) {
     const int lane = threadIdx.x % 32;
+    // element (nt, r): key j0 + 8 (r >= 2), offset from the query's diagonal d0 + 8 (r >= 2) - 8 nt - (r & 1)
+    const int j0 = Pol::frag_row0(key0), d0 = j0 - pol.diag(Pol::frag_col0(m0));
+    const float fd0 = float(d0);
     #pragma unroll
     for (int nt = 0; nt < Tr::MT; ++nt)
         #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            const int j = key0 + acc_row(0, r, lane), c = acc_col(nt, r, lane);
-            const bool visible = j <= last_visible_key<IS_CAUSAL>(m0 + c, p.seqlen_q, p.seqlen_k);
-            st[nt][r] = probability(st[nt][r], visible, sLse[c], p.scale_log2);
+            const int up = r >= 2 ? 8 : 0, c = acc_col(nt, r, lane), dc = up - nt * 8 - (r & 1);
+            float g;
+            st[nt][r] = pol.probability_at(st[nt][r], j0 + up, d0 + dc, fd0 + float(dc), sLse[c], p.scale_log2, g);
+            if constexpr (WITH_DS) dpt[nt][r] = Pol::score_grad(st[nt][r], dpt[nt][r], sD[c], g);
         }
 }
 
-// dS^T = P^T (dP^T - D_i), in place of dP^T.
+// dS^T = P^T (dP^T - D_i), in place of dP^T (no softcap: d logit / d s = 1).
 template <typename Tr>
 __device__ __forceinline__ void score_grads(const float (&pt)[Tr::MT][4], float (&dpt)[Tr::MT][4], const float* sD) {
     const int lane = threadIdx.x % 32;
     #pragma unroll
     for (int nt = 0; nt < Tr::MT; ++nt)
         #pragma unroll
-        for (int r = 0; r < 4; ++r) dpt[nt][r] = score_grad(pt[nt][r], dpt[nt][r], sD[acc_col(nt, r, lane)]);
+        for (int r = 0; r < 4; ++r) dpt[nt][r] = pt[nt][r] * (dpt[nt][r] - sD[acc_col(nt, r, lane)]);
 }
 
 // This warp's 16 rows of dS^T into the warpgroup's swizzled [key][query] tile.
@@ -166,24 +172,25 @@ struct DqPanel {
     }
 };
 
-// Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile in [m_begin, m_end).
-template <typename Tr, bool IS_CAUSAL>
-__device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h, int n0,
-                                            i64 row_base, int m_begin) {
+// Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile of the walk.
+template <typename Tr, int VARIANT>
+__device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h_kv, int n0,
+                                            const QueryWalk& walk) {
     using T = typename Tr::T;
     using Dq = DqPanel<Tr>;
+    using Pol = Policy<VARIANT>;
     constexpr bool HAS_DQ = Tr::DQ_SPLIT != DQ_NONE;
-    const int m_end = Tr::query_tiles(p.seqlen_q);
     constexpr int MT = Tr::MT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M;
-    float* dq_accum_head = p.dq_accum + row_base * p.head_dim;
 
     float dk[1][DT][4], dv[1][DT][4];  // one 16-key strip per warp
     zero(dk);
     zero(dv);
     mbarrier_wait(sm.kv_full, 0);
 
-    for (int m_block = m_begin, it = 0; m_block < m_end; ++m_block, ++it) {
-        const int m0 = m_block * BLOCK_M;
+    for (int it = 0; it < walk.count; ++it) {
+        const int m0 = walk.m_block(it) * BLOCK_M, h = walk.head(it);
+        const Pol pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+        float* dq_accum_head = p.dq_accum + (i64(b) * p.heads + h) * p.seqlen_q * p.head_dim;
         // this warp's place, recomputed per tile (cheaper than keeping it live at the register limit)
         const int warp = opaque_thread_index() / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
         const int wg = warp / 4, warp_in_wg = warp % 4;
@@ -200,12 +207,19 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         wgmma_commit();
         issue_k_major_product<T, Tr::BLOCK_N, BLOCK_M, Tr::HEAD_DIM>(dpt, sm.v, wg * 64, sdO);
         wgmma_commit();
-        wgmma_wait<1>();
-        fence_operands(st);
-        probabilities<Tr, IS_CAUSAL>(st, p, sm.lse(it), key0, m0);
-        wgmma_wait<0>();
-        fence_operands(dpt);
-        score_grads<Tr>(st, dpt, sm.dsum(it));
+        if constexpr (Pol::SOFTCAP) {  // P^T and dS^T in one pass, once both products are done
+            wgmma_wait<0>();
+            fence_operands(st);
+            fence_operands(dpt);
+            probabilities<Tr, true>(st, dpt, pol, p, sm.lse(it), sm.dsum(it), key0, m0);
+        } else {
+            wgmma_wait<1>();
+            fence_operands(st);
+            probabilities<Tr, false>(st, dpt, pol, p, sm.lse(it), sm.dsum(it), key0, m0);
+            wgmma_wait<0>();
+            fence_operands(dpt);
+            score_grads<Tr>(st, dpt, sm.dsum(it));
+        }
         u32 pa[BLOCK_M / 16][4], dsa[BLOCK_M / 16][4];
         #pragma unroll
         for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
@@ -250,10 +264,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         }
     }
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;
-    store_dk_dv<T>(p, b, h, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
+    store_dk_dv<T>(p, b, h_kv, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, bool IS_CAUSAL>
+template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, int VARIANT>
 __global__ void __launch_bounds__(BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>::NUM_THREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in parameter space: the tensor maps stay there
     using Tr = BwdTraitsSm90<T, HEAD_DIM, BLOCK_M, NUM_WG, DQ_SPLIT>;
@@ -262,12 +276,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
     const BwdSm90Smem<Tr> sm(smem_raw);
 
     const int n_block = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
+    const int h_kv = blockIdx.y, b = blockIdx.z;  // one block per kv head: the query heads of its group in turn
     const int n0 = n_block * Tr::BLOCK_N;
-    const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;  // (b, h) row of lse, D and dQ_accum
-    // Query tiles that see some key of K_j: all of them, or from the causal diagonal down.
-    const int first_q = IS_CAUSAL ? max(0, n0 - (p.seqlen_k - p.seqlen_q)) : 0;
-    const int m_begin = first_q / Tr::BLOCK_M;  // to Tr::query_tiles(p.seqlen_q), computed in each role
+    // Query tiles that see some key of K_j (from the causal diagonal down, within the window), of
+    // every query head that reads this kv head.
+    int m_first, m_end;
+    Policy<VARIANT>(p.var, p.seqlen_q, p.seqlen_k, b, h_kv * p.var.group)
+        .template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
+    const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
 
     if (threadIdx.x == 0) {
         mbarrier_init(sm.kv_full, 1);  // the TMA thread's arrival (and the bytes it announces)
@@ -281,10 +297,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        produce_bwd<Tr>(params, sm, b, h, n0, row_base, m_begin);
+        produce_bwd<Tr>(params, sm, b, h_kv, n0, walk);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
-        consume_bwd<Tr, IS_CAUSAL>(p, sm, b, h, n0, row_base, m_begin);
+        consume_bwd<Tr, VARIANT>(p, sm, b, h_kv, n0, walk);
     }
 }
 

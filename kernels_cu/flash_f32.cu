@@ -4,6 +4,7 @@
 #include "params.cuh"
 #include "traits.cuh"
 #include "bwd_rows.cuh"
+#include "variant.cuh"
 
 namespace cupyflash {
 
@@ -37,7 +38,7 @@ __device__ __forceinline__ float dot_rows(const float* a, const float* b) {
     return acc;
 }
 
-template <int HEAD_DIM, bool IS_CAUSAL>
+template <int HEAD_DIM, int VARIANT>
 __global__ void __launch_bounds__(128, 1) flash_fwd_f32_kernel(const FwdParams p) {
     using Tr = F32Traits<HEAD_DIM>;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -46,29 +47,30 @@ __global__ void __launch_bounds__(128, 1) flash_fwd_f32_kernel(const FwdParams p
     float* sV = sK + Tr::SMEM_TILE;
     float* sP = sV + Tr::SMEM_TILE;  // [query][key]
 
-    const int h = blockIdx.y, b = blockIdx.z, m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
+    const int h = blockIdx.y, b = blockIdx.z, h_kv = kv_head(p.var, h), m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4, i = m0 + r;
-    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + Tr::BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
-    const int n_blocks = last_key < 0 ? 0 : last_key / Tr::BLOCK_N + 1;
+    const Policy<VARIANT, false> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    int n_first, n_end;  // the key tiles some row of Q_i sees
+    pol.template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
 
-    float m = -CUPYFLASH_INF, l = 0.f, o[Tr::DCOLS];
+    float m = pol.row_max_start(p.var, h), l = pol.row_sum_start(c4), o[Tr::DCOLS];
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) o[dd] = 0.f;
     load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
 
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+    for (int n_block = n_first; n_block < n_end; ++n_block) {
         const int n0 = n_block * Tr::BLOCK_N;
         __syncthreads();  // every thread is done reading K_{j-1}, V_{j-1}
-        load_tile_f32<HEAD_DIM>(sK, p.k, b, h, n0, p.seqlen_k, p.head_dim);
-        load_tile_f32<HEAD_DIM>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
         __syncthreads();  // Q_i, K_j, V_j are visible to every thread
-        // S_ij = Q_i K_j^T, masked; m_new = max(m, rowmax(S_ij))
+        // S_ij = Q_i K_j^T as logits, masked; m_new = max(m, rowmax(S_ij))
         float s[Tr::COLS], m_tile = -CUPYFLASH_INF;
         #pragma unroll
         for (int jj = 0; jj < Tr::COLS; ++jj) {
             const int col = c4 + 4 * jj;
-            s[jj] = dot_rows<HEAD_DIM>(sQ + r * Tr::STRIDE, sK + col * Tr::STRIDE);
-            if (n0 + col > last_visible_key<IS_CAUSAL>(i, p.seqlen_q, p.seqlen_k)) s[jj] = -CUPYFLASH_INF;
+            s[jj] = pol.logit(dot_rows<HEAD_DIM>(sQ + r * Tr::STRIDE, sK + col * Tr::STRIDE), i, n0 + col);
+            if (!pol.visible(i, n0 + col)) s[jj] = -CUPYFLASH_INF;
             m_tile = fmaxf(m_tile, s[jj]);
         }
         const float m_new = fmaxf(m, quad_max(m_tile));
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(128, 1) flash_fwd_f32_kernel(const FwdParams p
             empty ? -CUPYFLASH_INF : (m * p.scale_log2 + log2f(row_l)) / LOG2E;
 }
 
-template <int HEAD_DIM, bool IS_CAUSAL>
+template <int HEAD_DIM, int VARIANT>
 __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p) {
     using Tr = F32Traits<HEAD_DIM>;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -122,18 +124,24 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
     float* sLse = sdSt + 32 * Tr::P_STRIDE;
     float* sD = sLse + Tr::BLOCK_M;
 
-    const int h = blockIdx.y, b = blockIdx.z, n0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_N;
+    const int h_kv = blockIdx.y, b = blockIdx.z, n0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_N;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4;  // r: key row (phases A, B) or query row (phase C)
-    const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
-    const int first_q = IS_CAUSAL ? max(0, n0 - (p.seqlen_k - p.seqlen_q)) : 0;
+    // the query tiles that see K_j, of every query head that reads kv head h_kv
+    int m_first, m_end;
+    Policy<VARIANT, false>(p.var, p.seqlen_q, p.seqlen_k, b, h_kv * p.var.group)
+        .template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
+    const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
 
     float dk[Tr::DCOLS], dv[Tr::DCOLS];
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) dk[dd] = dv[dd] = 0.f;
-    load_tile_f32<HEAD_DIM>(sK, p.k, b, h, n0, p.seqlen_k, p.head_dim);
-    load_tile_f32<HEAD_DIM>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+    load_tile_f32<HEAD_DIM>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
+    load_tile_f32<HEAD_DIM>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
 
-    for (int m0 = (first_q / Tr::BLOCK_M) * Tr::BLOCK_M; m0 < p.seqlen_q; m0 += Tr::BLOCK_M) {
+    for (int it = 0; it < walk.count; ++it) {
+        const int h = walk.head(it), m0 = walk.m_block(it) * Tr::BLOCK_M;
+        const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
+        const Policy<VARIANT, false> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
         __syncthreads();  // every thread is done with the previous Q_i, dO_i, P^T, dS^T
         load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
         load_tile_f32<HEAD_DIM>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
@@ -145,8 +153,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
             const int qc = c4 + 4 * jj;
             const float s = dot_rows<HEAD_DIM>(sK + r * Tr::STRIDE, sQ + qc * Tr::STRIDE);
             const float dp = dot_rows<HEAD_DIM>(sV + r * Tr::STRIDE, sdO + qc * Tr::STRIDE);
-            const bool visible = n0 + r <= last_visible_key<IS_CAUSAL>(m0 + qc, p.seqlen_q, p.seqlen_k);
-            prob_and_ds(s, dp, visible, sLse[qc], sD[qc], p.scale_log2, sPt[r * Tr::P_STRIDE + qc], sdSt[r * Tr::P_STRIDE + qc]);
+            pol.prob_and_ds(s, dp, m0 + qc, n0 + r, sLse[qc], sD[qc], p.scale_log2, sPt[r * Tr::P_STRIDE + qc],
+                            sdSt[r * Tr::P_STRIDE + qc]);
         }
         __syncthreads();  // P^T and dS^T are complete before rows written by other quads are read
         // dV_j += P^T dO_i, dK_j += dS^T Q_i
@@ -170,8 +178,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
         }
     }
     if (n0 + r >= p.seqlen_k) return;
-    float* dk_row = row_ptr<float>(p.dk, b, h, n0 + r);
-    float* dv_row = row_ptr<float>(p.dv, b, h, n0 + r);
+    float* dk_row = row_ptr<float>(p.dk, b, h_kv, n0 + r);
+    float* dv_row = row_ptr<float>(p.dv, b, h_kv, n0 + r);
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) {
         const int d = c4 + 4 * dd;
@@ -181,7 +189,7 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
 
 // Deterministic dQ pass (deterministic=True): one block per query tile Q_i walking the key tiles,
 // dQ_i in registers (no atomics, a fixed order), written as softmax_scale * dQ_i.
-template <int HEAD_DIM, bool IS_CAUSAL>
+template <int HEAD_DIM, int VARIANT>
 __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParams p) {
     using Tr = F32Traits<HEAD_DIM>;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -191,11 +199,12 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParam
     float* sV = sK + Tr::SMEM_TILE;
     float* sdS = sV + Tr::SMEM_TILE;  // [query][key]
 
-    const int h = blockIdx.y, b = blockIdx.z, m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
+    const int h = blockIdx.y, b = blockIdx.z, h_kv = kv_head(p.var, h), m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4, i = m0 + r;
     const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
-    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + Tr::BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
-    const int n_blocks = last_key < 0 ? 0 : last_key / Tr::BLOCK_N + 1;
+    const Policy<VARIANT, false> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    int n_first, n_end;  // the key tiles some row of Q_i sees
+    pol.template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
 
     float lse_log2, d_i, dq[Tr::DCOLS];
     row_stats(p, row_base, i, lse_log2, d_i);
@@ -204,11 +213,11 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParam
     load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
     load_tile_f32<HEAD_DIM>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
 
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+    for (int n_block = n_first; n_block < n_end; ++n_block) {
         const int n0 = n_block * Tr::BLOCK_N;
         __syncthreads();  // every thread is done reading K_{j-1}
-        load_tile_f32<HEAD_DIM>(sK, p.k, b, h, n0, p.seqlen_k, p.head_dim);
-        load_tile_f32<HEAD_DIM>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
         __syncthreads();  // Q_i, dO_i, K_j, V_j are visible to every thread
         // dS_ij = P_ij (dP_ij - D_i) with S_ij = Q_i K_j^T, dP_ij = dO_i V_j^T
         #pragma unroll
@@ -216,9 +225,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParam
             const int col = c4 + 4 * jj;
             const float s = dot_rows<HEAD_DIM>(sQ + r * Tr::STRIDE, sK + col * Tr::STRIDE);
             const float dp = dot_rows<HEAD_DIM>(sdO + r * Tr::STRIDE, sV + col * Tr::STRIDE);
-            const bool visible = n0 + col <= last_visible_key<IS_CAUSAL>(i, p.seqlen_q, p.seqlen_k);
             float p_ij;
-            prob_and_ds(s, dp, visible, lse_log2, d_i, p.scale_log2, p_ij, sdS[r * Tr::P_STRIDE + col]);
+            pol.prob_and_ds(s, dp, i, n0 + col, lse_log2, d_i, p.scale_log2, p_ij, sdS[r * Tr::P_STRIDE + col]);
         }
         __syncwarp();  // the quad that owns row r has written all of dS_r before reading it
         // dQ_i += dS_ij K_j

@@ -4,12 +4,12 @@
 // K_{j+1} overlapping O += P V_j. Only O and lse are written to global memory.
 #include "traits.cuh"
 #include "softmax.cuh"
-#include "mask.cuh"
+#include "variant.cuh"
 #include "fwd_epilogue.cuh"
 
 namespace cupyflash {
 
-template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, bool IS_CAUSAL>
+template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int VARIANT>
 __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdParams p) {
     using Tr = FwdTraits<T, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_WARPS>;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, STRIDE = Tr::STRIDE;
@@ -22,48 +22,50 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
     const int h = blockIdx.y, b = blockIdx.z;
     const int m0 = m_block * BLOCK_M;
     const int warp_m0 = (threadIdx.x / 32) * MT * 16;  // this warp's first row within Q_i
+    const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
 
-    // Key tiles K_j that any row of Q_i can see: all of them, or up to the causal diagonal.
-    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
-    const int n_blocks = last_key < 0 ? 0 : last_key / BLOCK_N + 1;
+    // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
+    int n_first, n_end;
+    pol.template key_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_end);
 
     float o[MT][DT][4];
     zero(o);
     OnlineSoftmax<MT> softmax;
-    softmax.init();
+    softmax.init(pol.row_max_start(p.var, h), pol.row_sum_start(threadIdx.x % 4));
 
-    // Load Q_i and K_0.
+    // Load Q_i and the first K_j.
     load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, h, 0, p.seqlen_k, p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, block_kv_head(p.var), n_first * BLOCK_N, p.seqlen_k,
+                                                                            p.head_dim);
     cp_async_commit();
 
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+    for (int n_block = n_first; n_block < n_end; ++n_block) {
         const int n0 = n_block * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j (and Q_i) are in shared memory, and every warp has finished reading V_{j-1}
-        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sV, p.v, b, h, n0, p.seqlen_k, p.head_dim);
+        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sV, p.v, b, block_kv_head(p.var), n0, p.seqlen_k, p.head_dim);
         cp_async_commit();
 
         // S_ij = Q_i K_j^T
         float s[MT][NT][4];
         zero(s);
         warp_gemm<MT, NT, HEAD_DIM, false, false>(s, sQ + warp_m0 * STRIDE, STRIDE, sK, STRIDE);
-        // Mask keys past seqlen_k and above the causal diagonal, only on tiles that need it.
-        if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, n0, p.seqlen_q, p.seqlen_k))
-            mask_scores<IS_CAUSAL>(s, m0 + warp_m0, n0, p.seqlen_q, p.seqlen_k);
+        // Logits (softcap, ALiBi); keys past seqlen_k or outside the causal/window band masked,
+        // on the tiles that need it.
+        pol.template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp_m0, n0);
         // m, l, O rescaled; s becomes P~_ij
         softmax.update(s, o, p.scale_log2);
 
         cp_async_wait<0>();
         __syncthreads();  // V_j is in shared memory, and every warp has finished reading K_j
-        if (n_block + 1 < n_blocks)
-            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, h, n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+        if (n_block + 1 < n_end)
+            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, block_kv_head(p.var), n0 + BLOCK_N, p.seqlen_k, p.head_dim);
         cp_async_commit();
 
         // O_i += P~_ij V_j
         warp_gemm_rs<T, MT, NT, DT, STRIDE>(o, s, sV);
     }
-    cp_async_wait<0>();  // no copy may outlive the block (only matters when n_blocks == 0)
+    cp_async_wait<0>();  // no copy may outlive the block (only matters when no key tile is visible)
 
     // O_i = O_i / l, lse_i = m * scale + log(l)
     float inv_l[MT][2], lse[MT][2];

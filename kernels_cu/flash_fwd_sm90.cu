@@ -11,7 +11,7 @@
 // accumulator packed to 16 bits is wgmma's register A operand). Only O and lse reach global memory.
 #include "traits.cuh"
 #include "softmax.cuh"
-#include "mask.cuh"
+#include "variant.cuh"
 #include "fwd_epilogue.cuh"
 
 namespace cupyflash {
@@ -30,28 +30,30 @@ struct FwdSm90Smem {
         empty = full + Tr::STAGES;
         scratch = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(q_full) + Tr::BARRIER_BYTES);
     }
-    __device__ unsigned char* k(int n_block) const { return kv + (n_block % Tr::STAGES) * 2 * Tr::TileKV::BYTES; }
-    __device__ unsigned char* v(int n_block) const { return k(n_block) + Tr::TileKV::BYTES; }
+    // stage of the it-th key tile the block walks
+    __device__ unsigned char* k(int it) const { return kv + (it % Tr::STAGES) * 2 * Tr::TileKV::BYTES; }
+    __device__ unsigned char* v(int it) const { return k(it) + Tr::TileKV::BYTES; }
 };
 
-// Producer warpgroup: Q_i, then K_j, V_j into stage j % STAGES once the consumers have released
-// its previous use; each fill completes the stage's "full" barrier when its bytes have landed.
+// Producer warpgroup: Q_i, then the it-th key tile K_j, V_j (j = n_first + it, from kv head h_kv)
+// into stage it % STAGES once the consumers have released its previous use; each fill completes
+// the stage's "full" barrier when its bytes have landed.
 // One thread issues every copy (TMA, v2.7: 16-byte cp.async copies from 128 threads held the
 // tensor pipe at 38% busy); the others have nothing to do.
 template <typename Tr>
-__device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0,
-                                        int n_blocks) {
+__device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, int b, int h, int h_kv,
+                                        int m0, int n_first, int n_tiles) {
     if (threadIdx.x != 0) return;
     tma_prefetch_desc(p.k);
     tma_prefetch_desc(p.v);
     mbarrier_arrive_expect_tx(sm.q_full, Tr::TileQ::BYTES);
     tma_load_tile<typename Tr::TileQ>(sm.q, p.q, sm.q_full, m0, h, b);
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
-        const int stage = n_block % Tr::STAGES, use = n_block / Tr::STAGES;
-        if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile j - STAGES
+    for (int it = 0; it < n_tiles; ++it) {
+        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, n0 = (n_first + it) * Tr::BLOCK_N;
+        if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
         mbarrier_arrive_expect_tx(&sm.full[stage], 2 * Tr::TileKV::BYTES);
-        tma_load_tile<typename Tr::TileKV>(sm.k(n_block), p.k, &sm.full[stage], n_block * Tr::BLOCK_N, h, b);
-        tma_load_tile<typename Tr::TileKV>(sm.v(n_block), p.v, &sm.full[stage], n_block * Tr::BLOCK_N, h, b);
+        tma_load_tile<typename Tr::TileKV>(sm.k(it), p.k, &sm.full[stage], n0, h_kv, b);
+        tma_load_tile<typename Tr::TileKV>(sm.v(it), p.v, &sm.full[stage], n0, h_kv, b);
     }
 }
 
@@ -74,73 +76,86 @@ __device__ __forceinline__ void issue_pv(float (&o)[Tr::DT][4], const u32 (&pa)[
 }
 
 // Consumer warpgroup `wg`: the online-softmax loop over the key tiles, then O_i and lse_i.
-template <typename Tr, bool IS_CAUSAL>
-__device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_blocks) {
+template <typename Tr, int VARIANT>
+__device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_first,
+                                        int n_tiles) {
     using T = typename Tr::T;
     constexpr int NT = Tr::NT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N;
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
     const int wg = warp / 4, wg_row0 = wg * 64;                     // this warpgroup's first row within Q_i
-    auto wait_tile = [&](int n_block) {  // K_j, V_j have landed and are visible to wgmma
-        mbarrier_wait(&sm.full[n_block % Tr::STAGES], (n_block / Tr::STAGES) & 1);
+    using Pol = Policy<VARIANT>;
+    const Pol pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    auto wait_tile = [&](int it) {  // K_j, V_j have landed and are visible to wgmma
+        mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
     };
-    auto release_tile = [&](int n_block) { mbarrier_arrive(&sm.empty[n_block % Tr::STAGES]); };
+    auto release_tile = [&](int it) { mbarrier_arrive(&sm.empty[it % Tr::STAGES]); };
+    auto key0 = [&](int it) { return (n_first + it) * BLOCK_N; };
 
     float o[1][DT][4];
     zero(o);
     OnlineSoftmax<1> softmax;
-    softmax.init();
+    softmax.init(pol.row_max_start(p.var, h), pol.row_sum_start(threadIdx.x % 4));
     float s[1][NT][4], alpha[1][2];
     u32 pa[BLOCK_N / 16][4];  // P~_{j-1}, packed as the A operand of the pending O += P~ V_{j-1}
     mbarrier_wait(sm.q_full, 0);
 
-    // Step 0: S_i0 = Q_i K_0^T and P~_i0, with no product to overlap yet.
-    if (n_blocks > 0) {
+    // Step 0: S_ij = Q_i K_j^T and P~_ij for the first tile, with no product to overlap yet.
+    if (n_tiles > 0) {
         wait_tile(0);
         wgmma_fence();
         issue_scores<Tr>(s[0], sm.q, sm.k(0), wg_row0);
         wgmma_wait<0>();
         fence_operands(s[0]);
-        if (tile_needs_mask<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, 0, p.seqlen_q, p.seqlen_k))
-            mask_scores<IS_CAUSAL>(s, m0 + warp * 16, 0, p.seqlen_q, p.seqlen_k);
+        pol.template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp * 16, key0(0));
         softmax.update_scores(s, alpha, p.scale_log2);
         #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
     }
     // Steps j >= 1: the softmax of S_ij runs while O_i += P~_{i,j-1} V_{j-1} is on the tensor cores.
     // The body has no branch between the issue and the waits (ptxas waits for every wgmma at a
-    // join), so the tiles that need a mask, a suffix of the key range, run in a second loop.
-    auto step = [&](int n_block, bool masked) {  // inlined at both loops with `masked` a constant
-        wait_tile(n_block);
+    // join), so the tiles that need a mask, a prefix (the window's left edge) and a suffix (the
+    // diagonal, the end of the keys) of the key range, run in loops of their own.
+    auto step = [&](int it, bool masked) {  // inlined at each loop with `masked` a constant
+        wait_tile(it);
         wgmma_fence();
-        issue_scores<Tr>(s[0], sm.q, sm.k(n_block), wg_row0);
+        issue_scores<Tr>(s[0], sm.q, sm.k(it), wg_row0);
         // A fence between the groups makes them separate pipeline stages for ptxas: once S_ij is
         // retired its registers may be rewritten while the P~ V group still runs.
         wgmma_fence();
-        issue_pv<Tr>(o[0], pa, sm.v(n_block - 1));
+        issue_pv<Tr>(o[0], pa, sm.v(it - 1));
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
-        if (masked) mask_scores<IS_CAUSAL>(s, m0 + warp * 16, n_block * BLOCK_N, p.seqlen_q, p.seqlen_k);
-        softmax.update_scores(s, alpha, p.scale_log2);
+        if (masked) {
+            pol.template to_logits<true>(s, m0 + warp * 16, key0(it));
+            softmax.update_scores(s, alpha, p.scale_log2);
+        } else {
+            pol.template to_logits<false>(s, m0 + warp * 16, key0(it));
+            softmax.template update_scores<Pol::EXP2_FMA_EVERY>(s, alpha, p.scale_log2);
+        }
         // the row sums depend on every P~ value: the softmax stays above the wait
         pin_before_wait(&sm.scratch[threadIdx.x - Tr::PRODUCER_THREADS], softmax.l[0][0] + softmax.l[0][1], wg);
         wgmma_wait<0>();  // O_i holds P~_{i,j-1} V_{j-1}; pa is free
-        release_tile(n_block - 1);
+        release_tile(it - 1);
         fence_operands(o[0]);
         softmax.rescale(o, alpha);
         #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
     };
-    const int first_masked = first_masked_tile<IS_CAUSAL, BLOCK_M, BLOCK_N>(m0, n_blocks, p.seqlen_q, p.seqlen_k);
-    int n_block = 1;
-    for (; n_block < first_masked; ++n_block) step(n_block, false);
-    for (; n_block < n_blocks; ++n_block) step(n_block, true);
+    int u_first, u_end;  // the unmasked tiles, as iterations
+    pol.template unmasked_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_first + n_tiles, u_first, u_end);
+    u_first -= n_first;
+    u_end -= n_first;
+    int it = 1;
+    for (; it < u_first; ++it) step(it, true);
+    for (; it < u_end; ++it) step(it, false);
+    for (; it < n_tiles; ++it) step(it, true);
     // O_i += P~_{i,last} V_last
-    if (n_blocks > 0) {
+    if (n_tiles > 0) {
         wgmma_fence();
-        issue_pv<Tr>(o[0], pa, sm.v(n_blocks - 1));
+        issue_pv<Tr>(o[0], pa, sm.v(n_tiles - 1));
         wgmma_wait<0>();
         fence_operands(o[0]);
-        release_tile(n_blocks - 1);
+        release_tile(n_tiles - 1);
     }
 
     // O_i = O_i / l, lse_i = m * scale + log(l)
@@ -149,7 +164,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     store_output<T>(p, b, h, m0 + warp * 16, o, inv_l, lse);
 }
 
-template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, bool IS_CAUSAL>
+template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, int VARIANT>
 __global__ void __launch_bounds__(FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>::NUM_THREADS, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in parameter space: the tensor maps stay there
     using Tr = FwdTraitsSm90<T, HEAD_DIM, BLOCK_N, NUM_WG>;
@@ -160,9 +175,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
     const int h = blockIdx.y, b = blockIdx.z;
     const int m0 = m_block * Tr::BLOCK_M;
-    // Key tiles K_j that any row of Q_i can see: all of them, or up to the causal diagonal.
-    const int last_key = last_visible_key<IS_CAUSAL>(min(m0 + Tr::BLOCK_M, p.seqlen_q) - 1, p.seqlen_q, p.seqlen_k);
-    const int n_blocks = last_key < 0 ? 0 : last_key / Tr::BLOCK_N + 1;
+    // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
+    int n_first, n_end;
+    Policy<VARIANT>(p.var, p.seqlen_q, p.seqlen_k, b, h).template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
 
     if (threadIdx.x == 0) {
         mbarrier_init(sm.q_full, 1);  // the TMA thread's arrival (and the bytes it announces)
@@ -176,10 +191,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        produce<Tr>(params, sm, b, h, m0, n_blocks);
+        produce<Tr>(params, sm, b, h, kv_head(p.var, h), m0, n_first, n_end - n_first);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
-        consume<Tr, IS_CAUSAL>(p, sm, b, h, m0, n_blocks);
+        consume<Tr, VARIANT>(p, sm, b, h, m0, n_first, n_end - n_first);
     }
 }
 

@@ -14,11 +14,30 @@ struct TensorRef {
     i64 stride_h;  // elements between heads
 };
 
+// The run-time values of the attention variants (variant.cuh; the compile-time switches are the
+// kernels' VARIANT template parameter). Scores are in raw units s = q . k throughout the kernels,
+// so the host expresses the softcap, the ALiBi slopes and the sinks in those units.
+struct VariantParams {
+    const float* alibi;            // slopes (B, H) or (H,), float32, contiguous; null without ALiBi
+    const float* sinks;            // (H,) sink logits, float32; null without sinks
+    float* dsinks;                 // (H,) their gradient (backward), float32; null without sinks
+    i64 alibi_stride_b;            // elements between batches of slopes (0: one slope per head)
+    u32 group_mul;                 // ceil(2^32 / group) mod 2^32 (0 for group 1): see kv_head (variant.cuh)
+    int group;                     // heads / heads_kv: query head h reads kv head h / group
+    int window_left, window_right; // query i sees keys i + o - left .. i + o + right (o = Sk - Sq);
+                                   // an unbounded side arrives as seqlen_q + seqlen_k
+    float softcap_in;              // softmax_scale / softcap: tanh's argument per raw score
+    float softcap_out;             // softcap / softmax_scale: back to raw units
+    float inv_scale;               // 1 / softmax_scale: slopes and sinks in raw units
+    int pad_;
+};
+
 struct FwdParams {
-    TensorRef q, k, v, o;      // q, o: (B, Sq, H, D); k, v: (B, Sk, H, D)
+    TensorRef q, k, v, o;      // q, o: (B, Sq, H, D); k, v: (B, Sk, H_kv, D)
     float* lse;                 // (B, H, Sq), natural-log log-sum-exp of each scaled score row
     int batch, heads, seqlen_q, seqlen_k, head_dim;
     float scale_log2;           // softmax_scale * log2(e): scores are exponentiated with exp2
+    VariantParams var;
 };
 
 struct BwdParams {
@@ -30,6 +49,7 @@ struct BwdParams {
     int batch, heads, seqlen_q, seqlen_k, head_dim;
     float scale;                 // softmax_scale (applied to dK and dQ)
     float scale_log2;            // softmax_scale * log2(e)
+    VariantParams var;
 };
 
 // A TMA tensor map (the driver's CUtensorMap, 128 opaque bytes) of one (B, S, H, D) tensor,
@@ -56,23 +76,17 @@ struct BwdSm90Params {
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
-static_assert(sizeof(FwdParams) == 160, "FwdParams layout is mirrored in _launch.py");
-static_assert(sizeof(BwdParams) == 312, "BwdParams layout is mirrored in _launch.py");
-static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 576,  // q, k, v at 192, 320, 448
+static_assert(sizeof(VariantParams) == 64, "VariantParams layout is mirrored in _launch.py");
+static_assert(sizeof(FwdParams) == 224, "FwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(BwdParams) == 376, "BwdParams layout is mirrored in _launch.py");
+static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 640,  // q, k, v at 256, 384, 512
               "FwdSm90Params layout is mirrored in _launch.py");
-static_assert(sizeof(BwdSm90Params) == 832, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 320
+static_assert(sizeof(BwdSm90Params) == 896, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 384
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>
 __device__ __forceinline__ T* row_ptr(const TensorRef& t, int b, int h, int s) {
     return static_cast<T*>(t.ptr) + b * t.stride_b + h * t.stride_h + i64(s) * t.stride_s;
-}
-
-// The key that query row i may see last (inclusive) under the bottom-right causal mask,
-// or seqlen_k - 1 without a mask. Negative: the row sees no key.
-template <bool IS_CAUSAL>
-__device__ __forceinline__ int last_visible_key(int i, int seqlen_q, int seqlen_k) {
-    return IS_CAUSAL ? min(seqlen_k - 1, i + seqlen_k - seqlen_q) : seqlen_k - 1;
 }
 
 // The query row of the row-wise backward kernels (one warp per row, ROWS warps per block,

@@ -8,6 +8,7 @@ namespace cupyflash {
 
 using u32 = unsigned int;  // NVRTC has no <stdint.h>
 using i64 = long long;
+using u64 = unsigned long long;
 #define CUPYFLASH_INF __int_as_float(0x7f800000)  // +inf (NVRTC has no <math.h> INFINITY)
 
 // ---- 16-bit element traits: packing two fp32 values into one 32-bit register ----

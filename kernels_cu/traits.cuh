@@ -144,7 +144,6 @@ struct BwdTraitsSm90 {
     static constexpr int BARRIER_BYTES = 64;                           // kv_full, full[STAGES], empty[STAGES]
     static constexpr int SMEM_BYTES = ALIGN + 2 * TileKV::BYTES + 2 * STAGES * TileQ::BYTES + NUM_WG * TileDS::BYTES +
                                       ROW_STATS_BYTES + BARRIER_BYTES;
-    __device__ static int query_tiles(int seqlen_q) { return (seqlen_q + BLOCK_M - 1) / BLOCK_M; }
     // named barriers (0: __syncthreads, 1 + w: warpgroup w)
     static constexpr int BAR_DS = 1 + NUM_WG;
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,23 @@ BAD_OPTIONS = [
     (["kernels", "--arch", "compute_90"], "--arch"),
     (["kernels", "--dtype", "int8"], "--dtype"),
     (["info", "--device", "-1"], "--device"),
+    (["bench", "--kv-heads", "0"], "--kv-heads"),
+    (["bench", "--kv-heads", "3", "--heads", "4"], "--kv-heads"),  # must divide the heads
+    (["bench", "--kv-heads", "3", "--head-dim", "64"], "--kv-heads"),  # default heads 2048 // 64 = 32
+    (["bench", "--window", "8"], "--window"),
+    (["bench", "--window", "1,2,3"], "--window"),
+    (["bench", "--window", "a,0"], "--window"),
+    (["bench", "--window", "-2,0"], "--window"),
+    (["bench", "--softcap", "-1"], "--softcap"),
+    (["bench", "--softcap", "nan"], "--softcap"),
+    (["bench", "--softcap", "inf"], "--softcap"),
+    (["bench", "--softcap", "soft"], "--softcap"),
+    (["bench", "--alibi=yes"], "--alibi"),
+    (["check", "--kv-heads", "2", "--heads", "3"], "--kv-heads"),
+    (["check", "--kv-heads", "-1"], "--kv-heads"),
+    (["check", "--window", "8;0"], "--window"),
+    (["check", "--softcap", "-0.5"], "--softcap"),
+    (["check", "--sinks=1"], "--sinks"),
 ]
 
 
@@ -499,6 +517,277 @@ def test_validate_document_names_the_problem():
 
 
 # ---------------------------------------------------------------------------------------
+# Variants: the flags reach cupyflash, the reference, the peers and the results
+
+VARIANT_FLAGS = ["--kv-heads", "2", "--window", "8,0", "--softcap", "5", "--alibi", "--sinks"]
+ALL_VARIANTS = "kv_heads=2 window=8,0 softcap=5 alibi sinks"
+QUICK_CHECK = ["check", "--backend", "numpy", "--quick", "--dtype", "float32", "-d", "8"]
+#: one variant each, as Variant arguments
+ONE_VARIANT = {"gqa": dict(kv_heads=2), "window": dict(window=(8, 0)), "softcap": dict(softcap=5.0),
+               "alibi": dict(alibi=True), "sinks": dict(sinks=True)}
+
+
+@pytest.fixture
+def api_calls(monkeypatch):
+    """[(function name, k's shape, keyword arguments)] of every cupyflash call; calls unchanged."""
+    calls = []
+    for name, k_arg in (("flash_attention", 1), ("flash_attention_backward", 2)):
+        def spy(*args, _real=getattr(api, name), _name=name, _k=k_arg, **kwargs):
+            calls.append((_name, args[_k].shape, kwargs))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(api, name, spy)
+    return calls
+
+
+def _assert_all_variants_passed(calls, heads=4):
+    assert {name for name, _, _ in calls} == {"flash_attention", "flash_attention_backward"}
+    for name, k_shape, kw in calls:
+        assert k_shape[2] == 2, name  # 2 kv heads
+        assert kw["window_size"] == (8, 0) and kw["softcap"] == 5.0, name
+        np.testing.assert_array_equal(kw["alibi_slopes"], 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads))
+        assert kw["sinks"].shape == (heads,) and kw["sinks"].dtype == np.float32, name
+
+
+def test_check_runs_every_variant_on_the_numpy_backend(api_calls):
+    r = invoke(*QUICK_CHECK, *VARIANT_FLAGS, "-v")
+    assert r.exit_code == 0, r.output
+    assert f"6 cases (B=2 H=4 {ALL_VARIANTS})" in r.output  # --kv-heads 2: 4 query heads by default
+    assert "6 passed, 0 failed" in r.output
+    assert r.output.count("dsinks max err") == 6  # the sinks' gradient is checked too
+    _assert_all_variants_passed(api_calls)
+
+
+@pytest.mark.parametrize("flag, kwarg", [(["--window", "8,0"], "window_size"), (["--softcap", "5"], "softcap"),
+                                         (["--alibi"], "alibi_slopes"), (["--sinks"], "sinks")])
+def test_check_compares_with_the_reference_of_the_variant(monkeypatch, flag, kwarg):
+    """cupyflash called without the variant disagrees with the reference, which has it."""
+    for name in ("flash_attention", "flash_attention_backward"):
+        def without(*args, _real=getattr(api, name), **kwargs):
+            assert kwarg in kwargs
+            return _real(*args, **{k: v for k, v in kwargs.items() if k != kwarg})
+        monkeypatch.setattr(api, name, without)
+    r = invoke(*QUICK_CHECK, *flag)
+    assert r.exit_code == 1, r.output
+    assert "0 passed, 6 failed" in r.output and "FAIL" in r.output
+
+
+def test_check_heads_follow_kv_heads(api_calls):
+    r = invoke(*QUICK_CHECK, "--kv-heads", "3", "--heads", "6")
+    assert r.exit_code == 0 and "(B=2 H=6 kv_heads=3)" in r.output, r.output
+    assert {(k[2], kw.get("window_size")) for _, k, kw in api_calls} == {(3, None)}
+    r = invoke(*QUICK_CHECK, "--kv-heads", "1", "--heads", "1")  # as many kv heads as heads: plain attention
+    assert r.exit_code == 0 and "(B=2 H=1)" in r.output, r.output
+
+
+BENCH_VARIANT = ["--seqlen", "32,48", "--batch", "1", "--heads", "4", "--head-dim", "32", "--warmup", "1",
+                 "--repeats", "3", "--no-progress", "--mode", "fwd,bwd"]
+
+
+def test_bench_passes_the_variants_and_reports_them(cpu_bench, api_calls, tmp_path):
+    j, c = tmp_path / "r.json", tmp_path / "r.csv"
+    r = invoke("bench", *BENCH_VARIANT, *VARIANT_FLAGS, "--compare", "naive,torch-flash,fa4", "--json", j, "--csv", c)
+    assert r.exit_code == 0, r.output
+    assert f"variant: {ALL_VARIANTS}" in r.output and "variant" in r.output.splitlines()[4]  # the table's column
+    _assert_all_variants_passed(api_calls)
+    doc = json.loads(j.read_text())
+    bench.validate_document(doc)
+    assert doc["schema"] == "cupyflash-bench/2"
+    rows = doc["results"]
+    assert len(rows) == 2 * 2 * 4 and {row["variant"] for row in rows} == {ALL_VARIANTS}
+    for row in rows:
+        if row["impl"] == "cupyflash":  # passed the gate (out, lse, dq, dk, dv, dsinks) and was timed
+            assert row["status"] == "ok", row
+            i, jj = np.arange(row["seqlen_q"])[:, None], np.arange(row["seqlen_k"])[None, :]
+            pairs = int(((jj >= i - 8) & (jj <= i)).sum())  # window 8,0 on the diagonal
+            flops = 4 * 1 * 4 * 32 * pairs * bench.MODE_FLOP_FACTOR[row["mode"]]
+            assert row["tflops"] == pytest.approx(flops / 2e-3 / 1e12)
+        elif row["impl"] == "naive":
+            assert row["status"] == "skipped" and row["note"] == "naive cannot do softcap, alibi, sinks", row
+        else:
+            assert row["status"] == "skipped" and row["note"] == "needs a CUDA device", row
+    with c.open() as f:
+        assert {line["variant"] for line in csv.DictReader(f)} == {ALL_VARIANTS}
+
+
+def test_bench_naive_peer_does_gqa_and_windows(cpu_bench):
+    r = invoke("bench", *BENCH_VARIANT, "--kv-heads", "1", "--window", "4,2", "--causal", "both", "--compare", "naive")
+    assert r.exit_code == 0, r.output
+    assert "skipped" not in r.output and r.output.count("1.00x") == 2 * 2 * 2  # seqlens x modes x causal
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (5, 0), (3, 7)])
+def test_naive_peer_matches_the_reference_with_gqa_and_windows(rng, causal, window):
+    q, do = (rng.standard_normal((2, 37, 4, 16)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, 53, 2, 16)).astype(np.float32) for _ in range(2))
+    out, P = bench.naive_forward(np, q, k, v, causal, 0.25, window_size=window)
+    grads = bench.naive_backward(np, do, q, k, v, out, P, 0.25)
+    kw = dict(causal=causal, softmax_scale=0.25, window_size=window)
+    want_out, _ = reference.attention(q, k, v, **kw)
+    np.testing.assert_allclose(out, want_out, atol=2e-5)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, reference.attention_backward(do, q, k, v, **kw)):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, atol=1e-4, err_msg=name)
+
+
+def test_flops_count_the_pairs_a_window_lets_through():
+    dense = bench.attention_flops(1, 1, 64, 64, 32)
+    assert bench.attention_flops(1, 1, 64, 64, 32, window_size=(-1, -1), causal=True) == dense / 2
+    assert bench.attention_flops(1, 1, 64, 64, 32, window_size=(63, 63)) == dense  # covers every key
+    assert bench.visible_pairs(4, 4, False, (1, 0)) == 1 + 2 + 2 + 2
+    assert bench.visible_pairs(4, 4, True, (-1, 5)) == 10  # causal: right = 0
+    assert bench.visible_pairs(2, 6, False, (0, -1)) == 2 + 1  # bottom-right: rows see keys 4.. and 5..
+    assert bench.visible_pairs(6, 2, True, (-1, -1)) == 1 + 2  # only the last two rows see keys
+    case = bench.Case(1, 2, 64, 64, 32, "float16", False, "bwd", bench.Variant(window=(8, 0)))
+    assert case.flops == bench.attention_flops(1, 2, 64, 64, 32, mode="bwd", window_size=(8, 0))
+
+
+def test_variant_description_and_inputs():
+    assert bench.Variant().describe(8) == "" and bench.Variant(kv_heads=8).describe(8) == ""
+    v = bench.Variant(kv_heads=2, window=(8, 0), softcap=5.0, alibi=True, sinks=True)
+    assert v.describe(8) == ALL_VARIANTS and v.features(8) == bench.VARIANTS
+    case = bench.Case(1, 8, 16, 24, 8, "float32", False, "fwd", v)
+    assert case.label().endswith(ALL_VARIANTS)
+    a, b = (bench.cpu_device().random_inputs(case, seed) for seed in (3, 3))
+    assert a.q.shape == (1, 16, 8, 8) and a.k.shape == a.v.shape == (1, 24, 2, 8)
+    assert a.variants["window_size"] == (8, 0) and a.variants["softcap"] == 5.0
+    np.testing.assert_array_equal(a.variants["alibi_slopes"], 2.0 ** -np.arange(1, 9))
+    np.testing.assert_array_equal(a.variants["sinks"], b.variants["sinks"])  # fixed by the seed
+    assert bench.cpu_device().random_inputs(bench.Case(1, 8, 16, 24, 8, "float32", False, "fwd"), 3).variants == {}
+
+
+@pytest.mark.parametrize("peer, can", [
+    ("cupyflash", bench.VARIANTS), ("naive", ("gqa", "window")), ("torch-flash", ("gqa",)),
+    ("torch-cudnn", ("gqa",)), ("jax-cudnn", ("gqa", "window")), ("fa4", ("gqa", "window", "softcap", "sinks"))])
+def test_peers_refuse_the_variants_they_cannot_do(peer, can):
+    impl = bench.implementations()[peer]
+    for feature, kwargs in ONE_VARIANT.items():
+        case = bench.Case(1, 4, 64, 64, 64, "bfloat16", False, "fwd", bench.Variant(**kwargs))
+        assert case.features == (feature,)
+        if feature in can:
+            impl.refuse_variants(case)
+        else:
+            with pytest.raises(bench.Unsupported, match=f"^{peer} cannot do {feature}$"):
+                impl.refuse_variants(case)
+
+
+def test_runner_skips_a_variant_the_peer_cannot_do():
+    cases = bench.make_cases([32], [32], ["float32"], [False], ["fwd"], batch=1, heads=2,
+                             variant=bench.Variant(softcap=3.0))
+    flash, naive = bench.run_benchmark(cases, [bench.CupyflashImpl(), bench.NaiveImpl()],
+                                       bench.cpu_device(clock=FakeClock()), warmup=0, repeats=1)
+    assert flash.status == "ok" and flash.variant == "softcap=3"
+    assert naive.status == "skipped" and naive.note == "naive cannot do softcap"
+
+
+def test_jax_peer_takes_only_causal_windows_aligned_like_cupyflash():
+    jax_peer = bench.JaxCudnnImpl()
+    wide = bench.Case(1, 2, 64, 64, 64, "bfloat16", False, "fwd", bench.Variant(window=(8, 4)))
+    with pytest.raises(bench.Unsupported, match="right = 0"):
+        jax_peer.prepare(wide, None, _fake_gpu_device())
+    shifted = bench.Case(1, 2, 64, 128, 64, "bfloat16", False, "fwd", bench.Variant(window=(8, 0)))
+    with pytest.raises(bench.Unsupported, match="sliding window is top-left aligned"):
+        jax_peer.prepare(shifted, None, _fake_gpu_device())
+
+
+class FakeTensor:
+    """What the torch peers touch of a tensor, around a numpy array."""
+
+    def __init__(self, array, requires_grad=False):
+        self.array, self.requires_grad = array, requires_grad
+
+    def requires_grad_(self, flag=True):
+        self.requires_grad = flag
+        return self
+
+    def transpose(self, a, b):
+        return FakeTensor(self.array.swapaxes(a, b), self.requires_grad)
+
+
+def _fake_torch(monkeypatch, **functional):
+    """torch (from_dlpack, cuda.is_available) and torch.nn.functional as fake modules."""
+    torch, nn, F = (types.ModuleType(n) for n in ("torch", "torch.nn", "torch.nn.functional"))
+    torch.from_dlpack, torch.cuda, torch.nn, nn.functional = FakeTensor, types.SimpleNamespace(is_available=lambda: True), nn, F
+    F.__dict__.update(functional)
+    for module in (torch, nn, F):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_fa4_peer_is_unavailable_without_flash_attn_cute(monkeypatch):
+    _fake_torch(monkeypatch)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import flash_attn.cute -> ImportError
+    reason = bench.FA4Impl().unavailable(_fake_gpu_device())
+    assert reason.startswith("FlashAttention-4 is not importable (") and "install flash-attn-4" in reason
+    assert bench.FA4Impl().unavailable(bench.cpu_device()) == "needs a CUDA device"
+
+
+def test_fa4_peer_calls_flash_attn_func_with_the_variants(monkeypatch):
+    calls = []
+
+    def flash_attn_func(q, k, v, **kwargs):
+        calls.append(((q, k, v), kwargs))
+        return "out", "lse"
+
+    _fake_torch(monkeypatch)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    case = bench.Case(1, 4, 64, 64, 64, "bfloat16", True, "bwd",
+                      bench.Variant(kv_heads=2, window=(8, -1), softcap=5.0, sinks=True))
+    inputs = bench.cpu_device().random_inputs(case, 0)
+    qkv = [FakeTensor(x, True) for x in (inputs.q, inputs.k, inputs.v)]
+    attn, leaves, dout, note = bench.FA4Impl().bind(case, inputs, qkv, "dout")
+    assert len(calls) == 1  # compiled once in bind, outside the timing
+    assert attn() == "out" and dout == "dout" and "zero-copy" in note
+    (args, kwargs), _ = calls
+    assert args == tuple(qkv)  # cupyflash's (B, S, H, D) layout, k and v with 2 heads
+    sink = kwargs.pop("learnable_sink")
+    assert kwargs == dict(softmax_scale=inputs.scale, causal=True, softcap=5.0, window_size=(8, None))
+    assert sink.array is inputs.variants["sinks"] and sink.requires_grad  # dsinks is timed too
+    assert leaves == [*qkv, sink]
+    fp32 = bench.Case(1, 4, 64, 64, 64, "float32", False, "fwd")
+    with pytest.raises(bench.Unsupported, match="float16 and bfloat16 only"):
+        bench.FA4Impl().bind(fp32, inputs, qkv, "dout")
+
+
+def test_fa4_peer_hides_the_command_line_from_cute_dsl(monkeypatch):
+    """CuTe DSL parses sys.argv on every compile: `bench -d 128` must not reach it."""
+    monkeypatch.setattr(sys, "argv", ["cupyflash", "bench", "-d", "128"])
+    (context,) = bench.FA4Impl().contexts(bench.Case(1, 4, 64, 64, 128, "bfloat16", False, "fwd"))
+    with context:
+        assert sys.argv == ["cupyflash"]
+    assert sys.argv == ["cupyflash", "bench", "-d", "128"]
+
+
+@pytest.mark.parametrize("kv_heads, gqa", [(None, False), (2, True)])
+def test_sdpa_peers_ask_for_gqa(monkeypatch, kv_heads, gqa):
+    calls = []
+
+    def scaled_dot_product_attention(q, k, v, **kwargs):
+        calls.append(((q.array.shape, k.array.shape), kwargs))
+        return "out"
+
+    _fake_torch(monkeypatch, scaled_dot_product_attention=scaled_dot_product_attention)
+    case = bench.Case(1, 4, 64, 64, 64, "bfloat16", False, "fwd", bench.Variant(kv_heads=kv_heads))
+    inputs = bench.cpu_device().random_inputs(case, 0)
+    qkv = [FakeTensor(x) for x in (inputs.q, inputs.k, inputs.v)]
+    attn, leaves, dout, note = bench.implementations()["torch-flash"].bind(case, inputs, qkv, FakeTensor(inputs.dout))
+    assert attn() == "out" and leaves == qkv and dout.array.shape == (1, 4, 64, 64)  # (B, H, S, D)
+    (shapes, kwargs), _ = calls
+    assert shapes == ((1, 4, 64, 64), (1, 2 if gqa else 4, 64, 64))
+    assert kwargs == dict(is_causal=False, scale=inputs.scale, **({"enable_gqa": True} if gqa else {}))
+
+
+def test_results_of_the_first_schema_still_load(tmp_path):
+    case = bench.Case(1, 2, 64, 64, 32, "float16", True, "fwd")
+    doc = bench.results_document([bench.Result.timed(case, "cupyflash", [1.0], "cuda-events", 0)],
+                                 command=["x"], gpu=None, versions={})
+    row = doc["results"][0]
+    del row["variant"]
+    (tmp_path / "old.json").write_text(json.dumps({**doc, "schema": "cupyflash-bench/1"}))
+    doc2, (r,) = bench.load_results(tmp_path / "old.json")
+    assert doc2["schema"] == bench.SCHEMA and r.variant == "" and r.ms_median == 1.0
+
+
+# ---------------------------------------------------------------------------------------
 # info
 
 @pytest.mark.skipif(GPU_SKIP_REASON is None, reason="a CUDA device is present")
@@ -694,7 +983,7 @@ def test_gpu_bench_with_naive_peer_writes_json(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("peer, module", [("torch-flash", "torch"), ("torch-cudnn", "torch"),
-                                          ("jax-cudnn", "jax")])
+                                          ("jax-cudnn", "jax"), ("fa4", "flash_attn.cute")])
 def test_gpu_peers_run_beside_cupyflash(peer, module):
     pytest.importorskip(module)
     dev = bench.cuda_device(0)
@@ -722,6 +1011,25 @@ def test_gpu_peers_that_cannot_run_say_why():
             assert r.status == "ok", r
         else:  # causal with seqlen_q != seqlen_k: the peers align the mask differently
             assert r.status == "skipped", r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", list(ONE_VARIANT))
+def test_gpu_variants_run_beside_the_peers_that_can_do_them(feature):
+    """cupyflash passes its gate with the variant; a peer runs it if it can, else says why."""
+    dev = bench.cuda_device(0)
+    impls = list(bench.implementations().values())
+    variant = bench.Variant(**{**ONE_VARIANT[feature], **({"window": (64, 0)} if feature == "window" else {})})
+    cases = bench.make_cases([512], [128], ["bfloat16"], [True], ["fwd", "bwd"], batch=2, heads=4, variant=variant)
+    reasons = {impl.name: impl.unavailable(dev) for impl in impls}
+    for r in bench.run_benchmark(cases, impls, dev, warmup=1, repeats=2):
+        impl = bench.implementations()[r.impl]
+        if r.impl.startswith("cupyflash"):
+            assert r.status == "ok", r
+        elif reasons[r.impl] or feature not in impl.variants:
+            assert r.status == "skipped" and r.note == (reasons[r.impl] or f"{r.impl} cannot do {feature}"), r
+        else:
+            assert r.status == "ok" or (r.status == "skipped" and r.note), r
 
 
 @pytest.mark.gpu

@@ -107,7 +107,7 @@ def test_tensor_core_kernels_use_mma_ldmatrix_cp_async(arch):
 def test_kernel_source_inlines_every_local_header():
     src = kernel_source()
     assert not re.search(r'#\s*include\s+"', src), "a local #include survived: CuPy's cache would not see its edits"
-    for header in ("ptx.cuh", "params.cuh", "tile.cuh", "traits.cuh", "softmax.cuh", "mask.cuh", "wgmma.cuh", "hopper.cuh"):
+    for header in ("ptx.cuh", "params.cuh", "tile.cuh", "traits.cuh", "softmax.cuh", "variant.cuh", "wgmma.cuh", "hopper.cuh"):
         assert f"// ---- {header} ----" in src
 
 
@@ -181,7 +181,7 @@ def test_deterministic_backward_is_the_backward_kernel_without_dq_phase_plus_the
                 plain = _config.kernel_set(dtype, hd, causal, cc)
                 assert not plain.deterministic and plain.convert_name() in plain.name_expressions()
     f32 = _config.kernel_set("float32", 64, True, cc, deterministic=True)
-    assert "flash_bwd_dq_f32_kernel<64, true>" in f32.dq_name()
+    assert f"flash_bwd_dq_f32_kernel<64, {_config.MASK_CAUSAL}>" in f32.dq_name()  # VARIANT: causal
 
 
 def test_the_wgmma_backward_leaves_dq_to_the_dq_pass_exactly_when_deterministic():
@@ -225,12 +225,15 @@ def test_kernel_parameters_pack_every_field_at_its_offset():
 def test_hopper_forward_parameters_carry_three_tensor_maps_after_the_forward_params():
     import numpy as np
     from cupyflash import _launch
-    fwd = tuple((1, 2, 3, 4) if _launch.FWD_PARAMS[n].names else 7 for n in _launch.FWD_PARAMS.names)
+    def values(dtype):  # every field 7, a nested struct (TensorRef, VariantParams) as a tuple of its own
+        return tuple(values(dtype[n]) if dtype[n].names else dtype[n].type(7) for n in dtype.names)
+    fwd = values(_launch.FWD_PARAMS)
     maps = [bytes([i]) * 128 for i in (1, 2, 3)]
     packed = _launch.pack(_launch.FWD_SM90_PARAMS, fwd=fwd, q=maps[0], k=maps[1], v=maps[2]).tobytes()
-    assert len(packed) == 576  # sizeof(FwdSm90Params), static_assert-ed in params.cuh
-    assert packed[:160] == _launch.pack(_launch.FWD_PARAMS, **dict(zip(_launch.FWD_PARAMS.names, fwd))).tobytes()
-    assert [packed[o:o + 128] for o in (192, 320, 448)] == maps  # TmaDesc is 64-byte aligned
+    assert len(packed) == 640  # sizeof(FwdSm90Params), static_assert-ed in params.cuh
+    size = _launch.FWD_PARAMS.itemsize
+    assert packed[:size] == _launch.pack(_launch.FWD_PARAMS, **dict(zip(_launch.FWD_PARAMS.names, fwd))).tobytes()
+    assert [packed[o:o + 128] for o in (256, 384, 512)] == maps  # TmaDesc is 64-byte aligned
 
 
 @pytest.mark.parametrize("strides,ok", [((3200, 320, 64), True), ((3200, -320, 64), False), ((3200, 0, 64), False),

@@ -53,15 +53,23 @@ def _gpu(jax):
     (((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64, 1)), {}, ValueError, r"^v must have 4 dimensions"),
     (((1, 8, 2, 64), (1, 8, 3, 64), (1, 8, 3, 64)), {}, ValueError, r"^q has 2 heads but k and v have 3"),
     (((1, 8, 2, 60), (1, 8, 2, 60), (1, 8, 2, 60)), {}, ValueError, r"^head_dim 60 is not supported"),
-    (((1, 8, 4, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {}, ValueError, r"grouped-query attention\)?: not supported on the GPU yet"),
+    (((1, 8, 4, 64), (1, 8, 3, 64), (1, 8, 3, 64)), {}, ValueError, r"^q has 4 heads but k and v have 3"),
+    (((1, 8, 2, 64),) * 3, {"window_size": (-2, 0)}, ValueError, r"^window_size\[0\] must be >= -1"),
+    (((1, 8, 2, 64),) * 3, {"softcap": -1.0}, ValueError, r"^softcap must be finite and >= 0"),
     (((1, 8, 2, 64),) * 3, {"causal": 1}, TypeError, r"^causal must be a bool, got int"),
     (((1, 8, 2, 64),) * 3, {"softmax_scale": -1.0}, ValueError, r"^softmax_scale must be finite and > 0"),
     (((1, 8, 2, 64),) * 3, {"return_lse": "yes"}, TypeError, r"^return_lse must be a bool"),
+    (((1, 8, 2, 64),) * 3, {"alibi_slopes": (3,)}, ValueError, r"^alibi_slopes must have shape \(2,\) or \(1, 2\)"),
+    (((1, 8, 2, 64),) * 3, {"sinks": (1, 2)}, ValueError, r"^sinks must have shape \(2,\)"),
+    (((1, 8, 2, 64),) * 3, {"sinks": [0.0, 1.0]}, TypeError, r"^sinks must be a JAX array, got list"),
 ])
 def test_bad_arguments_raise_at_trace_time_naming_the_argument(args, kwargs, error, pattern):
     jax, cfj = _jax()
     import jax.numpy as jnp
     specs = [jax.ShapeDtypeStruct(s, jnp.float16) for s in args]
+    for name in ("alibi_slopes", "sinks"):  # a shape stands for a float32 array of that shape
+        if isinstance(kwargs.get(name), tuple):
+            kwargs = {**kwargs, name: jnp.zeros(kwargs[name], jnp.float32)}
     with pytest.raises(error, match=pattern):
         jax.eval_shape(lambda q, k, v: cfj.flash_attention(q, k, v, **kwargs), *specs)
 
@@ -139,6 +147,43 @@ def test_vmap_over_a_leading_axis_is_the_same_as_a_loop(rng):
     dk_naive = sum(reference.attention_backward(dout[i], q[i], k[0], v[0], causal=True, upcast=False)[1].astype(np.float64)
                    for i in range(3))
     assert_within("dk [vmap, summed over the mapped axis]", np.asarray(g[1]), dk_want, dk_naive, BFLOAT16, factor=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vmapped", [False, True], ids=["jit", "vmap"])
+def test_every_variant_under_jit_grad_and_vmap_matches_float64(rng, vmapped):
+    """GQA, a causal window, softcap, per-batch ALiBi slopes and sinks through jit(grad), sinks
+    differentiated too; under vmap (sinks: one call per mapped element) each element as alone."""
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    from test_variants import _keywords
+    gpu = _gpu(jax)
+    V = 2 if vmapped else 1
+    B, S, H, H_kv, D = 2, 300, 4, 2, 128
+    cases = []
+    for _ in range(V):
+        q, k, v, dout = backward_inputs(rng, BFLOAT16, B, S, S, H, D)
+        cases.append((q, k[:, :, :H_kv].copy(), v[:, :, :H_kv].copy(), dout))
+    kw = _keywords(rng, "mixed-causal", B, H)
+    window, softcap, slopes, sinks = kw["window_size"], kw["softcap"], kw["alibi_slopes"], kw["sinks"]
+
+    def loss(q, k, v, dout, sinks):
+        f = lambda q, k, v: cfj.flash_attention(q, k, v, causal=True, window_size=window, softcap=softcap,  # noqa: E731
+                                                alibi_slopes=jnp.asarray(slopes), sinks=sinks)
+        out = jax.vmap(f)(q, k, v) if vmapped else f(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
+    stacked = [np.stack(x) if vmapped else x[0] for x in zip(*cases)]
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4)))(*(jax.device_put(x, gpu) for x in stacked),
+                                                           jax.device_put(sinks, gpu))
+    dsinks_want = dsinks_naive = 0.0
+    for i, (q, k, v, dout) in enumerate(cases):
+        want = reference.attention_backward(dout, q, k, v, upcast=True, **kw)
+        naive = reference.attention_backward(dout, q, k, v, upcast=False, **kw)
+        for name, g, w, n in zip(("dq", "dk", "dv"), grads[:3], want, naive):
+            assert_within(f"{name} [{i}]", np.asarray(g[i] if vmapped else g), w, n, BFLOAT16)
+        dsinks_want, dsinks_naive = dsinks_want + want[3], dsinks_naive + naive[3]
+    assert_within("dsinks", np.asarray(grads[3]), dsinks_want, dsinks_naive, BFLOAT16,
+                  scale=max(1.0, float(np.abs(dsinks_want).max())))
 
 
 @pytest.mark.gpu

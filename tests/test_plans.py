@@ -110,6 +110,50 @@ def test_a_plan_never_outlives_a_changed_input(rng, dtype):
 
 
 @pytest.mark.gpu
+def test_variant_calls_take_their_plan_and_read_each_calls_slopes_and_sinks(rng, monkeypatch):
+    """A repeated call with a window, softcap, ALiBi and sinks takes the plan, which reads the new
+    call's slopes and sinks (other pointers, other values) and writes its dsinks; each call matches
+    float64. A window of other sides or a softcap of another value is another plan."""
+    from cupyflash import _cuda_backend
+    from test_variants import _keywords
+    cp = _cp()
+    _plans.clear()
+    B, S, H, H_kv, D = 1, 200, 4, 2, 64
+    calls = []
+    for step in range(4):
+        q, k, v, dout = backward_inputs(rng, BFLOAT16, B, S, S, H, D)
+        k, v = k[:, :, :H_kv].copy(), v[:, :, :H_kv].copy()
+        kw = _keywords(rng, "mixed-causal", B, H)
+        if step == 3:
+            kw["window_size"], kw["softcap"] = (17, 0), 7.0
+        calls.append((q, k, v, dout, kw))
+    checked = _cuda_backend.forward_with_plan, _cuda_backend.backward_with_plan
+    for step, (q, k, v, dout, kw) in enumerate(calls):
+        if step in (1, 2):  # the plan of step 0's layouts serves these calls
+            monkeypatch.setattr(_cuda_backend, "forward_with_plan", None)
+            monkeypatch.setattr(_cuda_backend, "backward_with_plan", None)
+        else:
+            monkeypatch.setattr(_cuda_backend, "forward_with_plan", checked[0])
+            monkeypatch.setattr(_cuda_backend, "backward_with_plan", checked[1])
+        gkw = {n: (cp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+        gq, gk, gv, gdo = (to_gpu(x) for x in (q, k, v, dout))
+        o, l = cupyflash.flash_attention(gq, gk, gv, return_lse=True, **gkw)
+        got = cupyflash.flash_attention_backward(gdo, gq, gk, gv, o, l, **gkw)
+        assert len(got) == 4
+        ref_o, ref_l = reference.attention(q, k, v, upcast=True, **kw)
+        naive_o, naive_l = reference.attention(q, k, v, upcast=False, **kw)
+        ref_g = reference.attention_backward(dout, q, k, v, upcast=True, **kw)
+        naive_g = reference.attention_backward(dout, q, k, v, upcast=False, **kw)
+        tag = f"step {step}"
+        assert_within(f"out [{tag}]", o, ref_o, naive_o, BFLOAT16)
+        assert_within(f"lse [{tag}]", l, ref_l, naive_l, BFLOAT16)
+        for name, g, want, nv in zip(("dq", "dk", "dv", "dsinks"), got, ref_g, naive_g):
+            scale = max(1.0, float(np.abs(want).max())) if name == "dsinks" else 1.0
+            assert_within(f"{name} [{tag}]", g, want, nv, BFLOAT16, scale=scale)
+    assert len(_plans.FORWARD) == 2 and len(_plans.BACKWARD) == 2
+
+
+@pytest.mark.gpu
 def test_errors_hold_after_a_plan_exists(rng):
     cp = _cp()
     q, k, v, dout = (to_gpu(x) for x in backward_inputs(rng, FLOAT16, 1, 64, 64, 2, 64))

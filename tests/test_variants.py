@@ -8,8 +8,9 @@ and mixed. As specifications:
   float64), on odd lengths, seqlen_q != seqlen_k both ways, GQA ratios 1/2/4/8 and MQA;
 - a row that sees no key gets out = 0 and lse = -inf (the sink's logit with sinks);
 - every gradient, dsinks included, matches central finite differences in float64;
-- every wrong argument is a TypeError or ValueError naming it; the GPU refuses what its
-  kernels do not have yet.
+- a window never reads the keys or queries outside its band (they are NaN, and nothing changes);
+- every wrong argument is a TypeError or ValueError naming it (tests/test_gpu_variants.py holds
+  the kernels to the same cases).
 """
 import math
 
@@ -160,6 +161,65 @@ def test_rows_that_see_nothing_get_zero_and_minus_inf_or_the_sink(rng):
     assert np.all(o[:, :8] == 0) and np.allclose(o[:, 8:], np.repeat(v[:, :, :1], 2, axis=2)[:, :4].transpose(0, 1, 2, 3))
 
 
+# ---- a window never reads what lies outside its band ----
+
+#: no kernel tile (and no NumPy block) spans more keys or queries than this
+TILE_MARGIN = 256
+#: (Sq, Sk, window): "keys" puts every query's band at the end of a long key sequence (the key
+#: tiles before it are skipped, forward and backward); "queries" leaves the first queries with
+#: no key in their band (their query tiles are skipped)
+BAND_CASES = {"keys": (64, 2048, (100, 0)), "queries": (2048, 64, (30, 10))}
+
+
+def band_poisoned_inputs(rng, dtype, side, H=4, H_kv=2, D=64):
+    """Inputs whose rows that no tile in the band's reach may read are NaN: the keys (k, v) more
+    than TILE_MARGIN before the first visible key, or the queries (q) more than TILE_MARGIN before
+    the first one that sees a key. A kernel that loaded them would spread NaN through its
+    products (0 * NaN). Returns (q, k, v, dout, keywords, clean inputs for the reference, the
+    poisoned rows as ("q" or "k", slice))."""
+    Sq, Sk, window = BAND_CASES[side]
+    q, k, v, dout = _inputs(rng, dtype, 1, Sq, Sk, H, H_kv, D)
+    kw = dict(window_size=window, softcap=5.0, alibi_slopes=(2.0 ** -rng.uniform(1, 8, (H,))).astype(np.float32))
+    band = Variants.of(False, window)
+    if side == "keys":
+        rows = slice(0, band.key_range(0, Sq, Sq, Sk)[0] - TILE_MARGIN)
+        poisoned = (k, v)
+    else:
+        rows = slice(0, band.query_range(0, Sk, Sq, Sk)[0] - TILE_MARGIN)
+        poisoned = (q,)
+    assert rows.stop > TILE_MARGIN, "the case must leave whole tiles outside the band"
+    clean = tuple(x.copy() for x in (q, k, v))
+    for x in poisoned:
+        x[:, rows] = np.nan
+    return q, k, v, dout, kw, clean, ("k" if side == "keys" else "q", rows)
+
+
+def check_band_poisoned(side, got_fwd, got_bwd, clean, dout, kw, poisoned, dtype, within):
+    """out, lse, dq, dk, dv computed on the poisoned inputs equal the reference on the clean ones
+    (``within``: the bound check of the caller's backend), and the poisoned rows' gradients are 0."""
+    q, k, v = clean
+    ref_o, ref_l = reference.attention(q, k, v, upcast=True, **kw)
+    naive_o, naive_l = reference.attention(q, k, v, upcast=False, **kw)
+    within(f"out [{side}]", got_fwd[0], ref_o, naive_o, dtype)
+    within(f"lse [{side}]", got_fwd[1], ref_l, naive_l, FLOAT64 if dtype == FLOAT64 else FLOAT32)
+    ref = reference.attention_backward(dout, q, k, v, upcast=True, **kw)
+    naive = reference.attention_backward(dout, q, k, v, upcast=False, **kw)
+    for name, g, w, n in zip(("dq", "dk", "dv"), got_bwd, ref, naive):
+        within(f"{name} [{side}]", g, w, n, dtype)
+    which, rows = poisoned
+    for name, g in zip(("dq", "dk", "dv"), got_bwd):
+        if name in {"q": ("dq",), "k": ("dk", "dv")}[which]:
+            assert np.all(np.asarray(g, np.float64)[:, rows] == 0), f"{name} of the rows outside the band is not 0"
+
+
+@pytest.mark.parametrize("side", sorted(BAND_CASES))
+def test_a_window_never_reads_what_lies_outside_its_band(rng, side):
+    q, k, v, dout, kw, clean, poisoned = band_poisoned_inputs(rng, FLOAT32, side)
+    o, l = flash_attention(q, k, v, return_lse=True, **kw)
+    grads = flash_attention_backward(dout, q, k, v, o, l, **kw)
+    check_band_poisoned(side, (o, l), grads, clean, dout, kw, poisoned, FLOAT32, assert_within_naive_bound)
+
+
 def _finite_difference(f, x, eps=1e-6):
     g = np.zeros_like(x)
     flat, gflat = x.reshape(-1), g.reshape(-1)
@@ -234,17 +294,6 @@ def test_the_backend_is_the_one_variant_policy():
     assert _numpy_backend.BLOCK_N > 0
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kw", [dict(window_size=(64, 0)), dict(softcap=5.0), dict(sinks="s"), dict(alibi_slopes="a"),
-                                dict(gqa=True)], ids=["window", "softcap", "sinks", "alibi", "gqa"])
-def test_the_gpu_names_the_variants_its_kernels_do_not_have_yet(rng, kw):
-    import cupy
-    q, k, v, _ = (cupy.asarray(x) for x in _inputs(rng, BFLOAT16, 1, 64, 64, 4, 2 if kw.get("gqa") else 4, 64))
-    kw = {n: (cupy.ones(4, np.float32) if val in ("s", "a") else val) for n, val in kw.items() if n != "gqa"}
-    with pytest.raises(ValueError, match=r"not supported on the GPU yet; the NumPy backend"):
-        flash_attention(q, k, v, **kw)
-
-
 def test_the_tape_carries_dsinks_to_a_sinks_tensor(rng):
     from cupyflash import autodiff as ad
     q, k, v, dout = _inputs(rng, FLOAT64, 1, 9, 11, 4, 2, 8)
@@ -258,16 +307,20 @@ def test_the_tape_carries_dsinks_to_a_sinks_tensor(rng):
         assert np.allclose(t.grad, w, atol=1e-10), f"{name}: {error_report(t.grad, w)}"
 
 
-def test_the_gpu_variant_rule_without_a_gpu():
-    """What the GPU path refuses (and what it takes: dense and causal), checked on the CPU."""
-    from cupyflash import _checks
-    mha, gqa = _checks.AttentionShape(1, 8, 8, 4, 64), _checks.AttentionShape(1, 8, 8, 4, 64, 2)
-    for causal in (False, True):
-        _checks.check_gpu_variants(mha, Variants.of(causal))  # no error
-    _checks.check_gpu_variants(mha, Variants.of(False, (-1, 0)))  # a window that is the causal mask
-    for shape, var, named in ((gqa, Variants.of(False), "grouped-query"), (mha, Variants.of(True, (64, -1)), "window_size"),
-                              (mha, Variants.of(False, softcap=2.0), "softcap"),
-                              (mha, Variants.of(False, alibi_slopes=np.ones(4)), "alibi_slopes"),
-                              (mha, Variants.of(False, sinks=np.ones(4)), "sinks")):
-        with pytest.raises(ValueError, match=rf"{named}.*not supported on the GPU yet"):
-            _checks.check_gpu_variants(shape, var)
+def test_each_variant_is_one_compile_time_switch_of_the_kernels():
+    """The kernels' VARIANT bits (variant.cuh): the mask kind and one bit per score variant, so each
+    combination is one instantiation; the causal flag and a (-1, 0) window are the same kernel."""
+    from cupyflash import _config
+    bits = _config.variant_bits
+    assert bits(Variants.of(False)) == _config.MASK_NONE
+    assert bits(Variants.of(True)) == bits(Variants.of(False, (-1, 0))) == _config.MASK_CAUSAL
+    assert bits(Variants.of(True, (64, -1))) == bits(Variants.of(False, (3, 5))) == _config.MASK_WINDOW
+    assert bits(Variants.of(False, softcap=2.0)) == _config.VARIANT_SOFTCAP
+    assert bits(Variants.of(False, alibi_slopes=np.ones(4))) == _config.VARIANT_ALIBI
+    assert bits(Variants.of(False, sinks=np.ones(4))) == _config.VARIANT_SINKS
+    every = Variants.of(False, (8, 0), 30.0, np.ones(4), np.ones(4))
+    assert bits(every) == 30 and _config.variant_text(30) == "window+softcap+alibi+sinks"
+    ks = _config.kernel_set("bfloat16", 128, False, 90, variant=bits(every))
+    assert ks.causal and ks.fwd_name().endswith(", 30>") and ks.dsinks_name() in ks.name_expressions()
+    assert _config.kernel_set("bfloat16", 128, True, 90).variant == _config.MASK_CAUSAL
+

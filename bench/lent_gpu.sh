@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One call on the lent GPU (the device tool), from the repository root, logs under $OUT:
+#   bash bench/lent_gpu.sh tests [pytest args]  the GPU test suite (every test marked gpu), then the
+#                                              softcap exp2 sweep (bench/softcap_exp2.py) and the
+#                                              head_dim 128 short-key forward tiles (bench/tune.py)
+#   bash bench/lent_gpu.sh bench               FlashAttention-4 installed from .whl-fa4 (see
+#                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
+#                                              /root/fa4 by an earlier call), bench/variants.py,
+#                                              bench/host_path.py
+# Each step's table is printed last; a failing step does not stop the others (exit status: the
+# first failure).
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+status=0
+step() {  # step NAME CMD...: run, log to $OUT/NAME.log, keep the first failure
+    echo "=== $1"
+    local name=$1; shift
+    "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 40
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
+    echo "=== $name: exit $rc"
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
+case "${1:-}" in
+tests)
+    shift
+    [ -f .whl-fa4/part_aa ] && mkdir -p /root/fa4 && cp .whl-fa4/part_aa /root/fa4/
+    step gpu-tests python -m pytest -q -m gpu -p no:cacheprovider -rfEs --maxfail=30 "$@"
+    step softcap-exp2 python bench/softcap_exp2.py --json "$OUT/softcap-exp2.json"
+    step tune-short-d128 python bench/tune.py --short --fwd-only --seqlens 128,256 --head-dims 128 \
+        --json "$OUT/tune-short-d128.json" ;;
+bench)
+    if [ -f /root/fa4/part_aa ] && [ -f .whl-fa4/part_ab ]; then
+        bash .whl-fa4/fa4-wheels.sh install && export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+    else
+        echo "FA4 not installed: /root/fa4/part_aa is missing (the machine was handed back since the tests call)"
+    fi
+    step variants python bench/variants.py --out-dir "$OUT"
+    step host-path python bench/host_path.py --json "$OUT/host-path.json" ;;
+*) echo "usage: bench/lent_gpu.sh tests|bench"; exit 2 ;;
+esac
+exit $status

@@ -1,0 +1,283 @@
+// The attention variants, written once for every kernel family (cupyflash/_variants.py is their
+// Python spec): which keys a query sees (causal, sliding window: the tile bounds and the element
+// mask), how a score becomes a logit (softcap, ALiBi) and the softcap's derivative, the sink logit
+// that opens each row's softmax, and which kv head a query head reads (grouped-query attention).
+//
+// VARIANT, a template parameter of every kernel, is a bit set (VariantBits): the switches are
+// compile-time, so a call compiles only the combination it uses and the dense kernels carry none
+// of it. The values (window sides, softcap, slopes, sinks, the GQA group) are run-time, in
+// VariantParams. Scores stay in raw units s = q . k (exponentiated as exp2(s * scale_log2)), so
+// every transform is written in those units: the host divides softcap, slopes and sinks by
+// softmax_scale (inv_scale, softcap_in/out).
+//
+// For query i and key j, with o = seqlen_k - seqlen_q (bottom-right alignment, as flash-attn):
+//   visible:  j < seqlen_k, j <= i + o + right (causal: right = 0), j >= i + o - left (window);
+//   logit:    s -> softcap * tanh(s / softcap), then s -> s - slope_h |i + o - j|;
+//   softmax:  the denominator of row i also counts exp(sinks[h]).
+#pragma once
+#include "params.cuh"
+#include "tile.cuh"
+
+// Every how-many-th column pair of the softcapped forward computes exp2 on the FMA pipe (0: none);
+// bench/NOTES.md has the measurement behind the default. A -D option overrides it (bench/variants.py).
+#ifndef CUPYFLASH_SOFTCAP_EXP2_FMA_EVERY
+#define CUPYFLASH_SOFTCAP_EXP2_FMA_EVERY 2
+#endif
+
+namespace cupyflash {
+
+enum VariantBits : int {
+    MASK_NONE = 0, MASK_CAUSAL = 1, MASK_WINDOW = 2,  // which keys a query sees (bits 0-1)
+    MASK_BITS = 3,
+    VARIANT_SOFTCAP = 4,                             // softcap * tanh(s / softcap)
+    VARIANT_ALIBI = 8,                               // - slope_h |i + o - j|
+    VARIANT_SINKS = 16,                              // exp(sink_h) in each row's denominator
+    VARIANT_ALL = 31,
+};
+
+// tanh on the MUFU unit (relative error about 2^-11, below 16-bit rounding), or tanhf for the
+// fp32 kernels, whose results are compared at fp32 precision.
+template <bool FAST>
+__device__ __forceinline__ float tanh_of(float x) {
+    if constexpr (FAST) {
+        float y;
+        asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+        return y;
+    } else {
+        return tanhf(x);
+    }
+}
+
+// The kv head of query head h: h / group as a multiply-high by ceil(2^32 / group) (exact for h and
+// group below 2^16, which the grid's limit on heads guarantees), not an integer division at each
+// K, V tile load; group 1, whose multiplier is 2^32, arrives as 0.
+__device__ __forceinline__ int kv_head(const VariantParams& v, int h) {
+    return v.group_mul == 0 ? h : int(__umulhi(u32(h), v.group_mul));
+}
+// The kv head of the block's query head (blockIdx.y), read anew at each use (the ctaid read is
+// opaque to the compiler): the mma.sync kernels at the register limit spilled when it stayed live
+// beside h for the whole key loop.
+__device__ __forceinline__ int block_kv_head(const VariantParams& v) {
+    int h;
+    asm volatile("mov.u32 %0, %%ctaid.y;\n" : "=r"(h));
+    return kv_head(v, h);
+}
+
+// One (batch, query head)'s view of the variants. FAST_TANH: false in the fp32 kernels.
+template <int VARIANT, bool FAST_TANH = true>
+struct Policy {
+    static_assert((VARIANT & ~VARIANT_ALL) == 0 && (VARIANT & MASK_BITS) != MASK_BITS, "unknown variant bits");
+    static constexpr int MASK = VARIANT & MASK_BITS;
+    static constexpr bool LEFT = MASK == MASK_WINDOW;   // a left (oldest-key) bound exists
+    static constexpr bool RIGHT = MASK != MASK_NONE;    // a right bound exists (causal: 0)
+    static constexpr bool SOFTCAP = (VARIANT & VARIANT_SOFTCAP) != 0;
+    static constexpr bool ALIBI = (VARIANT & VARIANT_ALIBI) != 0;
+    static constexpr bool SINKS = (VARIANT & VARIANT_SINKS) != 0;
+    static constexpr bool TRANSFORMS = SOFTCAP || ALIBI;  // logits differ from scores on every tile
+    // The softcap's tanh and the softmax's exp2 both run on the MUFU unit, which then issues as many
+    // ops per score as the Hopper forward's tensor cores can match: every EXP2_FMA_EVERY-th column
+    // pair of an unmasked tile takes exp2 on the FMA pipe instead (softmax.cuh, exp2_fma).
+    static constexpr int EXP2_FMA_EVERY = SOFTCAP ? CUPYFLASH_SOFTCAP_EXP2_FMA_EVERY : 0;
+
+    // Copies of the values this variant reads (the compiler drops those it never reads; a
+    // reference to the kernel's parameter struct would make it copy the struct to local memory).
+    int seqlen_q, seqlen_k;
+    int window_left, window_right;
+    float softcap_in, softcap_out;
+    float slope;       // this (batch, head)'s ALiBi slope in raw units (0 without ALiBi)
+    float slope_log2;  // the same in log2 units, slope * log2(e) (the backward's exponent)
+
+    __device__ __forceinline__ Policy(const VariantParams& v, int seqlen_q_, int seqlen_k_, int b, int h)
+        : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), window_left(v.window_left), window_right(v.window_right),
+          softcap_in(v.softcap_in), softcap_out(v.softcap_out),
+          slope(ALIBI ? v.alibi[i64(b) * v.alibi_stride_b + h] * v.inv_scale : 0.f),
+          slope_log2(ALIBI ? v.alibi[i64(b) * v.alibi_stride_b + h] * LOG2E : 0.f) {}
+
+    // ---- which keys: tile bounds ----
+    __device__ __forceinline__ int diag(int i) const { return i + seqlen_k - seqlen_q; }  // query i's diagonal key
+    __device__ __forceinline__ int right() const { return MASK == MASK_CAUSAL ? 0 : window_right; }
+    // [key_begin(i0), key_end(i_last)): the keys some query in [i0, i_last] sees (empty when end <= begin)
+    __device__ __forceinline__ int key_begin(int i0) const { return LEFT ? max(0, diag(i0) - window_left) : 0; }
+    __device__ __forceinline__ int key_end(int i_last) const {
+        return RIGHT ? min(seqlen_k, diag(i_last) + right() + 1) : seqlen_k;
+    }
+    // [query_begin(j0), query_end(j_last)): the queries that see some key in [j0, j_last]
+    __device__ __forceinline__ int query_begin(int j0) const {
+        return RIGHT ? max(0, j0 - (seqlen_k - seqlen_q) - right()) : 0;
+    }
+    __device__ __forceinline__ int query_end(int j_last) const {
+        return LEFT ? min(seqlen_q, j_last - (seqlen_k - seqlen_q) + window_left + 1) : seqlen_q;
+    }
+    // Key tiles [first, end) of BLOCK_N keys that query tile [m0, m0 + BLOCK_M) walks.
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ void key_tiles(int m0, int& first, int& end) const {
+        const int k0 = key_begin(m0), k1 = key_end(min(m0 + BLOCK_M, seqlen_q) - 1);
+        first = k0 / BLOCK_N;
+        end = k1 > k0 ? (k1 + BLOCK_N - 1) / BLOCK_N : first;
+    }
+    // Query tiles [first, end) of BLOCK_M rows that see key tile [n0, n0 + BLOCK_N).
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ void query_tiles(int n0, int& first, int& end) const {
+        const int q0 = query_begin(n0), q1 = query_end(min(n0 + BLOCK_N, seqlen_k) - 1);
+        first = q0 / BLOCK_M;
+        end = q1 > q0 ? (q1 + BLOCK_M - 1) / BLOCK_M : first;
+    }
+    // Does the tile of queries [m0, m0 + BLOCK_M) x keys [n0, n0 + BLOCK_N) need the element mask?
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ bool tile_needs_mask(int m0, int n0) const {
+        return n0 + BLOCK_N > seqlen_k || (RIGHT && n0 + BLOCK_N - 1 - diag(m0) > right()) ||
+               (LEFT && n0 - diag(m0 + BLOCK_M - 1) < -window_left);
+    }
+    // The tiles of [first, end) that need no mask, [u_first, u_end): those that do are a prefix
+    // (the window's left edge) and a suffix (the diagonal, the right edge, the end of the keys).
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ void unmasked_tiles(int m0, int first, int end, int& u_first, int& u_end) const {
+        u_end = end;
+        while (u_end > first && tile_needs_mask<BLOCK_M, BLOCK_N>(m0, (u_end - 1) * BLOCK_N)) --u_end;
+        u_first = first;
+        while (u_first < u_end && tile_needs_mask<BLOCK_M, BLOCK_N>(m0, u_first * BLOCK_N)) ++u_first;
+    }
+
+    // ---- which keys: the element mask ----
+    // By key j and its offset d = j - diag(i) from query i's diagonal: the kernels compute d as one
+    // per-thread base plus compile-time fragment offsets (fewer live registers than i and j).
+    __device__ __forceinline__ bool visible_at(int j, int d) const {
+        return j < seqlen_k && (!RIGHT || d <= right()) && (!LEFT || d >= -window_left);
+    }
+    __device__ __forceinline__ bool visible(int i, int j) const { return visible_at(j, j - diag(i)); }
+    // A backward tile's row of key j, its columns queries i: with d0 = j - diag(i) at column 0 (d falls
+    // by one per column), the visible columns are [d0 - right, d0 + left], and none if j >= seqlen_k.
+    struct KeyRow {
+        bool key_ok;
+        int lo, hi;
+    };
+    __device__ __forceinline__ KeyRow key_row(int j, int d0) const {
+        return {j < seqlen_k, d0 - right(), d0 + window_left};
+    }
+    __device__ __forceinline__ bool visible_col(const KeyRow& row, int col) const {
+        return row.key_ok && (!RIGHT || col >= row.lo) && (!LEFT || col <= row.hi);
+    }
+
+    // ---- the score transform ----
+    // The softcap alone, in raw units, and d logit / d s in `grad` (1 without softcap).
+    __device__ __forceinline__ float capped(float s, float& grad) const {
+        if constexpr (SOFTCAP) {
+            const float t = tanh_of<FAST_TANH>(s * softcap_in);
+            grad = 1.f - t * t;
+            return softcap_out * t;
+        } else {
+            grad = 1.f;
+            return s;
+        }
+    }
+    // The logit of raw score s at offset d = j - diag(i), in raw units. ALiBi takes the offset as a
+    // float, fd (the fragment kernels pass a per-thread float base plus a constant: one FADD and
+    // one FFMA with |fd| per element, no integer work).
+    __device__ __forceinline__ float logit_at(float s, float fd) const {
+        float grad;  // not needed here: the compiler drops it
+        s = capped(s, grad);
+        if constexpr (ALIBI) s = fmaf(-slope, fabsf(fd), s);
+        return s;
+    }
+    __device__ __forceinline__ float logit(float s, int i, int j) const { return logit_at(s, float(j - diag(i))); }
+
+    // Offsets of mma accumulator fragments: element (mt, nt, r) of a tile whose rows start at
+    // row0 and columns at col0 has row row0 + acc_row(mt, r) and column col0 + acc_col(nt, r);
+    // frag_base is the per-thread part, the rest are compile-time constants.
+    __device__ __forceinline__ static int frag_row0(int row0) { return row0 + acc_row(0, 0, threadIdx.x % 32); }
+    __device__ __forceinline__ static int frag_col0(int col0) { return col0 + acc_col(0, 0, threadIdx.x % 32); }
+
+    // Forward: a warp's accumulator tile of scores (rows: queries q0 + acc_row, columns: keys
+    // k0 + acc_col) becomes logits, -inf where MASKED says this tile needs the mask and a key is
+    // not visible (exp2 turns those into exactly 0).
+    template <bool MASKED, int MT, int NT>
+    __device__ __forceinline__ void to_logits(float (&s)[MT][NT][4], int q0, int k0) const {
+        if constexpr (!MASKED && !TRANSFORMS) return;
+        const int j0 = frag_col0(k0), d0 = j0 - diag(frag_row0(q0));  // element (0, 0, 0)
+        const float fd0 = float(d0);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            #pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                // This row's visible keys as column offsets c = nt * 8 + (r & 1) from j0: c <= hi
+                // (the end of the keys, the causal/right edge) and c >= lo (the window's left edge),
+                // one compare each per element (at 255 registers the mma.sync forward spilled with
+                // the key and offset tested apart).
+                const int dr = d0 - mt * 16 - hh * 8;  // the offset of this row's column 0
+                const int hi = RIGHT ? min(seqlen_k - 1 - j0, right() - dr) : seqlen_k - 1 - j0;
+                const int lo = -window_left - dr;
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    #pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int col = nt * 8 + c;
+                        float& x = s[mt][nt][2 * hh + c];
+                        const float logit = logit_at(x, ALIBI ? fd0 + float(col - mt * 16 - hh * 8) : 0.f);
+                        x = (MASKED && (col > hi || (LEFT && col < lo))) ? -CUPYFLASH_INF : logit;
+                    }
+            }
+    }
+    // to_logits<true> on the tiles that need the mask, to_logits<false> on the rest (a run-time test).
+    template <int BLOCK_M, int BLOCK_N, int MT, int NT>
+    __device__ __forceinline__ void to_logits_tested(float (&s)[MT][NT][4], int m0, int q0, int k0) const {
+        if (tile_needs_mask<BLOCK_M, BLOCK_N>(m0, k0)) to_logits<true>(s, q0, k0);
+        else to_logits<false>(s, q0, k0);
+    }
+
+    // ---- the sink ----
+    // The running maximum a row starts from (raw units): its sink logit, or -inf without one.
+    __device__ __forceinline__ static float row_max_start(const VariantParams& v, int h) {
+        return SINKS ? v.sinks[h] * v.inv_scale : -CUPYFLASH_INF;
+    }
+    // The running row sum a row starts from, for the `part`-th of the threads that share the row:
+    // exp2(sink - max) = 1 once, in part 0.
+    __device__ __forceinline__ float row_sum_start(int part) const { return (SINKS && part == 0) ? 1.f : 0.f; }
+
+    // ---- backward ----
+    // P_ij = exp2(logit * scale_log2 - lse_i log2(e)) (0 where not visible; with MASKED false the
+    // caller knows every key of the tile is visible), and d logit / d s in `grad`. In log2 units:
+    // where a row's nearest key is far from its diagonal, ALiBi's bias and lse_i are both large
+    // (-100 and below) and nearly cancel, so they meet in one FMA (one rounding) before the score,
+    // of ordinary size, is added (in raw units the fp32 kernels' dq missed the 2x-naive bound).
+    template <bool MASKED = true>
+    __device__ __forceinline__ float probability_at(float s, int j, int d, float fd, float lse_log2, float scale_log2,
+                                                    float& grad) const {
+        const float p = probability_of_capped(capped(s, grad), fd, lse_log2, scale_log2);
+        return (!MASKED || visible_at(j, d)) ? p : 0.f;
+    }
+    // The same from the softcapped score x = capped(s, grad), for a visible key.
+    __device__ __forceinline__ float probability_of_capped(float x, float fd, float lse_log2, float scale_log2) const {
+        const float bias = ALIBI ? fmaf(-slope_log2, fabsf(fd), -lse_log2) : -lse_log2;
+        return exp2f(fmaf(x, scale_log2, bias));
+    }
+    template <bool MASKED = true>
+    __device__ __forceinline__ float probability(float s, int i, int j, float lse_log2, float scale_log2, float& grad) const {
+        const int d = j - diag(i);
+        return probability_at<MASKED>(s, j, d, float(d), lse_log2, scale_log2, grad);
+    }
+    // dS_ij = P_ij (dP_ij - D_i) d logit / d s: the gradient with respect to the raw score.
+    __device__ __forceinline__ static float score_grad(float p, float dp, float d, float grad) {
+        return SOFTCAP ? p * (dp - d) * grad : p * (dp - d);
+    }
+    // Both, for kernels that have S_ij and dP_ij at the same time.
+    template <bool MASKED = true>
+    __device__ __forceinline__ void prob_and_ds(float s, float dp, int i, int j, float lse_log2, float d, float scale_log2,
+                                                float& p, float& ds) const {
+        float grad;
+        p = probability<MASKED>(s, i, j, lse_log2, scale_log2, grad);
+        ds = score_grad(p, dp, d, grad);
+    }
+};
+
+// The query tiles a backward block walks: tiles [m_first, m_end) of each of the `group` query
+// heads that read its kv head (grouped-query attention: their dK, dV sum in registers, no
+// atomics), as one flat index it in [0, count).
+struct QueryWalk {
+    int h0, m_first, tiles, count;
+    __device__ __forceinline__ QueryWalk(int h_kv, int group, int m_first_, int m_end)
+        : h0(h_kv * group), m_first(m_first_), tiles(max(0, m_end - m_first_)), count(tiles * group) {}
+    __device__ __forceinline__ int head(int it) const { return h0 + it / tiles; }
+    __device__ __forceinline__ int m_block(int it) const { return m_first + it % tiles; }
+};
+
+}  // namespace cupyflash
