@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU (the device tool), from the repository root, logs under $OUT:
 #   bash bench/lent_gpu.sh tests [pytest args]  the GPU test suite (every test marked gpu), then the
-#                                              softcap exp2 sweep (bench/softcap_exp2.py) and the
 #                                              head_dim 128 short-key forward tiles (bench/tune.py)
 #   bash bench/lent_gpu.sh bench               FlashAttention-4 installed from .whl-fa4 (see
 #                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
@@ -28,7 +27,6 @@ tests)
     shift
     [ -f .whl-fa4/part_aa ] && mkdir -p /root/fa4 && cp .whl-fa4/part_aa /root/fa4/
     step gpu-tests python -m pytest -q -m gpu -p no:cacheprovider -rfEs --maxfail=30 "$@"
-    step softcap-exp2 python bench/softcap_exp2.py --json "$OUT/softcap-exp2.json"
     step tune-short-d128 python bench/tune.py --short --fwd-only --seqlens 128,256 --head-dims 128 \
         --json "$OUT/tune-short-d128.json" ;;
 bench)

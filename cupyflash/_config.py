@@ -230,10 +230,10 @@ _TILES_SM90_MMA = {
     (96, False): (F(128, 64, 4), G(64, 64, 8, 2)),
     (96, True): (F(128, 64, 4), G(64, 64, 8, 2)),
     # head_dim 128's forward runs here only up to HOPPER_FWD_SHORT_SEQLEN_K keys. F(128, 64, 4) sat
-    # at 255 registers and spilled 8-40 bytes with the variant code, with NVRTC 13.0 or 13.5 by turns
-    # (bench/NOTES.md, session 9); F(128, 32, 4) needs 220-229
-    (128, False): (F(128, 32, 4), G(64, 128, 8, 1)),
-    (128, True): (F(128, 32, 4), G(64, 128, 8, 2, balanced=False)),
+    # at 255 registers and spilled 8-40 bytes with the variant code, with NVRTC 13.0 or 13.5 by turns;
+    # F(64, 64, 4) (160 registers) was the fastest spill-free tile at 128 and 256 keys (NOTES, session 9)
+    (128, False): (F(64, 64, 4), G(64, 128, 8, 1)),
+    (128, True): (F(64, 64, 4), G(64, 128, 8, 2, balanced=False)),
     (160, False): (F(64, 64, 4), G(64, 64, 8, 2)),
     (160, True): (F(64, 64, 4), G(64, 64, 8, 2)),
     (192, False): (F(64, 64, 4), G(32, 64, 8, 2)),
@@ -469,6 +469,11 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         # 128-query tiles leave no registers for the softcap or ALiBi element work (76-92 bytes
         # spilled with a mask); 64-query tiles with dQ by keys spill nothing (bench/NOTES.md, variants)
         table_bwd = Sm90BwdConfig(table_bwd.num_wg, "none" if deterministic else "keys", 64)
+    if (isinstance(table_bwd, BwdConfig) and table_bwd.balanced and cls >= 192
+            and variant & (VARIANT_SOFTCAP | VARIANT_ALIBI)):
+        # the mma.sync backward's balanced warp layout at 255 registers spilled 16-24 bytes with ALiBi
+        # and a mask at head_dim 256 (NVRTC 13.5); row-first spills nothing (bench/NOTES.md, session 9)
+        table_bwd = replace(table_bwd, balanced=False)
     limit = smem_optin(cc)
     if table_fwd.smem_bytes(cls, dtype.itemsize) > limit:
         table_fwd = SMALL_TILES[0]

@@ -83,8 +83,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     constexpr int NT = Tr::NT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N;
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
     const int wg = warp / 4, wg_row0 = wg * 64;                     // this warpgroup's first row within Q_i
-    using Pol = Policy<VARIANT>;
-    const Pol pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
     auto wait_tile = [&](int it) {  // K_j, V_j have landed and are visible to wgmma
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
     };
@@ -125,13 +124,9 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         issue_pv<Tr>(o[0], pa, sm.v(it - 1));
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
-        if (masked) {
-            pol.template to_logits<true>(s, m0 + warp * 16, key0(it));
-            softmax.update_scores(s, alpha, p.scale_log2);
-        } else {
-            pol.template to_logits<false>(s, m0 + warp * 16, key0(it));
-            softmax.template update_scores<Pol::EXP2_FMA_EVERY>(s, alpha, p.scale_log2);
-        }
+        if (masked) pol.template to_logits<true>(s, m0 + warp * 16, key0(it));
+        else pol.template to_logits<false>(s, m0 + warp * 16, key0(it));
+        softmax.update_scores(s, alpha, p.scale_log2);
         // the row sums depend on every P~ value: the softmax stays above the wait
         pin_before_wait(&sm.scratch[threadIdx.x - Tr::PRODUCER_THREADS], softmax.l[0][0] + softmax.l[0][1], wg);
         wgmma_wait<0>();  // O_i holds P~_{i,j-1} V_{j-1}; pa is free

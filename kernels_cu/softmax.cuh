@@ -6,22 +6,6 @@
 
 namespace cupyflash {
 
-// 2^x for x <= 0 on the FMA and integer pipes instead of the MUFU unit (FlashAttention-4's idea):
-// for kernels whose per-score MUFU work (a softcap's tanh beside exp2) outruns the tensor cores,
-// a share of the exponentials moves here. x = n + f with n = floor(x), f in [0, 1): 2^f is a
-// degree-4 polynomial (relative error 3e-6, a minimax fit made for cupyflash: bench/NOTES.md), and
-// n is added to its exponent field. x is clamped at -126: 2^-126 stands for anything smaller, so
-// tiles with masked (-inf) scores, which must give exact zeros, keep exp2f.
-__device__ __forceinline__ float exp2_fma(float x) {
-    constexpr float ROUND = 12582912.f;  // 1.5 * 2^23: x + ROUND, rounded down, keeps floor(x) in its low bits
-    constexpr float C1 = 0.69304484f, C2 = 0.24128023f, C3 = 0.052242436f, C4 = 0.013426709f;
-    x = fmaxf(x, -126.f);
-    const float r = __fadd_rd(x, ROUND);
-    const float f = x - (r - ROUND);
-    const float p = fmaf(fmaf(fmaf(fmaf(C4, f, C3), f, C2), f, C1), f, 1.f);  // 2^f, in [1, 2)
-    return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));  // the low 9 bits of r hold n
-}
-
 template <int MT>
 struct OnlineSoftmax {
     float m[MT][2];  // running row max of the raw scores (before scaling); -inf until a key is seen
@@ -41,13 +25,11 @@ struct OnlineSoftmax {
     // (rescale), applied separately so a pipelined kernel can apply it once O is no longer in use.
     // P~ goes to `pt`, which may be s itself; a pipelined kernel passes a separate array so that
     // it never writes the registers of a just-finished wgmma while another one is in flight.
-    // EXP2_FMA_EVERY: 0, or every that-many-th column pair takes exp2_fma (Policy::EXP2_FMA_EVERY;
-    // only where no score is masked).
-    template <int EXP2_FMA_EVERY = 0, int NT>
+    template <int NT>
     __device__ __forceinline__ void update_scores(float (&s)[MT][NT][4], float (&alpha)[MT][2], float scale_log2) {
-        update_scores<EXP2_FMA_EVERY>(s, s, alpha, scale_log2);
+        update_scores(s, s, alpha, scale_log2);
     }
-    template <int EXP2_FMA_EVERY = 0, int NT>
+    template <int NT>
     __device__ __forceinline__ void update_scores(const float (&s)[MT][NT][4], float (&pt)[MT][NT][4], float (&alpha)[MT][2],
                                                   float scale_log2) {
         #pragma unroll
@@ -68,9 +50,7 @@ struct OnlineSoftmax {
                 for (int nt = 0; nt < NT; ++nt)
                     #pragma unroll
                     for (int c = 0; c < 2; ++c) {
-                        const float e = s[mt][nt][2 * h + c] * scale_log2 - m_scaled;
-                        const float x = (EXP2_FMA_EVERY > 0 && nt % (EXP2_FMA_EVERY > 0 ? EXP2_FMA_EVERY : 1) == 0)
-                                            ? exp2_fma(e) : exp2f(e);
+                        const float x = exp2f(s[mt][nt][2 * h + c] * scale_log2 - m_scaled);
                         pt[mt][nt][2 * h + c] = x;
                         row_sum += x;
                     }

@@ -18,12 +18,6 @@
 #include "params.cuh"
 #include "tile.cuh"
 
-// Every how-many-th column pair of the softcapped forward computes exp2 on the FMA pipe (0: none);
-// bench/NOTES.md has the measurement behind the default. A -D option overrides it (bench/variants.py).
-#ifndef CUPYFLASH_SOFTCAP_EXP2_FMA_EVERY
-#define CUPYFLASH_SOFTCAP_EXP2_FMA_EVERY 2
-#endif
-
 namespace cupyflash {
 
 enum VariantBits : int {
@@ -74,10 +68,6 @@ struct Policy {
     static constexpr bool ALIBI = (VARIANT & VARIANT_ALIBI) != 0;
     static constexpr bool SINKS = (VARIANT & VARIANT_SINKS) != 0;
     static constexpr bool TRANSFORMS = SOFTCAP || ALIBI;  // logits differ from scores on every tile
-    // The softcap's tanh and the softmax's exp2 both run on the MUFU unit, which then issues as many
-    // ops per score as the Hopper forward's tensor cores can match: every EXP2_FMA_EVERY-th column
-    // pair of an unmasked tile takes exp2 on the FMA pipe instead (softmax.cuh, exp2_fma).
-    static constexpr int EXP2_FMA_EVERY = SOFTCAP ? CUPYFLASH_SOFTCAP_EXP2_FMA_EVERY : 0;
 
     // Copies of the values this variant reads (the compiler drops those it never reads; a
     // reference to the kernel's parameter struct would make it copy the struct to local memory).
@@ -274,10 +264,12 @@ struct Policy {
 // atomics), as one flat index it in [0, count).
 struct QueryWalk {
     int h0, m_first, tiles, count;
+    bool one_head;  // group 1 (no GQA): no division by tiles
     __device__ __forceinline__ QueryWalk(int h_kv, int group, int m_first_, int m_end)
-        : h0(h_kv * group), m_first(m_first_), tiles(max(0, m_end - m_first_)), count(tiles * group) {}
-    __device__ __forceinline__ int head(int it) const { return h0 + it / tiles; }
-    __device__ __forceinline__ int m_block(int it) const { return m_first + it % tiles; }
+        : h0(h_kv * group), m_first(m_first_), tiles(max(0, m_end - m_first_)), count(tiles * group),
+          one_head(group == 1) {}
+    __device__ __forceinline__ int head(int it) const { return one_head ? h0 : h0 + it / tiles; }
+    __device__ __forceinline__ int m_block(int it) const { return m_first + (one_head ? it : it % tiles); }
 };
 
 }  // namespace cupyflash

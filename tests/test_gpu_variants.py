@@ -35,6 +35,22 @@ def _gpu_kw(kw):
     return {n: (to_gpu(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
 
 
+def _lse_slack(dtype, name, want, ref_lse) -> float:
+    """What storing lse costs the fp32 gradients: the backward recomputes each P_ij from lse_i, so
+    every rounding of a row's lse (eps/2 * |lse_i|) scales that whole row of P alike, and the
+    gradients with it. Naive attention keeps no lse, and with ALiBi a row far from every key has
+    |lse| near 100 (its logits are -slope * distance): there the roundings at lse's magnitude (the
+    forward's running max and its scaling, the final sum, the backward's log2 e) exceed 2x naive's
+    error: dq off by 1.1-1.7 eps |lse| |dq| (2.7e-5 and 4.4e-5 against bounds of 1.1-1.3e-5, H200
+    and H100, sessions 8-9; bench/NOTES.md). The slack is 4 eps |lse| |grad|. The half-precision
+    bounds (flash-attn's 2x rule) get none: their own rounding dwarfs this."""
+    if np.dtype(dtype) != FLOAT32 or name == "dsinks":
+        return 0.0
+    eps = float(np.finfo(np.float32).eps)
+    lse = np.abs(ref_lse[np.isfinite(ref_lse)])
+    return 4 * eps * (float(lse.max()) if lse.size else 0.0) * float(np.abs(to_host64(want)).max())
+
+
 def _scale(name, want) -> float:
     """dsinks sums one term per row (batch * seqlen_q of them): its atol is relative to its size."""
     return max(1.0, float(np.abs(to_host64(want)).max())) if name == "dsinks" else 1.0
@@ -71,7 +87,7 @@ def check_variant(rng, dtype, case, B, Sq, Sk, H, H_kv, D, backward=True, **extr
     ref = reference.attention_backward(dout, q, k, v, upcast=True, **kw)
     naive = reference.attention_backward(dout, q, k, v, upcast=False, **kw)
     for name, g, w, n in zip(("dq", "dk", "dv", "dsinks"), got, ref, naive):
-        assert_within(f"{name} [{tag}]", g, w, n, dtype, scale=_scale(name, w))
+        assert_within(f"{name} [{tag}]", g, w, n, dtype, scale=_scale(name, w), slack=_lse_slack(dtype, name, w, ref_l))
     return got
 
 
