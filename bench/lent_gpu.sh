@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU (the device tool), from the repository root, logs under $OUT:
-#   bash bench/lent_gpu.sh tests [pytest args]  the GPU test suite (every test marked gpu), then the
-#                                              head_dim 128 short-key forward tiles (bench/tune.py)
+#   bash bench/lent_gpu.sh tests [pytest args]  the GPU test suite (every test marked gpu), then with
+#                                              TUNE_SHORT=1 the head_dim 128 short-key forward tiles
 #   bash bench/lent_gpu.sh bench               FlashAttention-4 installed from .whl-fa4 (see
 #                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
 #                                              /root/fa4 by an earlier call), bench/variants.py,
@@ -27,8 +27,9 @@ tests)
     shift
     [ -f .whl-fa4/part_aa ] && mkdir -p /root/fa4 && cp .whl-fa4/part_aa /root/fa4/
     step gpu-tests python -m pytest -q -m gpu -p no:cacheprovider -rfEs --maxfail=30 "$@"
-    step tune-short-d128 python bench/tune.py --short --fwd-only --seqlens 128,256 --head-dims 128 \
-        --json "$OUT/tune-short-d128.json" ;;
+    [ -n "${TUNE_SHORT:-}" ] && step tune-short-d128 python bench/tune.py --short --fwd-only --seqlens 128,256 \
+        --head-dims 128 --json "$OUT/tune-short-d128.json"
+    ;;
 bench)
     if [ -f /root/fa4/part_aa ] && [ -f .whl-fa4/part_ab ]; then
         bash .whl-fa4/fa4-wheels.sh install && export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages

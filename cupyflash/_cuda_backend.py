@@ -274,8 +274,7 @@ class BackwardPlan:
         self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
         # 2. dK_j, dV_j per (key tile, kv head), over the query heads of its group; dQ_accum += dS K_j
         #    (not when deterministic)
-        #    (grid: kv heads, batch, key tiles: the heaviest causal key tiles start first, bwd_rows.cuh)
-        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), (k.shape[2], B, math.ceil(Sk / ks.bwd.block_n)),
+        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, k.shape[2], B),
                                            ks.bwd_threads(), ks.bwd_smem())
         if ks.deterministic:
             # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast

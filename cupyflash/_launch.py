@@ -176,8 +176,8 @@ def kernel_resources(ks: KernelSet, name: str) -> tuple[int, int]:
 
 
 def _check_grid(grid: tuple) -> tuple:
-    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:  # grids are (tiles, heads, batch), or (heads, batch, key tiles)
-        raise ValueError(f"heads, batch and key tiles must each be at most {MAX_GRID_YZ}, got a grid of {tuple(grid)}")
+    if grid[1] > MAX_GRID_YZ or grid[2] > MAX_GRID_YZ:
+        raise ValueError(f"heads ({grid[1]}) and batch ({grid[2]}) must each be at most {MAX_GRID_YZ}")
     return tuple(int(g) for g in grid)
 
 

@@ -13,17 +13,6 @@ __device__ __forceinline__ void row_stats(const BwdParams& p, i64 row_base, int 
     d = i < p.seqlen_q ? p.dsum[row_base + i] : 0.f;
 }
 
-// The (key tile, kv head, batch) of a backward block. The grid is (kv heads, batch, key tiles), so
-// blocks start key tile by key tile across every head: the heaviest first, since under a causal mask
-// (bottom-right) key tile 0 is seen by the most query tiles. A grid (key tiles, heads, batch) read
-// backwards ran each head's tiles light to heavy and left the longest blocks for the grid's end,
-// which costs most with grouped-query attention, whose blocks walk every query head of their group
-// (bench/NOTES.md, session 9).
-struct KeyBlock {
-    int n_block, h_kv, b;
-};
-__device__ __forceinline__ KeyBlock key_block() { return {int(blockIdx.z), int(blockIdx.x), int(blockIdx.y)}; }
-
 // Rows m0 .. m0 + BLOCK_M of lse * log2(e) and D into shared memory, all threads taking a share.
 template <int BLOCK_M, int NUM_THREADS>
 __device__ __forceinline__ void load_row_stats(float* sLse, float* sD, const BwdParams& p, i64 row_base, int m0) {

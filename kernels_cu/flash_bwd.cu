@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
     float* sLse = reinterpret_cast<float*>(sdSt + BLOCK_N * Tr::P_STRIDE);
     float* sD = sLse + Q_STAGES * BLOCK_M;
 
-    const KeyBlock kb = key_block();
-    const int n_block = kb.n_block, h_kv = kb.h_kv, b = kb.b;
+    const int n_block = gridDim.x - 1 - blockIdx.x;
+    const int h_kv = blockIdx.y, b = blockIdx.z;
     const int n0 = n_block * BLOCK_N;
     auto row_base = [&](int h) { return (i64(b) * p.heads + h) * p.seqlen_q; };  // (b, h) row of lse, D and dQ_accum
 

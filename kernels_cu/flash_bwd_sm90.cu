@@ -275,8 +275,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const BwdSm90Smem<Tr> sm(smem_raw);
 
-    const KeyBlock kb = key_block();  // one block per kv head: the query heads of its group in turn
-    const int n_block = kb.n_block, h_kv = kb.h_kv, b = kb.b;
+    const int n_block = gridDim.x - 1 - blockIdx.x;
+    const int h_kv = blockIdx.y, b = blockIdx.z;  // one block per kv head: the query heads of its group in turn
     const int n0 = n_block * Tr::BLOCK_N;
     // Query tiles that see some key of K_j (from the causal diagonal down, within the window), of
     // every query head that reads this kv head.

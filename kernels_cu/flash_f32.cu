@@ -124,9 +124,7 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
     float* sLse = sdSt + 32 * Tr::P_STRIDE;
     float* sD = sLse + Tr::BLOCK_M;
 
-    const KeyBlock kb = key_block();
-    const int n_block = kb.n_block, h_kv = kb.h_kv, b = kb.b;
-    const int n0 = n_block * Tr::BLOCK_N;
+    const int h_kv = blockIdx.y, b = blockIdx.z, n0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_N;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4;  // r: key row (phases A, B) or query row (phase C)
     // the query tiles that see K_j, of every query head that reads kv head h_kv
     int m_first, m_end;
