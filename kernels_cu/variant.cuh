@@ -173,7 +173,7 @@ struct Policy {
 
     // Offsets of mma accumulator fragments: element (mt, nt, r) of a tile whose rows start at
     // row0 and columns at col0 has row row0 + acc_row(mt, r) and column col0 + acc_col(nt, r);
-    // frag_base is the per-thread part, the rest are compile-time constants.
+    // frag_row0 / frag_col0 are the per-thread part, the rest are compile-time constants.
     __device__ __forceinline__ static int frag_row0(int row0) { return row0 + acc_row(0, 0, threadIdx.x % 32); }
     __device__ __forceinline__ static int frag_col0(int col0) { return col0 + acc_col(0, 0, threadIdx.x % 32); }
 
@@ -228,7 +228,8 @@ struct Policy {
     // caller knows every key of the tile is visible), and d logit / d s in `grad`. In log2 units:
     // where a row's nearest key is far from its diagonal, ALiBi's bias and lse_i are both large
     // (-100 and below) and nearly cancel, so they meet in one FMA (one rounding) before the score,
-    // of ordinary size, is added (in raw units the fp32 kernels' dq missed the 2x-naive bound).
+    // of ordinary size, is added. The stored lse_i's own rounding remains, and dominates in fp32
+    // (bench/NOTES.md, session 9).
     template <bool MASKED = true>
     __device__ __forceinline__ float probability_at(float s, int j, int d, float fd, float lse_log2, float scale_log2,
                                                     float& grad) const {
