@@ -2,10 +2,11 @@
 # One call on the lent GPU (the device tool), from the repository root, logs under $OUT:
 #   bash bench/lent_gpu.sh tests [pytest args]  the GPU test suite (every test marked gpu), then with
 #                                              TUNE_SHORT=1 the head_dim 128 short-key forward tiles
-#   bash bench/lent_gpu.sh bench               FlashAttention-4 installed from .whl-fa4 (see
+#   bash bench/lent_gpu.sh bench [STEP...]     FlashAttention-4 installed from .whl-fa4 (see
 #                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
-#                                              /root/fa4 by an earlier call), bench/variants.py,
-#                                              bench/host_path.py
+#                                              /root/fa4 by an earlier call), then the steps named
+#                                              (default: varlen variants host): bench/varlen.py,
+#                                              bench/variants.py, bench/host_path.py
 # Each step's table is printed last; a failing step does not stop the others (exit status: the
 # first failure).
 set -uo pipefail
@@ -36,8 +37,15 @@ bench)
     else
         echo "FA4 not installed: /root/fa4/part_aa is missing (the machine was handed back since the tests call)"
     fi
-    step variants python bench/variants.py --out-dir "$OUT"
-    step host-path python bench/host_path.py --json "$OUT/host-path.json" ;;
+    shift
+    for s in ${@:-varlen variants host}; do
+        case $s in
+        varlen) step varlen python bench/varlen.py --out-dir "$OUT" ;;
+        variants) step variants python bench/variants.py --out-dir "$OUT" ;;
+        host) step host-path python bench/host_path.py --json "$OUT/host-path.json" ;;
+        *) echo "unknown bench step $s" ;;
+        esac
+    done ;;
 *) echo "usage: bench/lent_gpu.sh tests|bench"; exit 2 ;;
 esac
 exit $status

@@ -200,15 +200,119 @@ def check_qkv_shapes(q, k, v) -> AttentionShape:
                              "head_dim must match (layout is batch, seqlen, heads, head_dim)")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same seqlen, got {k.shape[1]} and {v.shape[1]}")
-    H_kv = k.shape[2]
-    if v.shape[2] != H_kv:
-        raise ValueError(f"v has {v.shape[2]} heads but k has {H_kv}: k and v must have the same heads")
+    _check_heads_and_dim(H, k.shape[2], v.shape[2], D)
+    return AttentionShape(B, Sq, k.shape[1], H, D, k.shape[2])
+
+
+def _check_heads_and_dim(H: int, H_kv: int, H_v: int, D: int):
+    """k and v have the same heads, which divide q's (grouped-query attention); head_dim is supported."""
+    if H_v != H_kv:
+        raise ValueError(f"v has {H_v} heads but k has {H_kv}: k and v must have the same heads")
     if H != H_kv and (H_kv == 0 or H % H_kv):
         raise ValueError(f"q has {H} heads but k and v have {H_kv}: the query heads must be a multiple of the "
                          "key/value heads (grouped-query attention: query head h reads kv head h // (H_q // H_kv))")
     if D % HEAD_DIM_MULTIPLE or not (0 < D <= MAX_HEAD_DIM):
         raise ValueError(f"head_dim {D} is not supported; supported head_dim: {SUPPORTED_HEAD_DIMS_TEXT}")
-    return AttentionShape(B, Sq, k.shape[1], H, D, H_kv)
+
+
+# ---- packed sequences (varlen) ----
+
+@dataclass(frozen=True)
+class Packing:
+    """Packed sequences: sequence b holds query rows cu_q[b] .. cu_q[b + 1] and key rows
+    cu_k[b] .. cu_k[b + 1] of (total, heads, head_dim) arrays. ``cu_q``, ``cu_k``: the validated
+    int32 offset arrays (on the inputs' device); ``max_q``, ``max_k``: the longest sequence of each."""
+    cu_q: object
+    cu_k: object
+    batch: int
+    max_q: int
+    max_k: int
+
+
+def check_varlen_qkv(q, k, v) -> AttentionShape:
+    """(total_q, H, D) queries, (total_k, H_kv, D) keys and values -> the shape of their one packed
+    batch (batch 1, seqlen = the totals)."""
+    for name, x, rows in (("q", q, "total_q"), ("k", k, "total_k"), ("v", v, "total_k")):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have 3 dimensions ({rows}, heads, head_dim): the sequences packed "
+                             f"one after another, got shape {tuple(x.shape)}")
+    total_q, H, D = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[2] != D:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but q has {tuple(q.shape)}: head_dim must match "
+                             "(layout is total, heads, head_dim)")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must have the same number of rows (total_k), got {k.shape[0]} and {v.shape[0]}")
+    _check_heads_and_dim(H, k.shape[1], v.shape[1], D)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(name, x)
+    return AttentionShape(1, total_q, k.shape[0], H, D, k.shape[1])
+
+
+def _check_cu_array(name: str, x, device):
+    x = as_array(x, name)
+    if _device_of(x) != device:
+        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}: "
+                         "the offsets must live beside the arrays they index")
+    if x.dtype != np.int32:
+        raise ValueError(f"{name} must have dtype int32, got {dtype_name(x.dtype)}")
+    if x.ndim != 1 or x.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries (offsets of the sequences' first rows, "
+                         f"then the total), got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_max_seqlen(name: str, value):
+    if value is None:
+        return None
+    value = _check_int(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_cu_values(name: str, values: np.ndarray, total: int, rows: str) -> int:
+    """Host copies of the offsets: 0 first, non-decreasing, ``total`` last. Returns the longest
+    sequence; a bad value is a ValueError naming its index."""
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] must be 0 (the first sequence starts at row 0), got {int(values[0])}")
+    steps = np.diff(values.astype(np.int64))
+    bad = np.flatnonzero(steps < 0)
+    if bad.size:
+        i = int(bad[0]) + 1
+        raise ValueError(f"{name}[{i}] = {int(values[i])} is less than {name}[{i - 1}] = {int(values[i - 1])}: "
+                         "the offsets must be non-decreasing (a sequence cannot have negative length)")
+    if values[-1] != total:
+        raise ValueError(f"{name}[{values.shape[0] - 1}] = {int(values[-1])} must equal {rows} = {total}, the rows "
+                         "of the packed arrays (every row belongs to one sequence)")
+    return int(steps.max(initial=0))
+
+
+def check_packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape: AttentionShape, device) -> Packing:
+    """The offsets and longest lengths of a packed call. The NumPy path always reads and checks
+    the offsets. The GPU path reads them (a host synchronisation) only to compute a max_seqlen
+    that was not given; given both, it trusts the offsets (documented)."""
+    cu_q = _check_cu_array("cu_seqlens_q", cu_seqlens_q, device)
+    cu_k = _check_cu_array("cu_seqlens_k", cu_seqlens_k, device)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
+                         f"{cu_q.shape[0]} and {cu_k.shape[0]}")
+    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    on_gpu = device != "cpu"
+    if on_gpu:  # the kernels read them as dense int32 arrays
+        cu_q, cu_k = (c if c.flags.c_contiguous else c.copy() for c in (cu_q, cu_k))
+    if on_gpu and (max_q is None or max_k is None) and capturing(device):
+        raise ValueError("max_seqlen_q and max_seqlen_k must be given while CuPy's current stream captures a CUDA "
+                         "graph: without them the offsets are read to the host, which cannot happen in a capture")
+    if not on_gpu or max_q is None or max_k is None:  # one host read for both
+        longest = [check_cu_values(f"cu_seqlens_{n}", c.get() if on_gpu else c, total, f"total_{n}")
+                   for n, c, total in (("q", cu_q, shape.seqlen_q), ("k", cu_k, shape.seqlen_k))]
+        for n, given, most in zip("qk", (max_q, max_k), longest):
+            if given is not None and given < most:
+                raise ValueError(f"max_seqlen_{n} = {given} is less than the longest sequence, {most} rows")
+        max_q, max_k = (most if given is None else given for given, most in zip((max_q, max_k), longest))
+    return Packing(cu_q, cu_k, cu_q.shape[0] - 1, max_q, max_k)
 
 
 def check_like(name: str, x, shape: tuple, dtype, what: str):
@@ -255,14 +359,18 @@ def check_workspace(workspace, shape: AttentionShape, device):
     return workspace
 
 
+def capturing(device: int) -> bool:
+    """Does CuPy's current stream on ``device`` capture a CUDA graph? (The legacy default stream cannot.)"""
+    stream = _cupy().cuda.get_current_stream(device)
+    return stream.ptr != 0 and stream.is_capturing()
+
+
 def check_graph_capture(device: int, needed: dict, in_place: dict, dense: dict):
     """While CuPy's current stream on ``device`` captures a CUDA graph nothing may be allocated
     (a buffer freed after the call would be reused while the graph still writes it): every
     output and the workspace must be given (``needed``), the arrays in ``in_place`` must be
     usable by the kernels without an aligned copy, and those in ``dense`` C-contiguous."""
-    cp = _cupy()
-    stream = cp.cuda.get_current_stream(device)
-    if stream.ptr == 0 or not stream.is_capturing():  # the legacy default stream cannot capture
+    if not capturing(device):
         return
     missing = [n for n, x in needed.items() if x is None]
     if missing:

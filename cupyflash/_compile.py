@@ -137,10 +137,13 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
 
 #: the variant instantiations the offline check compiles besides the dense and causal ones: each
 #: variant alone and the combinations of today's models (Mistral's causal window, Gemma 2's
-#: causal softcap, gpt-oss's window with sinks, MPT's causal ALiBi), at these head dims
+#: causal softcap, gpt-oss's window with sinks, MPT's causal ALiBi), packed sequences, at these head dims
 CHECKED_VARIANTS = (_config.MASK_WINDOW, _config.VARIANT_SOFTCAP, _config.VARIANT_ALIBI, _config.VARIANT_SINKS,
                     _config.MASK_CAUSAL | _config.VARIANT_SOFTCAP, _config.MASK_WINDOW | _config.VARIANT_SINKS,
-                    _config.MASK_CAUSAL | _config.VARIANT_ALIBI)
+                    _config.MASK_CAUSAL | _config.VARIANT_ALIBI,
+                    # packed sequences (varlen) alone, causal, and with gpt-oss's window and sinks
+                    _config.VARIANT_VARLEN, _config.MASK_CAUSAL | _config.VARIANT_VARLEN,
+                    _config.MASK_WINDOW | _config.VARIANT_SINKS | _config.VARIANT_VARLEN)
 VARIANT_HEAD_DIMS = (64, 128, 256)
 
 

@@ -33,15 +33,17 @@ DSINKS_THREADS = 256
 
 # The VARIANT template parameter of every kernel: VariantBits in kernels_cu/variant.cuh.
 MASK_NONE, MASK_CAUSAL, MASK_WINDOW = 0, 1, 2
-VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS = 4, 8, 16
+VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN = 4, 8, 16, 32
 
 
-def variant_bits(variants) -> int:
+def variant_bits(variants, packed: bool = False) -> int:
     """The compile-time switches of a call's variants (a cupyflash._variants.Variants): the mask
-    kind (none, causal, window) and a bit each for softcap, ALiBi and sinks. The values stay
-    run-time (VariantParams), so each combination is one instantiation, compiled at first use."""
+    kind (none, causal, window) and a bit each for softcap, ALiBi and sinks, and one for packed
+    sequences (varlen, ``packed``). The values stay run-time (VariantParams), so each combination
+    is one instantiation, compiled at first use."""
+    bits = VARIANT_VARLEN if packed else 0
     window = tuple(variants.window)
-    bits = MASK_NONE if window == (-1, -1) else MASK_CAUSAL if window == (-1, 0) else MASK_WINDOW
+    bits |= MASK_NONE if window == (-1, -1) else MASK_CAUSAL if window == (-1, 0) else MASK_WINDOW
     if variants.softcap > 0:
         bits |= VARIANT_SOFTCAP
     if variants.alibi_slopes is not None:
@@ -54,8 +56,8 @@ def variant_bits(variants) -> int:
 def variant_text(bits: int) -> str:
     """The switches in words ('dense', 'causal', 'window+softcap', ...)."""
     parts = [("", "causal", "window")[bits & 3]]
-    parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"))
-              if bits & bit]
+    parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"),
+                                     (VARIANT_VARLEN, "varlen")) if bits & bit]
     return "+".join(p for p in parts if p) or "dense"
 
 
@@ -330,6 +332,11 @@ class KernelSet:
         return bool(self.variant & VARIANT_SINKS)
 
     @property
+    def packed(self) -> bool:
+        """Packed sequences (varlen): every kernel reads cu_seqlens."""
+        return bool(self.variant & VARIANT_VARLEN)
+
+    @property
     def deterministic(self) -> bool:
         return self.dq is not None
 
@@ -373,10 +380,10 @@ class KernelSet:
         return _instance("flash_bwd_dq_kernel", CXX_TYPE[self.dtype], cls, d.block_m, d.block_n, d.num_warps, c)
 
     def preprocess_name(self) -> str:
-        return _instance("flash_bwd_preprocess_kernel", CXX_TYPE[self.dtype])
+        return _instance("flash_bwd_preprocess_kernel", CXX_TYPE[self.dtype], self.packed)
 
     def convert_name(self) -> str:
-        return _instance("flash_bwd_convert_dq_kernel", CXX_TYPE[self.dtype])
+        return _instance("flash_bwd_convert_dq_kernel", CXX_TYPE[self.dtype], self.packed)
 
     @staticmethod
     def dsinks_name() -> str:

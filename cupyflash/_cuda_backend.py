@@ -103,18 +103,21 @@ class _FilledParams:
         return buf
 
 
-# the pointers a forward call fills in: q, k, v, out, lse and the variants' slopes and sinks
-_FWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse", "var.alibi", "var.sinks")
+# the pointers a forward call fills in: q, k, v, out, lse, the variants' slopes and sinks, and the
+# offsets of packed sequences (varlen)
+_FWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse", "var.alibi", "var.sinks", "var.cu_seqlens_q",
+                 "var.cu_seqlens_k")
 
 
 def _ptr(x) -> int:
     return 0 if x is None else x.data.ptr
 
 
-def _variant_fields(variants, q, k, scale: float, dsinks=None) -> tuple:
+def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None) -> tuple:
     """VariantParams (kernels_cu/params.cuh) of a call: the run-time values of its variants in the
-    kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32).
-    Returns (the struct's values in order, the arrays it points to, kept alive by the caller)."""
+    kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32)
+    and of packed sequences' offsets. Returns (the struct's values in order, the arrays it points
+    to, kept alive by the caller)."""
     from ._variants import UNBOUNDED, Variants
     var = variants or Variants()
     B, Sq, H, _ = q.shape
@@ -127,7 +130,8 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None) -> tuple:
     values = (np.uint64(_ptr(alibi)), np.uint64(_ptr(sinks)), np.uint64(_ptr(dsinks)),
               np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
               np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
-              np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(0))
+              np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(0),
+              np.uint64(_ptr(packing and packing.cu_q)), np.uint64(_ptr(packing and packing.cu_k)))
     return values, (alibi, sinks)
 
 
@@ -140,14 +144,16 @@ def _reads_in_place(variant_arrays: tuple, variants) -> bool:
 class ForwardPlan:
     """The forward launch for one set of layouts of q, k, v and the out and lse buffers."""
 
-    def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple, variants=None):
-        B, Sq, H, D = q.shape
+    def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple, variants=None,
+                 packing=None):
+        B, Sq, H, D = q.shape  # packed sequences (``packing``): one batch of total_q rows
         self.device = q.data.device_id
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (B, H, Sq)
         self.allocates_out, self.allocates_lse = allocates  # (out, lse) were not given: allocate them
-        var, self.variant_arrays = _variant_fields(variants, q, k, scale)
+        var, self.variant_arrays = _variant_fields(variants, q, k, scale, packing=packing)
+        grid_b, grid_q = (packing.batch, packing.max_q) if packing is not None else (B, Sq)  # sequences, longest
         fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
-                      o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(B), heads=np.int32(H),
+                      o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(grid_b), heads=np.int32(H),
                       seqlen_q=np.int32(Sq), seqlen_k=np.int32(k.shape[1]), head_dim=np.int32(D),
                       scale_log2=_config.scale_log2(scale), var=var)
         if ks.hopper_fwd:  # FwdSm90Params: FwdParams and the TMA tensor maps
@@ -160,16 +166,16 @@ class ForwardPlan:
             self.params = _FilledParams(template, maps, tiled=(0, 1, 2))
         else:
             self.params = _FilledParams(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_FWD_POINTERS), None)
-        self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(Sq, ks.fwd.block_m, H, B), ks.fwd_threads(),
-                                             ks.fwd_smem())
+        self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(grid_q, ks.fwd.block_m, H, grid_b),
+                                             ks.fwd_threads(), ks.fwd_smem())
 
     @staticmethod
     def _qkv(q, k, v) -> tuple:
         return (q.data.ptr, k.data.ptr, v.data.ptr)
 
-    def launch(self, q, k, v, o, lse, stream_ptr: int, alibi=None, sinks=None) -> None:
+    def launch(self, q, k, v, o, lse, stream_ptr: int, alibi=None, sinks=None, packing=None) -> None:
         self.kernel(stream_ptr, self.params((q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr,
-                                             _ptr(alibi), _ptr(sinks))))
+                                             _ptr(alibi), _ptr(sinks), *_packing_pointers(packing))))
 
     def __call__(self, q, k, v, out, lse, alibi=None, sinks=None):
         """(out, lse) for arrays of the plan's layouts, or None when this call cannot take the
@@ -193,28 +199,36 @@ class ForwardPlan:
                 cupy.ndarray(self.lse_shape, _F32) if self.allocates_lse else lse)
 
 
-def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None, variants=None):
+def _packing_pointers(packing) -> tuple:
+    return (0, 0) if packing is None else (packing.cu_q.data.ptr, packing.cu_k.data.ptr)
+
+
+def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None, variants=None,
+                      packing=None):
     """(out, lse, plan): the forward on any validated inputs, and the plan it ran when that plan
     serves every later call with the same layouts (None when an input, the ALiBi slopes or the
     sinks were copied first, or the problem is empty). ``variants``: a _variants.Variants, causal
-    folded in."""
+    folded in. ``packing``: packed sequences (a _checks.Packing; q, k, v, out one batch of
+    total rows, lse (1, H, total_q))."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
         o, o_user = _out_buffer(out, q.shape, q.dtype)
         l = lse if lse is not None else cupy.empty((B, H, Sq), dtype=np.float32)
-        if o.size == 0 or l.size == 0 or Sk == 0:
+        if o.size == 0 or l.size == 0 or Sk == 0 or (packing is not None and packing.max_q == 0):
             o = out if out is not None else o
             if o.size:
                 o.fill(0)
             if l.size:  # no keys: every row is empty (lse = its sink logit, when it has one)
                 l[...] = -np.inf if variants is None or variants.sinks is None else variants.sinks[None, :, None]
             return o, l, None
-        variant = _config.variant_bits(variants) if variants is not None else None
-        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, seqlen_k=Sk, variant=variant)
+        variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
+        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant,
+                                seqlen_k=Sk if packing is None else packing.max_k)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
-        plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants)
-        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays)
+        plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants,
+                           packing=packing)
+        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays, packing)
         reusable = (o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
                     and _reads_in_place(plan.variant_arrays, variants))
         if o_user is not None:
@@ -230,16 +244,17 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
 
 assert _launch.BWD_SM90_PARAMS.fields["bwd"][1] == 0  # BackwardPlan.launch passes one buffer to all kernels
 _BWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "dout.ptr", "dq.ptr", "dk.ptr", "dv.ptr", "lse", "dsum",
-                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks")
+                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks", "var.cu_seqlens_q", "var.cu_seqlens_k")
 
 
 class BackwardPlan:
     """The backward launches for one set of layouts of the inputs, gradient buffers and workspace."""
 
     def __init__(self, ks: _config.KernelSet, dout, q, k, v, out, lse, grads: tuple, scale: float,
-                 allocates: tuple, variants=None, dsinks=None):
-        B, Sq, H, D = q.shape
+                 allocates: tuple, variants=None, dsinks=None, packing=None):
+        B, Sq, H, D = q.shape  # packed sequences (``packing``): one batch of total_q rows
         Sk = k.shape[1]
+        grid_b, grid_q, grid_k = (packing.batch, packing.max_q, packing.max_k) if packing is not None else (B, Sq, Sk)
         self.device = q.data.device_id
         self.shapes, self.dtype = (q.shape, k.shape, v.shape), q.dtype
         # (dq, dk, dv), the workspace, dsinks (with sinks) were not given: allocate them
@@ -250,12 +265,12 @@ class BackwardPlan:
         self.dsum_bytes_padded = -(-self.dsum_bytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
         self.accum_bytes = 0 if ks.deterministic else B * H * Sq * D * 4  # the dQ pass needs no accumulator
         dq, dk, dv = grads
-        var, self.variant_arrays = _variant_fields(variants, q, k, scale, dsinks)
+        var, self.variant_arrays = _variant_fields(variants, q, k, scale, dsinks, packing)
         fields = dict(
             q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
             o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(dq),
             dk=_launch.tensor_ref(dk), dv=_launch.tensor_ref(dv), lse=np.uint64(0), dsum=np.uint64(0),
-            dq_accum=np.uint64(0), batch=np.int32(B), heads=np.int32(H), seqlen_q=np.int32(Sq),
+            dq_accum=np.uint64(0), batch=np.int32(grid_b), heads=np.int32(H), seqlen_q=np.int32(Sq),
             seqlen_k=np.int32(Sk), head_dim=np.int32(D), scale=np.float32(scale), scale_log2=_config.scale_log2(scale),
             var=var)
         if ks.hopper_bwd:  # BwdSm90Params: BwdParams and the TMA tensor maps
@@ -271,18 +286,18 @@ class BackwardPlan:
             self.params = _FilledParams(_launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS), None)
         rows = _config.ROWWISE_ROWS_PER_BLOCK
         # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
-        self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
+        self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(grid_q, rows, H, grid_b), 32 * rows, 0)
         # 2. dK_j, dV_j per (key tile, kv head), over the query heads of its group; dQ_accum += dS K_j
         #    (not when deterministic)
-        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(Sk, ks.bwd.block_n, k.shape[2], B),
+        self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(grid_k, ks.bwd.block_n, k.shape[2], grid_b),
                                            ks.bwd_threads(), ks.bwd_smem())
         if ks.deterministic:
             # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
-            self.finish = _launch.PreparedLaunch(ks, ks.dq_name(), _grid(Sq, ks.dq.block_m, H, B), ks.dq_threads(),
-                                                 ks.dq_smem())
+            self.finish = _launch.PreparedLaunch(ks, ks.dq_name(), _grid(grid_q, ks.dq.block_m, H, grid_b),
+                                                 ks.dq_threads(), ks.dq_smem())
         else:
             # 3. dQ = scale * dQ_accum in the input dtype
-            self.finish = _launch.PreparedLaunch(ks, ks.convert_name(), _grid(Sq, rows, H, B), 32 * rows, 0)
+            self.finish = _launch.PreparedLaunch(ks, ks.convert_name(), _grid(grid_q, rows, H, grid_b), 32 * rows, 0)
         # 4. dsinks_h = -sum_i exp(sink_h - lse_i) D_i, one block per query head
         self.dsinks = (_launch.PreparedLaunch(ks, ks.dsinks_name(), (H, 1, 1), _config.DSINKS_THREADS, 0)
                        if ks.sinks else None)
@@ -295,11 +310,12 @@ class BackwardPlan:
         return mem.ptr, (0 if self.deterministic else mem.ptr + self.dsum_bytes_padded), mem
 
     def launch(self, dout, q, k, v, out, lse, grads, dsum_ptr: int, accum_ptr: int, stream_ptr: int,
-               alibi=None, sinks=None, dsinks=None) -> None:
+               alibi=None, sinks=None, dsinks=None, packing=None) -> None:
         dq, dk, dv = grads
         # a null dq_accum tells the kernels that the dQ pass computes dQ (no atomics)
         pointers = (q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr, dout.data.ptr, dq.data.ptr, dk.data.ptr,
-                    dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr, _ptr(alibi), _ptr(sinks), _ptr(dsinks))
+                    dv.data.ptr, lse.data.ptr, dsum_ptr, accum_ptr, _ptr(alibi), _ptr(sinks), _ptr(dsinks),
+                    *_packing_pointers(packing))
         # one buffer for the three kernels: BwdSm90Params starts with the BwdParams that the
         # preprocess and the dQ kernels read (the driver copies as many bytes as each kernel takes)
         params = self.params(pointers)
@@ -336,10 +352,12 @@ class BackwardPlan:
 
 
 def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
-                       bwd_config=None, workspace=None, deterministic: bool = False, variants=None, dsinks=None):
+                       bwd_config=None, workspace=None, deterministic: bool = False, variants=None, dsinks=None,
+                       packing=None):
     """((dq, dk, dv), plan): the backward on any validated inputs, and the plan it ran when that
     plan serves every later call with the same layouts (see forward_with_plan). With sinks in
-    ``variants``: ((dq, dk, dv, dsinks), plan), dsinks written into ``dsinks`` when given."""
+    ``variants``: ((dq, dk, dv, dsinks), plan), dsinks written into ``dsinks`` when given.
+    ``packing``: packed sequences, as for forward_with_plan."""
     D = q.shape[3]
     Sk = k.shape[1]
     with_sinks = variants is not None and variants.sinks is not None
@@ -350,23 +368,25 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
         if with_sinks and dsinks is None:
             dsinks = cupy.empty((q.shape[2],), dtype=_F32)
         plan = None
-        if q.size == 0 or k.size == 0:
+        if q.size == 0 or k.size == 0 or (packing is not None and 0 in (packing.max_q, packing.max_k)):
             for g in staged + ([dsinks] if with_sinks else []):
                 g.fill(0)
         else:
-            variant = _config.variant_bits(variants) if variants is not None else None
+            variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
-                                    seqlen_k=Sk, variant=variant)  # the forward's kernel set too: one module per problem
+                                    seqlen_k=Sk if packing is None else packing.max_k,
+                                    variant=variant)  # the forward's kernel set too: one module per problem
             ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)
             lse_ready = cupy.ascontiguousarray(lse)
             plan = BackwardPlan(ks, *ready, lse_ready, tuple(staged), scale, variants=variants, dsinks=dsinks,
-                                allocates=(dq is None, workspace is None, with_sinks and user_dsinks is None))
+                                allocates=(dq is None, workspace is None, with_sinks and user_dsinks is None),
+                                packing=packing)
             if workspace is not None:
                 dsum_ptr, accum_ptr = workspace[0].data.ptr, (0 if deterministic else workspace[1].data.ptr)
             else:
                 dsum_ptr, accum_ptr, _mem = plan.scratch()
             plan.launch(*ready, lse_ready, staged, dsum_ptr, accum_ptr, cupy.cuda.get_current_stream().ptr,
-                        *plan.variant_arrays, dsinks)
+                        *plan.variant_arrays, dsinks, packing)
             inputs = (dout, q, k, v, out, lse)
             if not (all(a is b for a, b in zip((*ready, lse_ready), inputs))
                     and all(user is None for _, user in grads) and (dq is None) == (dk is None) == (dv is None)

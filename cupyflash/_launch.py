@@ -27,7 +27,8 @@ _COMMON = [("batch", np.int32), ("heads", np.int32), ("seqlen_q", np.int32), ("s
 VARIANT_PARAMS = np.dtype([("alibi", np.uint64), ("sinks", np.uint64), ("dsinks", np.uint64), ("alibi_stride_b", np.int64),
                            ("group_mul", np.uint32), ("group", np.int32), ("window_left", np.int32),
                            ("window_right", np.int32), ("softcap_in", np.float32), ("softcap_out", np.float32),
-                           ("inv_scale", np.float32), ("pad_", np.int32)], align=True)
+                           ("inv_scale", np.float32), ("pad_", np.int32), ("cu_seqlens_q", np.uint64),
+                           ("cu_seqlens_k", np.uint64)], align=True)
 FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
 BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
@@ -41,11 +42,11 @@ FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PAR
 
 # BwdParams and the tensor maps of q, k, v, dout
 BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": [BWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 4,
-                            "offsets": [0, 384, 512, 640, 768], "itemsize": 896})
+                            "offsets": [0, 448, 576, 704, 832], "itemsize": 960})
 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
 assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
-         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize) == (32, 64, 224, 376, 640, 896))
+         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize) == (32, 80, 240, 392, 640, 960))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535

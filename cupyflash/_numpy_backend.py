@@ -19,6 +19,8 @@ any other strides); outputs may alias inputs, which are copied before anything i
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ._dtypes import FLOAT32, FLOAT64, lse_dtype
@@ -206,3 +208,62 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
     p_sink = np.exp(sink - _grouped(lse.astype(acc), heads_kv))
     dsinks = -(p_sink * D).sum(axis=(0, 3)).reshape(heads).astype(lse_dtype(q.dtype))
     return dq, dk, dv, dsinks
+
+
+# ---------------------------------------------------------------------------------------
+# Packed sequences (varlen): each sequence is a batch of one for the dense code above, so a
+# packed call is by construction the dense call of each sequence alone.
+
+def _sequences(packing):
+    """(b, its query rows, its key rows) of each packed sequence (a _checks.Packing, offsets checked)."""
+    cu_q, cu_k = packing.cu_q, packing.cu_k
+    for b in range(packing.batch):
+        yield b, slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+
+
+def _sequence_variants(var: Variants, b: int) -> Variants:
+    """Sequence b's variants: its row of (batch, H) ALiBi slopes."""
+    if var.alibi_slopes is not None and np.ndim(var.alibi_slopes) == 2:
+        return replace(var, alibi_slopes=var.alibi_slopes[b])
+    return var
+
+
+def forward_varlen(q, k, v, packing, *, scale: float, variants: Variants, out=None, lse=None):
+    """:func:`forward` of each packed sequence on its own.
+
+    q (total_q, heads, head_dim), k and v (total_k, heads_kv, head_dim); returns (out, lse) with
+    out shaped like q and lse (heads, total_q), written into ``out`` and ``lse`` when given.
+    """
+    o_all = np.empty(q.shape, q.dtype)
+    l_all = np.empty((q.shape[1], q.shape[0]), lse_dtype(q.dtype))
+    for b, rq, rk in _sequences(packing):
+        o, l = forward(q[None, rq], k[None, rk], v[None, rk], causal=False, scale=scale,
+                       variants=_sequence_variants(variants, b))
+        o_all[rq], l_all[:, rq] = o[0], l[0]
+    # written once every sequence has read its inputs (out may alias them)
+    return _write(out, o_all), _write(lse, l_all)
+
+
+def backward_varlen(dout, q, k, v, out, lse, packing, *, scale: float, variants: Variants, dq=None, dk=None,
+                    dv=None):
+    """:func:`backward` of each packed sequence on its own; lse (heads, total_q). Returns
+    (dq, dk, dv), and dsinks (summed over the sequences) with sinks."""
+    grads = [np.zeros(x.shape, q.dtype) for x in (q, k, v)]
+    dsinks = None if variants.sinks is None else np.zeros(q.shape[1], _accumulator_dtype(q.dtype))
+    for b, rq, rk in _sequences(packing):
+        g = backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq], lse[None, :, rq],
+                     causal=False, scale=scale, variants=_sequence_variants(variants, b))
+        for full, part, rows in zip(grads, g, (rq, rk, rk)):
+            full[rows] = part[0]
+        if dsinks is not None:
+            dsinks += g[3]
+    result = tuple(_write(buf, g) for buf, g in zip((dq, dk, dv), grads))
+    return result if dsinks is None else (*result, dsinks.astype(lse_dtype(q.dtype)))
+
+
+def _write(buf, value):
+    """value, or value written into the caller's buffer."""
+    if buf is None:
+        return value
+    buf[...] = value
+    return buf

@@ -66,10 +66,11 @@ __device__ __forceinline__ void recompute_p_ds(const BwdParams& p, const Pol& po
         }
 }
 
-// Phase C for one warp: its part of dQ_i = dS K_j, added into the fp32 accumulator.
+// Phase C for one warp: its part of dQ_i = dS K_j, added into the fp32 accumulator (rows: tensor rows
+// from row0, those below row_end).
 template <typename Tr>
 __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const typename Tr::T* sdSt, const typename Tr::T* sK,
-                                              float* dq_accum_head, int m0) {
+                                              float* dq_accum_head, int row0, int row_end) {
     using G = typename Tr::GridC;
     const int warp = threadIdx.x / 32;
     const int r0 = G::row0(warp), c0 = G::col0(warp);  // queries r0.., head dims c0..
@@ -77,7 +78,7 @@ __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const typename
     zero(dq);
     // dS is stored transposed ([key][query]), so it is read as a k-major A operand.
     warp_gemm<G::MT, G::NT, Tr::BLOCK_N, true, true>(dq, sdSt + r0, Tr::P_STRIDE, sK + c0, Tr::STRIDE);
-    red_add_acc_tile(dq_accum_head, m0 + r0, c0, p.seqlen_q, p.head_dim, dq);
+    red_add_acc_tile(dq_accum_head, row0 + r0, c0, row_end, p.head_dim, dq);
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int BLOCK_N, int NUM_WARPS, int Q_STAGES, bool BALANCED, int VARIANT,
@@ -97,15 +98,16 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
     float* sD = sLse + Q_STAGES * BLOCK_M;
 
     const int n_block = gridDim.x - 1 - blockIdx.x;
-    const int h_kv = blockIdx.y, b = blockIdx.z;
+    const int h_kv = blockIdx.y;
     const int n0 = n_block * BLOCK_N;
-    auto row_base = [&](int h) { return (i64(b) * p.heads + h) * p.seqlen_q; };  // (b, h) row of lse, D and dQ_accum
+    const typename Policy<VARIANT>::Seq seq(p, blockIdx.z);
+    if (seq.past_k(n0)) return;
+    auto row_base = [&](int h) { return seq.stat_base(p.heads, p.seqlen_q, h); };  // head h's lse, D and dQ_accum
 
     // Query tiles that see some key of K_j (from the causal diagonal down, within the window), of
     // every query head of the group.
     int m_first, m_end;
-    Policy<VARIANT>(p.var, p.seqlen_q, p.seqlen_k, b, h_kv * p.var.group)
-        .template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_end);
+    Policy<VARIANT>(p.var, seq, h_kv * p.var.group).template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_end);
     const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
     const int warp = threadIdx.x / 32;
 
@@ -114,15 +116,16 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
     zero(dv);
 
     // Load K_j, V_j (and, double-buffered, the first Q_i, dO_i).
-    // Q_i, dO_i, lse_i, D_i of the walk's tile `it` into buffer `buf`
+    // Q_i, dO_i, lse_i, D_i of the walk's tile `it` into buffer `buf` (a packed sequence's first row
+    // read again at each use, as the kv head is: kept live it made ptxas spill at the register limit)
     auto load_query_tile = [&](int it, int buf) {
-        const int h = walk.head(it), m0 = walk.m_block(it) * BLOCK_M;
-        load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ + buf * BLOCK_M * STRIDE, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-        load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sdO + buf * BLOCK_M * STRIDE, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
-        load_row_stats<BLOCK_M, NTH>(sLse + buf * BLOCK_M, sD + buf * BLOCK_M, p, row_base(h), m0);
+        const int h = walk.head(it), m0 = walk.m_block(it) * BLOCK_M, q0 = seq.q0_again(p);
+        load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ + buf * BLOCK_M * STRIDE, p.q, seq.tb, h, q0 + m0, q0 + seq.len_q, p.head_dim);
+        load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sdO + buf * BLOCK_M * STRIDE, p.dout, seq.tb, h, q0 + m0, q0 + seq.len_q, p.head_dim);
+        load_row_stats<BLOCK_M, NTH>(sLse + buf * BLOCK_M, sD + buf * BLOCK_M, p, row_base(h), q0 + m0, q0 + seq.len_q);
     };
-    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV, p.v, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
     if (Q_STAGES == 2 && walk.count > 0) load_query_tile(0, 0);
     cp_async_commit();
 
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
         if (Q_STAGES == 2 && it + 1 < walk.count) cp_async_wait<1>(); else cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i, lse_i, D_i are visible to every warp
 
-        const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+        const Policy<VARIANT> pol(p.var, seq, h);
         recompute_p_ds<Tr>(p, pol, sK, sV, sQ_i, sdO_i, sLse + buf * BLOCK_M, sD + buf * BLOCK_M, sPt, sdSt, n0, m0);
         __syncthreads();  // P^T and dS^T are complete before any warp reads another warp's rows
 
@@ -147,11 +150,13 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
         warp_gemm<GB::MT, GB::NT, BLOCK_M, false, true>(dv, sPt + GB::row0(warp) * Tr::P_STRIDE, Tr::P_STRIDE, sdO_i + GB::col0(warp), STRIDE);
         warp_gemm<GB::MT, GB::NT, BLOCK_M, false, true>(dk, sdSt + GB::row0(warp) * Tr::P_STRIDE, Tr::P_STRIDE, sQ_i + GB::col0(warp), STRIDE);
         // dQ_i += dS K_j
-        if constexpr (ACCUMULATE_DQ) accumulate_dq<Tr>(p, sdSt, sK, p.dq_accum + row_base(h) * p.head_dim, m0);
+        if constexpr (ACCUMULATE_DQ)
+            accumulate_dq<Tr>(p, sdSt, sK, p.dq_accum + row_base(h) * p.head_dim, seq.q0_again(p) + m0,
+                              seq.q0_again(p) + seq.len_q);
         __syncthreads();  // every warp is done with this Q_i, dO_i, P^T, dS^T before they are overwritten
     }
     cp_async_wait<0>();
-    store_dk_dv<T>(p, b, h_kv, n0 + GB::row0(warp), GB::col0(warp), dk, dv);
+    store_dk_dv<T>(p, seq.tb, h_kv, seq.k0 + n0 + GB::row0(warp), seq.k_end(), GB::col0(warp), dk, dv);
 }
 
 }  // namespace cupyflash

@@ -41,13 +41,15 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
     T* sV = sK + Tr::KV_STAGES * BLOCK_N * STRIDE;   // KV_STAGES buffers of BLOCK_N rows
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
-    const int h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y;
     const int m0 = m_block * BLOCK_M;
+    const typename Policy<VARIANT>::Seq seq(p, blockIdx.z);
+    if (seq.past_q(m0)) return;
     const int warp_m0 = (threadIdx.x / 32) * MT * 16;  // this warp's first row within Q_i
     const int lane = threadIdx.x % 32;
-    const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
+    const i64 row_base = seq.stat_base(p.heads, p.seqlen_q, h);
 
-    const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    const Policy<VARIANT> pol(p.var, seq, h);
     // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
     int n_first, n_end;
     pol.template key_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_end);
@@ -57,15 +59,16 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) row_stats(p, row_base, m0 + warp_m0 + acc_row(mt, 2 * hh, lane), lse_log2[mt][hh], d[mt][hh]);
+        for (int hh = 0; hh < 2; ++hh) row_stats(p, row_base, seq.q0 + m0 + warp_m0 + acc_row(mt, 2 * hh, lane), seq.q_end(),
+                                                    lse_log2[mt][hh], d[mt][hh]);
 
     float dq[MT][DT][4];
     zero(dq);
     // Load Q_i, dO_i and K_0, V_0.
-    load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, b, block_kv_head(p.var), n_first * BLOCK_N, p.seqlen_k, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV, p.v, b, block_kv_head(p.var), n_first * BLOCK_N, p.seqlen_k, p.head_dim);
+    load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sQ, p.q, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
+    load_tile_async<T, BLOCK_M, HEAD_DIM, NTH>(sdO, p.dout, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK, p.k, seq.tb, block_kv_head(p.var), seq.k0 + n_first * BLOCK_N, seq.k_end(), p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV, p.v, seq.tb, block_kv_head(p.var), seq.k0 + n_first * BLOCK_N, seq.k_end(), p.head_dim);
     cp_async_commit();
 
     for (int n_block = n_first; n_block < n_end; ++n_block) {
@@ -78,8 +81,8 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
             // Prefetch K_{j+1}, V_{j+1} into the other stage.
             T* sK_next = sK + (buf ^ 1) * BLOCK_N * STRIDE;
             T* sV_next = sV + (buf ^ 1) * BLOCK_N * STRIDE;
-            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK_next, p.k, b, block_kv_head(p.var), n0 + BLOCK_N, p.seqlen_k, p.head_dim);
-            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV_next, p.v, b, block_kv_head(p.var), n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sK_next, p.k, seq.tb, block_kv_head(p.var), seq.k0 + n0 + BLOCK_N, seq.k_end(), p.head_dim);
+            load_tile_async<T, BLOCK_N, HEAD_DIM, NTH>(sV_next, p.v, seq.tb, block_kv_head(p.var), seq.k0 + n0 + BLOCK_N, seq.k_end(), p.head_dim);
         }
         cp_async_commit();
 
@@ -100,7 +103,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_dq_kernel(const BwdP
     cp_async_wait<0>();  // no copy may outlive the block (only matters when no key tile is visible)
 
     // dQ_i = softmax_scale * dQ_i
-    store_acc_tile<T>(p.dq, b, h, m0 + warp_m0, 0, p.seqlen_q, p.head_dim, dq, UniformScale<MT>(p.scale).v);
+    store_acc_tile<T>(p.dq, seq.tb, h, seq.q0 + m0 + warp_m0, 0, seq.q_end(), p.head_dim, dq, UniformScale<MT>(p.scale).v);
 }
 
 }  // namespace cupyflash

@@ -2,6 +2,7 @@
 // where P_sink = exp(sink_h - lse_i) is the share of row i's softmax that the sink took. The sink
 // carries no value, so dP_sink = 0 and dS_sink = P_sink (0 - D_i). One block per query head sums
 // its batch * seqlen_q rows in a fixed order: no atomics, reproducible, no zeroed output needed.
+// Packed sequences (varlen) are one batch of total_q rows, every one of them in some sequence.
 // Runs after the preprocess kernel has written D_i.
 #include "ptx.cuh"
 #include "params.cuh"
@@ -13,7 +14,8 @@ constexpr int DSINKS_THREADS = 256;
 __global__ void __launch_bounds__(DSINKS_THREADS) flash_bwd_dsinks_kernel(const BwdParams p) {
     const int h = blockIdx.x;
     const float sink = p.var.sinks[h];
-    const i64 rows = i64(p.batch) * p.seqlen_q;
+    const int batches = p.var.cu_seqlens_q != nullptr ? 1 : p.batch;  // of the tensors and the statistics
+    const i64 rows = i64(batches) * p.seqlen_q;
     // this thread's share of the rows, in a fixed order
     float acc = 0.f;
     for (i64 r = threadIdx.x; r < rows; r += DSINKS_THREADS) {

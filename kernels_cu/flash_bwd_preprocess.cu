@@ -8,9 +8,9 @@ namespace cupyflash {
 
 constexpr int ROWS_PER_BLOCK = 8;  // one warp each
 
-template <typename T>
+template <typename T, bool PACKED>  // PACKED: varlen (Seq, params.cuh)
 __global__ void __launch_bounds__(ROWS_PER_BLOCK * 32) flash_bwd_preprocess_kernel(const BwdParams p) {
-    const RowwiseIndex r = RowwiseIndex::of<ROWS_PER_BLOCK>(p);
+    const RowwiseIndex r = RowwiseIndex::of<ROWS_PER_BLOCK, PACKED>(p);
     if (!r.valid) return;
     const T* o = row_ptr<T>(p.o, r.b, r.h, r.i);
     const T* dout = row_ptr<T>(p.dout, r.b, r.h, r.i);

@@ -41,25 +41,28 @@ struct BwdSm90Smem {
 // group, grouped-query attention) into stage it % STAGES once the consumers have released its previous use. A stage's "full" barrier completes when every
 // producer thread has stored its share of lse_i, D_i and arrived, and Q_i, dO_i have landed:
 // thread 0's arrival announces their bytes, and it issues the copies (TMA).
-template <typename Tr>
-__device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const BwdSm90Smem<Tr>& sm, int b, int h_kv,
+template <typename Tr, typename Seq>
+__device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const BwdSm90Smem<Tr>& sm, const Seq& seq, int h_kv,
                                             int n0, const QueryWalk& walk) {
     using TileQ = typename Tr::TileQ;
     const BwdParams& p = params.bwd;
     const bool tma_thread = threadIdx.x == 0;
     if (tma_thread) {
         mbarrier_arrive_expect_tx(sm.kv_full, 2 * Tr::TileKV::BYTES);
-        tma_load_tile<typename Tr::TileKV>(sm.k, params.k, sm.kv_full, n0, h_kv, b);
-        tma_load_tile<typename Tr::TileKV>(sm.v, params.v, sm.kv_full, n0, h_kv, b);
+        // rows past a packed sequence's end load the next sequence's (or the tensor map's zeros): the
+        // policy gives those keys P = 0 and their dK, dV are not stored; such query rows have lse = -inf
+        tma_load_tile<typename Tr::TileKV>(sm.k, params.k, sm.kv_full, seq.k0 + n0, h_kv, seq.tb);
+        tma_load_tile<typename Tr::TileKV>(sm.v, params.v, sm.kv_full, seq.k0 + n0, h_kv, seq.tb);
     }
     for (int it = 0; it < walk.count; ++it) {
         const int stage = it % Tr::STAGES, use = it / Tr::STAGES, m0 = walk.m_block(it) * Tr::BLOCK_M, h = walk.head(it);
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
-        load_row_stats<Tr::BLOCK_M, Tr::PRODUCER_THREADS>(sm.lse(it), sm.dsum(it), p, (i64(b) * p.heads + h) * p.seqlen_q, m0);
+        load_row_stats<Tr::BLOCK_M, Tr::PRODUCER_THREADS>(sm.lse(it), sm.dsum(it), p, seq.stat_base(p.heads, p.seqlen_q, h),
+                                                          seq.q0 + m0, seq.q_end());
         if (tma_thread) {
             mbarrier_arrive_expect_tx(&sm.full[stage], 2 * TileQ::BYTES);
-            tma_load_tile<TileQ>(sm.q(it), params.q, &sm.full[stage], m0, h, b);
-            tma_load_tile<TileQ>(sm.dout(it), params.dout, &sm.full[stage], m0, h, b);
+            tma_load_tile<TileQ>(sm.q(it), params.q, &sm.full[stage], seq.q0 + m0, h, seq.tb);
+            tma_load_tile<TileQ>(sm.dout(it), params.dout, &sm.full[stage], seq.q0 + m0, h, seq.tb);
         } else {
             mbarrier_arrive(&sm.full[stage]);
         }
@@ -165,17 +168,17 @@ struct DqPanel {
                 dq, desc_n_major<64, Tr::BLOCK_M>(BY_PANEL ? sm.ds + (kk / 4) * Tr::TileDS::BYTES : sDS, kk % 4, qp),
                 desc_n_major<Tr::BLOCK_N, Tr::HEAD_DIM>(sm.k, key_step0 + kk, dp), kk > 0);
     }
-    // into the fp32 scratch (rows from m0 + 64 qp, this warp's 16 of them)
-    __device__ __forceinline__ void add(const BwdParams& p, float* dq_accum_head, int m0, int warp_in_wg,
+    // into the fp32 scratch (tensor rows from row0 + 64 qp, this warp's 16 of them, those below row_end)
+    __device__ __forceinline__ void add(const BwdParams& p, float* dq_accum_head, int row0, int row_end, int warp_in_wg,
                                         const float (&dq)[1][8][4]) const {
-        red_add_acc_tile(dq_accum_head, m0 + qp * 64 + warp_in_wg * 16, dp * 64, p.seqlen_q, p.head_dim, dq);
+        red_add_acc_tile(dq_accum_head, row0 + qp * 64 + warp_in_wg * 16, dp * 64, row_end, p.head_dim, dq);
     }
 };
 
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile of the walk.
 template <typename Tr, int VARIANT>
-__device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm, int b, int h_kv, int n0,
-                                            const QueryWalk& walk) {
+__device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm,
+                                            const typename Policy<VARIANT>::Seq& seq, int h_kv, int n0, const QueryWalk& walk) {
     using T = typename Tr::T;
     using Dq = DqPanel<Tr>;
     using Pol = Policy<VARIANT>;
@@ -189,8 +192,8 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
 
     for (int it = 0; it < walk.count; ++it) {
         const int m0 = walk.m_block(it) * BLOCK_M, h = walk.head(it);
-        const Pol pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
-        float* dq_accum_head = p.dq_accum + (i64(b) * p.heads + h) * p.seqlen_q * p.head_dim;
+        const Pol pol(p.var, seq, h);
+        float* dq_accum_head = p.dq_accum + seq.stat_base(p.heads, p.seqlen_q, h) * p.head_dim;
         // this warp's place, recomputed per tile (cheaper than keeping it live at the register limit)
         const int warp = opaque_thread_index() / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
         const int wg = warp / 4, warp_in_wg = warp % 4;
@@ -259,12 +262,12 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
                 }
                 wgmma_wait<0>();
                 fence_operands(dq[0]);
-                part.add(p, dq_accum_head, m0, warp_in_wg, dq);
+                part.add(p, dq_accum_head, seq.q0 + m0, seq.q_end(), warp_in_wg, dq);
             }
         }
     }
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;
-    store_dk_dv<T>(p, b, h_kv, n0 + warp * 16, 0, dk, dv);  // this warp's first key: n0 + 64 wg + 16 warp_in_wg
+    store_dk_dv<T>(p, seq.tb, h_kv, seq.k0 + n0 + warp * 16, seq.k_end(), 0, dk, dv);  // first key: n0 + 64 wg + 16 warp_in_wg
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_M, int NUM_WG, int DQ_SPLIT, int VARIANT>
@@ -276,13 +279,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
     const BwdSm90Smem<Tr> sm(smem_raw);
 
     const int n_block = gridDim.x - 1 - blockIdx.x;
-    const int h_kv = blockIdx.y, b = blockIdx.z;  // one block per kv head: the query heads of its group in turn
+    const int h_kv = blockIdx.y;  // one block per kv head: the query heads of its group in turn
     const int n0 = n_block * Tr::BLOCK_N;
+    const typename Policy<VARIANT>::Seq seq(p, blockIdx.z);
+    if (seq.past_k(n0)) return;
     // Query tiles that see some key of K_j (from the causal diagonal down, within the window), of
     // every query head that reads this kv head.
     int m_first, m_end;
-    Policy<VARIANT>(p.var, p.seqlen_q, p.seqlen_k, b, h_kv * p.var.group)
-        .template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
+    Policy<VARIANT>(p.var, seq, h_kv * p.var.group).template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
     const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
 
     if (threadIdx.x == 0) {
@@ -297,10 +301,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        produce_bwd<Tr>(params, sm, b, h_kv, n0, walk);
+        produce_bwd<Tr>(params, sm, seq, h_kv, n0, walk);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
-        consume_bwd<Tr, VARIANT>(p, sm, b, h_kv, n0, walk);
+        consume_bwd<Tr, VARIANT>(p, sm, seq, h_kv, n0, walk);
     }
 }
 

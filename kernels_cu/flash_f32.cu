@@ -47,22 +47,24 @@ __global__ void __launch_bounds__(128, 1) flash_fwd_f32_kernel(const FwdParams p
     float* sV = sK + Tr::SMEM_TILE;
     float* sP = sV + Tr::SMEM_TILE;  // [query][key]
 
-    const int h = blockIdx.y, b = blockIdx.z, h_kv = kv_head(p.var, h), m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
+    const int h = blockIdx.y, h_kv = kv_head(p.var, h), m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4, i = m0 + r;
-    const Policy<VARIANT, false> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    const typename Policy<VARIANT, false>::Seq seq(p, blockIdx.z);
+    if (seq.past_q(m0)) return;
+    const Policy<VARIANT, false> pol(p.var, seq, h);
     int n_first, n_end;  // the key tiles some row of Q_i sees
     pol.template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
 
     float m = pol.row_max_start(p.var, h), l = pol.row_sum_start(c4), o[Tr::DCOLS];
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) o[dd] = 0.f;
-    load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
+    load_tile_f32<HEAD_DIM>(sQ, p.q, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
 
     for (int n_block = n_first; n_block < n_end; ++n_block) {
         const int n0 = n_block * Tr::BLOCK_N;
         __syncthreads();  // every thread is done reading K_{j-1}, V_{j-1}
-        load_tile_f32<HEAD_DIM>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
-        load_tile_f32<HEAD_DIM>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sK, p.k, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
+        load_tile_f32<HEAD_DIM>(sV, p.v, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
         __syncthreads();  // Q_i, K_j, V_j are visible to every thread
         // S_ij = Q_i K_j^T as logits, masked; m_new = max(m, rowmax(S_ij))
         float s[Tr::COLS], m_tile = -CUPYFLASH_INF;
@@ -98,16 +100,16 @@ __global__ void __launch_bounds__(128, 1) flash_fwd_f32_kernel(const FwdParams p
     }
     // O_i = O_i / l; lse_i = m * scale + log(l)
     const float row_l = quad_sum(l);
-    if (i >= p.seqlen_q) return;
+    if (i >= seq.len_q) return;
     const bool empty = (row_l == 0.f);
-    float* o_row = row_ptr<float>(p.o, b, h, i);
+    float* o_row = row_ptr<float>(p.o, seq.tb, h, seq.q0 + i);
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) {
         const int d = c4 + 4 * dd;
         if (d < p.head_dim) o_row[d] = empty ? 0.f : o[dd] / row_l;
     }
     if (c4 == 0)
-        p.lse[(i64(b) * p.heads + h) * p.seqlen_q + i] =
+        p.lse[seq.stat_base(p.heads, p.seqlen_q, h) + seq.q0 + i] =
             empty ? -CUPYFLASH_INF : (m * p.scale_log2 + log2f(row_l)) / LOG2E;
 }
 
@@ -124,28 +126,29 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
     float* sLse = sdSt + 32 * Tr::P_STRIDE;
     float* sD = sLse + Tr::BLOCK_M;
 
-    const int h_kv = blockIdx.y, b = blockIdx.z, n0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_N;
+    const int h_kv = blockIdx.y, n0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_N;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4;  // r: key row (phases A, B) or query row (phase C)
+    const typename Policy<VARIANT, false>::Seq seq(p, blockIdx.z);
+    if (seq.past_k(n0)) return;
     // the query tiles that see K_j, of every query head that reads kv head h_kv
     int m_first, m_end;
-    Policy<VARIANT, false>(p.var, p.seqlen_q, p.seqlen_k, b, h_kv * p.var.group)
-        .template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
+    Policy<VARIANT, false>(p.var, seq, h_kv * p.var.group).template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
     const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
 
     float dk[Tr::DCOLS], dv[Tr::DCOLS];
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) dk[dd] = dv[dd] = 0.f;
-    load_tile_f32<HEAD_DIM>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
-    load_tile_f32<HEAD_DIM>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
+    load_tile_f32<HEAD_DIM>(sK, p.k, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
+    load_tile_f32<HEAD_DIM>(sV, p.v, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
 
     for (int it = 0; it < walk.count; ++it) {
         const int h = walk.head(it), m0 = walk.m_block(it) * Tr::BLOCK_M;
-        const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
-        const Policy<VARIANT, false> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+        const i64 row_base = seq.stat_base(p.heads, p.seqlen_q, h);
+        const Policy<VARIANT, false> pol(p.var, seq, h);
         __syncthreads();  // every thread is done with the previous Q_i, dO_i, P^T, dS^T
-        load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-        load_tile_f32<HEAD_DIM>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
-        load_row_stats<Tr::BLOCK_M, Tr::NUM_THREADS>(sLse, sD, p, row_base, m0);
+        load_tile_f32<HEAD_DIM>(sQ, p.q, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
+        load_tile_f32<HEAD_DIM>(sdO, p.dout, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
+        load_row_stats<Tr::BLOCK_M, Tr::NUM_THREADS>(sLse, sD, p, row_base, seq.q0 + m0, seq.q_end());
         __syncthreads();  // Q_i, dO_i, lse_i, D_i are visible to every thread
         // P_ij and dS_ij, stored transposed
         #pragma unroll
@@ -167,8 +170,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
             }
         }
         // dQ_i += dS K_j (row r of this tile is query m0 + r here), unless the deterministic dQ pass computes dQ
-        if (p.dq_accum != nullptr && m0 + r < p.seqlen_q) {
-            float* dq_row = p.dq_accum + (row_base + m0 + r) * p.head_dim;
+        if (p.dq_accum != nullptr && m0 + r < seq.len_q) {
+            float* dq_row = p.dq_accum + (row_base + seq.q0 + m0 + r) * p.head_dim;
             for (int d = c4; d < p.head_dim; d += 4) {
                 float acc = 0.f;
                 #pragma unroll 8
@@ -177,9 +180,9 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_f32_kernel(const BwdParams p
             }
         }
     }
-    if (n0 + r >= p.seqlen_k) return;
-    float* dk_row = row_ptr<float>(p.dk, b, h_kv, n0 + r);
-    float* dv_row = row_ptr<float>(p.dv, b, h_kv, n0 + r);
+    if (n0 + r >= seq.len_k) return;
+    float* dk_row = row_ptr<float>(p.dk, seq.tb, h_kv, seq.k0 + n0 + r);
+    float* dv_row = row_ptr<float>(p.dv, seq.tb, h_kv, seq.k0 + n0 + r);
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) {
         const int d = c4 + 4 * dd;
@@ -199,25 +202,27 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParam
     float* sV = sK + Tr::SMEM_TILE;
     float* sdS = sV + Tr::SMEM_TILE;  // [query][key]
 
-    const int h = blockIdx.y, b = blockIdx.z, h_kv = kv_head(p.var, h), m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
+    const int h = blockIdx.y, h_kv = kv_head(p.var, h), m0 = (gridDim.x - 1 - blockIdx.x) * Tr::BLOCK_M;
     const int r = threadIdx.x / 4, c4 = threadIdx.x % 4, i = m0 + r;
-    const i64 row_base = (i64(b) * p.heads + h) * p.seqlen_q;
-    const Policy<VARIANT, false> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    const typename Policy<VARIANT, false>::Seq seq(p, blockIdx.z);
+    if (seq.past_q(m0)) return;
+    const i64 row_base = seq.stat_base(p.heads, p.seqlen_q, h);
+    const Policy<VARIANT, false> pol(p.var, seq, h);
     int n_first, n_end;  // the key tiles some row of Q_i sees
     pol.template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
 
     float lse_log2, d_i, dq[Tr::DCOLS];
-    row_stats(p, row_base, i, lse_log2, d_i);
+    row_stats(p, row_base, seq.q0 + i, seq.q_end(), lse_log2, d_i);
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) dq[dd] = 0.f;
-    load_tile_f32<HEAD_DIM>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_f32<HEAD_DIM>(sdO, p.dout, b, h, m0, p.seqlen_q, p.head_dim);
+    load_tile_f32<HEAD_DIM>(sQ, p.q, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
+    load_tile_f32<HEAD_DIM>(sdO, p.dout, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
 
     for (int n_block = n_first; n_block < n_end; ++n_block) {
         const int n0 = n_block * Tr::BLOCK_N;
         __syncthreads();  // every thread is done reading K_{j-1}
-        load_tile_f32<HEAD_DIM>(sK, p.k, b, h_kv, n0, p.seqlen_k, p.head_dim);
-        load_tile_f32<HEAD_DIM>(sV, p.v, b, h_kv, n0, p.seqlen_k, p.head_dim);
+        load_tile_f32<HEAD_DIM>(sK, p.k, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
+        load_tile_f32<HEAD_DIM>(sV, p.v, seq.tb, h_kv, seq.k0 + n0, seq.k_end(), p.head_dim);
         __syncthreads();  // Q_i, dO_i, K_j, V_j are visible to every thread
         // dS_ij = P_ij (dP_ij - D_i) with S_ij = Q_i K_j^T, dP_ij = dO_i V_j^T
         #pragma unroll
@@ -236,8 +241,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParam
             for (int dd = 0; dd < Tr::DCOLS; ++dd) dq[dd] = fmaf(ds, sK[j * Tr::STRIDE + c4 + 4 * dd], dq[dd]);
         }
     }
-    if (i >= p.seqlen_q) return;
-    float* dq_row = row_ptr<float>(p.dq, b, h, i);
+    if (i >= seq.len_q) return;
+    float* dq_row = row_ptr<float>(p.dq, seq.tb, h, seq.q0 + i);
     #pragma unroll
     for (int dd = 0; dd < Tr::DCOLS; ++dd) {
         const int d = c4 + 4 * dd;

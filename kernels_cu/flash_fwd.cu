@@ -19,10 +19,12 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
     T* sV = sK + Tr::SMEM_K;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
-    const int h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y;
     const int m0 = m_block * BLOCK_M;
+    const typename Policy<VARIANT>::Seq seq(p, blockIdx.z);
+    if (seq.past_q(m0)) return;
     const int warp_m0 = (threadIdx.x / 32) * MT * 16;  // this warp's first row within Q_i
-    const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    const Policy<VARIANT> pol(p.var, seq, h);
 
     // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
     int n_first, n_end;
@@ -34,16 +36,16 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
     softmax.init(pol.row_max_start(p.var, h), pol.row_sum_start(threadIdx.x % 4));
 
     // Load Q_i and the first K_j.
-    load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sQ, p.q, b, h, m0, p.seqlen_q, p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, block_kv_head(p.var), n_first * BLOCK_N, p.seqlen_k,
-                                                                            p.head_dim);
+    load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sQ, p.q, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
+    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, seq.tb, block_kv_head(p.var), seq.k0 + n_first * BLOCK_N,
+                                                                            seq.k_end(), p.head_dim);
     cp_async_commit();
 
     for (int n_block = n_first; n_block < n_end; ++n_block) {
         const int n0 = n_block * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j (and Q_i) are in shared memory, and every warp has finished reading V_{j-1}
-        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sV, p.v, b, block_kv_head(p.var), n0, p.seqlen_k, p.head_dim);
+        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sV, p.v, seq.tb, block_kv_head(p.var), seq.k0 + n0, seq.k_end(), p.head_dim);
         cp_async_commit();
 
         // S_ij = Q_i K_j^T
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
         cp_async_wait<0>();
         __syncthreads();  // V_j is in shared memory, and every warp has finished reading K_j
         if (n_block + 1 < n_end)
-            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, b, block_kv_head(p.var), n0 + BLOCK_N, p.seqlen_k, p.head_dim);
+            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, seq.tb, block_kv_head(p.var), seq.k0 + n0 + BLOCK_N, seq.k_end(), p.head_dim);
         cp_async_commit();
 
         // O_i += P~_ij V_j
@@ -70,7 +72,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
     // O_i = O_i / l, lse_i = m * scale + log(l)
     float inv_l[MT][2], lse[MT][2];
     softmax.finalize(inv_l, lse, p.scale_log2);
-    store_output<T>(p, b, h, m0 + warp_m0, o, inv_l, lse);
+    store_output<T>(p, seq, h, m0 + warp_m0, o, inv_l, lse);
 }
 
 }  // namespace cupyflash

@@ -36,24 +36,26 @@ struct FwdSm90Smem {
 };
 
 // Producer warpgroup: Q_i, then the it-th key tile K_j, V_j (j = n_first + it, from kv head h_kv)
-// into stage it % STAGES once the consumers have released its previous use; each fill completes
+// of sequence `seq` into stage it % STAGES once the consumers have released its previous use; each fill completes
 // the stage's "full" barrier when its bytes have landed.
 // One thread issues every copy (TMA, v2.7: 16-byte cp.async copies from 128 threads held the
 // tensor pipe at 38% busy); the others have nothing to do.
-template <typename Tr>
-__device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, int b, int h, int h_kv,
+template <typename Tr, typename Seq>
+__device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, const Seq& seq, int h, int h_kv,
                                         int m0, int n_first, int n_tiles) {
     if (threadIdx.x != 0) return;
     tma_prefetch_desc(p.k);
     tma_prefetch_desc(p.v);
     mbarrier_arrive_expect_tx(sm.q_full, Tr::TileQ::BYTES);
-    tma_load_tile<typename Tr::TileQ>(sm.q, p.q, sm.q_full, m0, h, b);
+    // rows past a packed sequence's end load the next sequence's (or the tensor map's zeros): the
+    // policy masks those keys, and those query rows are never stored
+    tma_load_tile<typename Tr::TileQ>(sm.q, p.q, sm.q_full, seq.q0 + m0, h, seq.tb);
     for (int it = 0; it < n_tiles; ++it) {
-        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, n0 = (n_first + it) * Tr::BLOCK_N;
+        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, n0 = seq.k0 + (n_first + it) * Tr::BLOCK_N;
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
         mbarrier_arrive_expect_tx(&sm.full[stage], 2 * Tr::TileKV::BYTES);
-        tma_load_tile<typename Tr::TileKV>(sm.k(it), p.k, &sm.full[stage], n0, h_kv, b);
-        tma_load_tile<typename Tr::TileKV>(sm.v(it), p.v, &sm.full[stage], n0, h_kv, b);
+        tma_load_tile<typename Tr::TileKV>(sm.k(it), p.k, &sm.full[stage], n0, h_kv, seq.tb);
+        tma_load_tile<typename Tr::TileKV>(sm.v(it), p.v, &sm.full[stage], n0, h_kv, seq.tb);
     }
 }
 
@@ -77,13 +79,13 @@ __device__ __forceinline__ void issue_pv(float (&o)[Tr::DT][4], const u32 (&pa)[
 
 // Consumer warpgroup `wg`: the online-softmax loop over the key tiles, then O_i and lse_i.
 template <typename Tr, int VARIANT>
-__device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr>& sm, int b, int h, int m0, int n_first,
-                                        int n_tiles) {
+__device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr>& sm, const typename Policy<VARIANT>::Seq& seq,
+                                        int h, int m0, int n_first, int n_tiles) {
     using T = typename Tr::T;
     constexpr int NT = Tr::NT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N;
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
     const int wg = warp / 4, wg_row0 = wg * 64;                     // this warpgroup's first row within Q_i
-    const Policy<VARIANT> pol(p.var, p.seqlen_q, p.seqlen_k, b, h);
+    const Policy<VARIANT> pol(p.var, seq, h);
     auto wait_tile = [&](int it) {  // K_j, V_j have landed and are visible to wgmma
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
     };
@@ -156,7 +158,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     // O_i = O_i / l, lse_i = m * scale + log(l)
     float inv_l[1][2], lse[1][2];
     softmax.finalize(inv_l, lse, p.scale_log2);
-    store_output<T>(p, b, h, m0 + warp * 16, o, inv_l, lse);
+    store_output<T>(p, seq, h, m0 + warp * 16, o, inv_l, lse);
 }
 
 template <typename T, int HEAD_DIM, int BLOCK_N, int NUM_WG, int VARIANT>
@@ -168,11 +170,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
     const FwdSm90Smem<Tr> sm(smem_raw);
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest causal query tiles are scheduled first
-    const int h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y;
     const int m0 = m_block * Tr::BLOCK_M;
+    const typename Policy<VARIANT>::Seq seq(p, blockIdx.z);
+    if (seq.past_q(m0)) return;
     // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
     int n_first, n_end;
-    Policy<VARIANT>(p.var, p.seqlen_q, p.seqlen_k, b, h).template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
+    Policy<VARIANT>(p.var, seq, h).template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
 
     if (threadIdx.x == 0) {
         mbarrier_init(sm.q_full, 1);  // the TMA thread's arrival (and the bytes it announces)
@@ -186,10 +190,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        produce<Tr>(params, sm, b, h, kv_head(p.var, h), m0, n_first, n_end - n_first);
+        produce<Tr>(params, sm, seq, h, kv_head(p.var, h), m0, n_first, n_end - n_first);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
-        consume<Tr, VARIANT>(p, sm, b, h, m0, n_first, n_end - n_first);
+        consume<Tr, VARIANT>(p, sm, seq, h, m0, n_first, n_end - n_first);
     }
 }
 

@@ -6,13 +6,15 @@
 
 namespace cupyflash {
 
-// O_i = diag(1 / l) O_i and lse_i, written for the rows and columns that exist.
-template <typename T, int MT, int DT>
-__device__ __forceinline__ void store_output(const FwdParams& p, int b, int h, int q0, const float (&o)[MT][DT][4],
+// O_i = diag(1 / l) O_i and lse_i of sequence `seq`'s head h, from its query i0 on, written for the
+// rows and columns that exist.
+template <typename T, int MT, int DT, typename Seq>
+__device__ __forceinline__ void store_output(const FwdParams& p, const Seq& seq, int h, int i0, const float (&o)[MT][DT][4],
                                              const float (&inv_l)[MT][2], const float (&lse)[MT][2]) {
     const int lane = threadIdx.x % 32;
-    store_acc_tile<T>(p.o, b, h, q0, 0, p.seqlen_q, p.head_dim, o, inv_l, [&](int mt, int hh, int i) {
-        if (lane % 4 == 0) p.lse[(i64(b) * p.heads + h) * p.seqlen_q + i] = lse[mt][hh];
+    const i64 lse_base = seq.stat_base(p.heads, p.seqlen_q, h);
+    store_acc_tile<T>(p.o, seq.tb, h, seq.q0 + i0, 0, seq.q_end(), p.head_dim, o, inv_l, [&](int mt, int hh, int row) {
+        if (lane % 4 == 0) p.lse[lse_base + row] = lse[mt][hh];
     });
 }
 

@@ -30,11 +30,14 @@ struct VariantParams {
     float softcap_out;             // softcap / softmax_scale: back to raw units
     float inv_scale;               // 1 / softmax_scale: slopes and sinks in raw units
     int pad_;
+    const int* cu_seqlens_q;       // packed sequences (VARIANT_VARLEN): (B + 1,) row offsets of each
+    const int* cu_seqlens_k;       // sequence's queries and keys; null for dense (B, S, H, D) tensors
 };
 
 struct FwdParams {
     TensorRef q, k, v, o;      // q, o: (B, Sq, H, D); k, v: (B, Sk, H_kv, D)
     float* lse;                 // (B, H, Sq), natural-log log-sum-exp of each scaled score row
+                                // (packed: B = 1 in the tensors, Sq = total_q: flash-attn's (H, total_q))
     int batch, heads, seqlen_q, seqlen_k, head_dim;
     float scale_log2;           // softmax_scale * log2(e): scores are exponentiated with exp2
     VariantParams var;
@@ -76,12 +79,12 @@ struct BwdSm90Params {
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
-static_assert(sizeof(VariantParams) == 64, "VariantParams layout is mirrored in _launch.py");
-static_assert(sizeof(FwdParams) == 224, "FwdParams layout is mirrored in _launch.py");
-static_assert(sizeof(BwdParams) == 376, "BwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(VariantParams) == 80, "VariantParams layout is mirrored in _launch.py");
+static_assert(sizeof(FwdParams) == 240, "FwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(BwdParams) == 392, "BwdParams layout is mirrored in _launch.py");
 static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 640,  // q, k, v at 256, 384, 512
               "FwdSm90Params layout is mirrored in _launch.py");
-static_assert(sizeof(BwdSm90Params) == 896, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 384
+static_assert(sizeof(BwdSm90Params) == 960, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 448
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>
@@ -89,21 +92,71 @@ __device__ __forceinline__ T* row_ptr(const TensorRef& t, int b, int h, int s) {
     return static_cast<T*>(t.ptr) + b * t.stride_b + h * t.stride_h + i64(s) * t.stride_s;
 }
 
+// Where sequence b (the grid's z) lives in the tensors.
+//  * Dense: batch b of (B, S, H, D) tensors, rows from 0, lengths seqlen_q and seqlen_k.
+//  * Packed (VARIANT_VARLEN, flash-attn's varlen): rows cu_seqlens[b] .. cu_seqlens[b + 1] of
+//    (1, total, H, D) tensors, whose seqlen_q and seqlen_k are the totals.
+// The variant policy takes a query's or key's position within its sequence (i, j); memory takes its
+// row in the tensor (q0 + i, k0 + j). The row statistics (lse, D, dQ's accumulator) are indexed by
+// (tensor batch, head, tensor row): packed, that is flash-attn's (H, total_q) layout.
+template <bool PACKED>
+struct Seq {
+    int b;             // the sequence: the grid's z, ALiBi's batch row
+    int tb;            // its batch index in the tensors (0 when packed)
+    int q0, k0;        // its first query and key rows in the tensors (0 unless packed)
+    int len_q, len_k;  // its query and key counts
+    template <typename Params>
+    __device__ __forceinline__ Seq(const Params& p, int b_) : b(b_) {
+        if constexpr (PACKED) {
+            tb = 0;
+            q0 = p.var.cu_seqlens_q[b];
+            k0 = p.var.cu_seqlens_k[b];
+            len_q = p.var.cu_seqlens_q[b + 1] - q0;
+            len_k = p.var.cu_seqlens_k[b + 1] - k0;
+        } else {
+            tb = b;
+            q0 = k0 = 0;
+            len_q = p.seqlen_q;
+            len_k = p.seqlen_k;
+        }
+    }
+    // Is a block's first query (key) past the sequence's end? Packed sequences are shorter than the
+    // grid's longest: such blocks exit at once. Dense grids have no such block.
+    __device__ __forceinline__ bool past_q(int i0) const { return PACKED && i0 >= len_q; }
+    __device__ __forceinline__ bool past_k(int j0) const { return PACKED && j0 >= len_k; }
+    // q0 read again from memory, an opaque load the compiler cannot hoist: for the kernels at the
+    // register limit, where keeping it live beside the key loop's state made ptxas spill
+    template <typename Params>
+    __device__ __forceinline__ int q0_again(const Params& p) const {
+        if constexpr (!PACKED) return 0;
+        int v;
+        asm volatile("ld.global.nc.s32 %0, [%1];\n" : "=r"(v) : "l"(p.var.cu_seqlens_q + b));
+        return v;
+    }
+    __device__ __forceinline__ int q_end() const { return q0 + len_q; }  // one past its last query row
+    __device__ __forceinline__ int k_end() const { return k0 + len_k; }  // one past its last key row
+    // head h's first entry in a (tensor batch, heads, rows) statistics array; rows = the tensors' seqlen_q
+    __device__ __forceinline__ i64 stat_base(int heads, int rows, int h) const { return (i64(tb) * heads + h) * rows; }
+};
+
 // The query row of the row-wise backward kernels (one warp per row, ROWS warps per block,
-// grid (rows / ROWS, heads, batch)): i, its (b, h), and its flat index in (B, H, Sq).
+// grid (rows / ROWS, heads, sequences)): its row i in the tensors, its (tensor batch, h), and its
+// flat index in the (tensor batch, H, seqlen_q) statistics.
 struct RowwiseIndex {
     int i, b, h, lane;
     i64 row;
     bool valid;
-    template <int ROWS>
+    template <int ROWS, bool PACKED>
     __device__ static RowwiseIndex of(const BwdParams& p) {
+        const Seq<PACKED> seq(p, blockIdx.z);
         RowwiseIndex r;
-        r.i = blockIdx.x * ROWS + threadIdx.x / 32;
+        const int i = blockIdx.x * ROWS + threadIdx.x / 32;  // within the sequence
         r.lane = threadIdx.x % 32;
         r.h = blockIdx.y;
-        r.b = blockIdx.z;
-        r.row = (i64(r.b) * p.heads + r.h) * p.seqlen_q + r.i;
-        r.valid = r.i < p.seqlen_q;
+        r.b = seq.tb;
+        r.i = seq.q0 + i;
+        r.row = seq.stat_base(p.heads, p.seqlen_q, r.h) + r.i;
+        r.valid = i < seq.len_q;
         return r;
     }
 };

@@ -26,7 +26,8 @@ enum VariantBits : int {
     VARIANT_SOFTCAP = 4,                             // softcap * tanh(s / softcap)
     VARIANT_ALIBI = 8,                               // - slope_h |i + o - j|
     VARIANT_SINKS = 16,                              // exp(sink_h) in each row's denominator
-    VARIANT_ALL = 31,
+    VARIANT_VARLEN = 32,                             // packed sequences: cu_seqlens (Seq, params.cuh)
+    VARIANT_ALL = 63,
 };
 
 // tanh on the MUFU unit (relative error about 2^-11, below 16-bit rounding), or tanhf for the
@@ -68,6 +69,8 @@ struct Policy {
     static constexpr bool ALIBI = (VARIANT & VARIANT_ALIBI) != 0;
     static constexpr bool SINKS = (VARIANT & VARIANT_SINKS) != 0;
     static constexpr bool TRANSFORMS = SOFTCAP || ALIBI;  // logits differ from scores on every tile
+    static constexpr bool PACKED = (VARIANT & VARIANT_VARLEN) != 0;
+    using Seq = cupyflash::Seq<PACKED>;  // where a sequence's rows live
 
     // Copies of the values this variant reads (the compiler drops those it never reads; a
     // reference to the kernel's parameter struct would make it copy the struct to local memory).
@@ -77,11 +80,12 @@ struct Policy {
     float slope;       // this (batch, head)'s ALiBi slope in raw units (0 without ALiBi)
     float slope_log2;  // the same in log2 units, slope * log2(e) (the backward's exponent)
 
-    __device__ __forceinline__ Policy(const VariantParams& v, int seqlen_q_, int seqlen_k_, int b, int h)
-        : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_), window_left(v.window_left), window_right(v.window_right),
+    // sequence `seq`'s query head h (positions i, j within the sequence)
+    __device__ __forceinline__ Policy(const VariantParams& v, const Seq& seq, int h)
+        : seqlen_q(seq.len_q), seqlen_k(seq.len_k), window_left(v.window_left), window_right(v.window_right),
           softcap_in(v.softcap_in), softcap_out(v.softcap_out),
-          slope(ALIBI ? v.alibi[i64(b) * v.alibi_stride_b + h] * v.inv_scale : 0.f),
-          slope_log2(ALIBI ? v.alibi[i64(b) * v.alibi_stride_b + h] * LOG2E : 0.f) {}
+          slope(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h] * v.inv_scale : 0.f),
+          slope_log2(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h] * LOG2E : 0.f) {}
 
     // ---- which keys: tile bounds ----
     __device__ __forceinline__ int diag(int i) const { return i + seqlen_k - seqlen_q; }  // query i's diagonal key
