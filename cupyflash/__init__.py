@@ -2,9 +2,11 @@
 NVRTC) and on NumPy arrays (the same blocked algorithm on the CPU). No PyTorch."""
 from .api import backward_workspace, flash_attention, flash_attention_backward
 from .varlen import flash_attention_varlen, flash_attention_varlen_backward
+from .kvcache import flash_attention_with_kvcache
 from . import autodiff, optim, reference
 
 __version__ = "0.1.0"
 __all__ = ["flash_attention", "flash_attention_backward", "flash_attention_varlen", "flash_attention_varlen_backward",
+           "flash_attention_with_kvcache",
            "backward_workspace", "autodiff", "optim",
            "reference", "__version__"]

@@ -344,12 +344,15 @@ def check_output_buffer(name: str, x, shape: tuple, dtype, like_device, *, c_con
     return x
 
 
-def check_workspace(workspace, shape: AttentionShape, device):
-    """The (D, dQ accumulator) pair from backward_workspace, for this problem and device."""
+def check_workspace(workspace, shape: AttentionShape, device, packed: bool = False):
+    """The (D, dQ accumulator) pair from backward_workspace, for this problem and device (packed:
+    for (total_q, heads, head_dim) queries, without the batch axis)."""
     if not (isinstance(workspace, tuple) and len(workspace) == 2):
         raise TypeError("workspace must be the pair returned by cupyflash.backward_workspace(q)")
     want = ((shape.batch, shape.heads, shape.seqlen_q),
             (shape.batch, shape.heads, shape.seqlen_q, shape.head_dim))
+    if packed:
+        want = tuple(w[1:] for w in want)
     for name, x, w in zip(("workspace[0]", "workspace[1]"), workspace, want):
         if not is_cupy_array(x) or x.dtype != np.float32 or tuple(x.shape) != w or not x.flags.c_contiguous:
             raise ValueError(f"{name} must be a C-contiguous float32 cupy array of shape {w}: "
@@ -430,3 +433,118 @@ def check_variants(shape: AttentionShape, dtype, device, causal: bool, window_si
     if sinks is not None:
         sinks = _check_per_head("sinks", sinks, ((H,),), dtype, device, "one sink logit per query head")
     return Variants.of(causal, (left, right), float(softcap), alibi_slopes, sinks)
+
+
+# ---- attention against a KV cache ----
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """A validated KV cache: dense (B, S_max, H_kv, D) or paged (num_pages, page_size, H_kv, D)
+    with a page table (B, pages per sequence); ``capacity``: the positions one sequence can hold."""
+    page_table: object
+    capacity: int
+    new_tokens: int  # S_new, the tokens appended by this call
+
+
+def _check_int32_array(name: str, x, shape: tuple, rule: str, device):
+    x = as_array(x, name)
+    if _device_of(x) != device:
+        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}")
+    if x.dtype != np.int32:
+        raise ValueError(f"{name} must have dtype int32, got {dtype_name(x.dtype)}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ({rule}), got {tuple(x.shape)}")
+    return x
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, device):
+    """Shapes, dtypes, devices and layouts of a KV-cache call (q and the caches already arrays on
+    one device with one dtype) -> (AttentionShape of q against a full cache, CacheLayout,
+    cache_seqlens, k, v)."""
+    if q.ndim != 4:
+        raise ValueError(f"q must have 4 dimensions (batch, seqlen_q, heads, head_dim), got shape {tuple(q.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions ((batch, seqlen_max, heads_kv, head_dim), or "
+                             f"(num_pages, page_size, heads_kv, head_dim) with a page_table), got shape {tuple(c.shape)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    B, Sq, H, D = q.shape
+    _, rows, H_kv, D_kv = k_cache.shape
+    if D_kv != D:
+        raise ValueError(f"k_cache has head_dim {D_kv} but q has {D}: head_dim must match")
+    _check_heads_and_dim(H, H_kv, H_kv, D)
+    if page_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} sequences but q has batch {B} (a dense cache is "
+                             "(batch, seqlen_max, heads_kv, head_dim); pass page_table= for a paged one)")
+        capacity = rows
+    else:
+        if rows < 16 or rows & (rows - 1):
+            raise ValueError(f"a paged cache's page_size (k_cache.shape[1]) must be a power of two >= 16, got {rows}")
+        page_table = as_array(page_table, "page_table")
+        if page_table.ndim != 2 or page_table.shape[0] != B:
+            raise ValueError(f"page_table must have shape (batch, pages_per_sequence) = ({B}, n), got "
+                             f"{tuple(page_table.shape)}")
+        page_table = _check_int32_array("page_table", page_table, page_table.shape, "", device)
+        capacity = page_table.shape[1] * rows
+    if cache_seqlens is not None:
+        cache_seqlens = _check_int32_array("cache_seqlens", cache_seqlens, (B,),
+                                           "the tokens already in each sequence's cache", device)
+    if (k is None) != (v is None):
+        raise ValueError("k and v are the new tokens' keys and values: pass both or neither")
+    new_tokens = 0
+    if k is not None:
+        k, v = as_array(k, "k"), as_array(v, "v")
+        for name, x in (("k", k), ("v", v)):
+            if _device_of(x) != device:
+                raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}")
+            if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[3]) != (B, H_kv, D) or x.shape[1] != k.shape[1]:
+                raise ValueError(f"{name} must have shape (batch, seqlen_new, heads_kv, head_dim) = ({B}, S_new, {H_kv}, "
+                                 f"{D}) like the other new tokens, got {tuple(x.shape)}")
+            if x.dtype != q.dtype:
+                raise ValueError(f"{name} must have q's dtype {dtype_name(q.dtype)}, got {dtype_name(x.dtype)}")
+            _check_last_dim_contiguous(name, x)
+        new_tokens = k.shape[1]
+        if cache_seqlens is None:
+            raise ValueError("appending k and v needs cache_seqlens (where each sequence's new tokens go); without it "
+                             "every cache is taken as full")
+        if new_tokens > capacity:
+            raise ValueError(f"k holds {new_tokens} new tokens per sequence but the cache holds at most {capacity}")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if isinstance(c, np.ndarray) and not c.flags.writeable:
+                raise ValueError(f"{name} is read-only: the new tokens are written into it")
+            for axis, (n, st) in enumerate(zip(c.shape, c.strides)):
+                if n > 1 and st == 0:
+                    raise ValueError(f"{name} has stride 0 on axis {axis} (a broadcast view): it cannot receive tokens")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_last_dim_contiguous(name, c)
+    shape = AttentionShape(B, Sq, capacity, H, D, H_kv)
+    return shape, CacheLayout(page_table, capacity, new_tokens), cache_seqlens, k, v
+
+
+def check_cache_values(lengths: np.ndarray, layout: CacheLayout, num_pages: int):
+    """Host copies of cache_seqlens (and the page table): every sequence's tokens, the new ones
+    included, fit its cache, and every page it uses exists. A bad value names its index."""
+    for b, n in enumerate(lengths.tolist()):
+        if n < 0:
+            raise ValueError(f"cache_seqlens[{b}] = {n} is negative")
+        if n + layout.new_tokens > layout.capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {n} plus {layout.new_tokens} new tokens exceeds the cache's "
+                             f"{layout.capacity} positions")
+    if layout.page_table is not None:
+        page_size = layout.capacity // layout.page_table.shape[1]
+        for b, n in enumerate(lengths.tolist()):
+            used = layout.page_table[b, :-(-(n + layout.new_tokens) // page_size)]
+            bad = np.flatnonzero((used < 0) | (used >= num_pages))
+            if bad.size:
+                p = int(bad[0])
+                raise ValueError(f"page_table[{b}, {p}] = {int(used[p])} is not a page of the cache (0 .. {num_pages - 1})")
+
+
+def check_num_splits(num_splits) -> int:
+    num_splits = _check_int("num_splits", num_splits)
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0: chosen by cupyflash), got {num_splits}")
+    return num_splits

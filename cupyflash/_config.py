@@ -29,19 +29,21 @@ LOG2E = 1.4426950408889634  # log2(e): the kernels exponentiate with exp2
 ROWWISE_ROWS_PER_BLOCK = 8
 #: threads of the dsinks kernel (DSINKS_THREADS in kernels_cu/flash_bwd_dsinks.cu)
 DSINKS_THREADS = 256
+#: threads of the KV-cache append kernel (APPEND_THREADS in kernels_cu/kvcache_append.cu)
+APPEND_THREADS = 32
 
 
 # The VARIANT template parameter of every kernel: VariantBits in kernels_cu/variant.cuh.
 MASK_NONE, MASK_CAUSAL, MASK_WINDOW = 0, 1, 2
-VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN = 4, 8, 16, 32
+VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN, VARIANT_KVLEN = 4, 8, 16, 32, 64
 
 
-def variant_bits(variants, packed: bool = False) -> int:
+def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> int:
     """The compile-time switches of a call's variants (a cupyflash._variants.Variants): the mask
-    kind (none, causal, window) and a bit each for softcap, ALiBi and sinks, and one for packed
-    sequences (varlen, ``packed``). The values stay run-time (VariantParams), so each combination
-    is one instantiation, compiled at first use."""
-    bits = VARIANT_VARLEN if packed else 0
+    kind (none, causal, window) and a bit each for softcap, ALiBi and sinks, packed sequences
+    (varlen, ``packed``) and per-sequence key counts (a KV cache, ``kv_lengths``). The values stay
+    run-time (VariantParams), so each combination is one instantiation, compiled at first use."""
+    bits = (VARIANT_VARLEN if packed else 0) | (VARIANT_KVLEN if kv_lengths else 0)
     window = tuple(variants.window)
     bits |= MASK_NONE if window == (-1, -1) else MASK_CAUSAL if window == (-1, 0) else MASK_WINDOW
     if variants.softcap > 0:
@@ -57,7 +59,7 @@ def variant_text(bits: int) -> str:
     """The switches in words ('dense', 'causal', 'window+softcap', ...)."""
     parts = [("", "causal", "window")[bits & 3]]
     parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"),
-                                     (VARIANT_VARLEN, "varlen")) if bits & bit]
+                                     (VARIANT_VARLEN, "varlen"), (VARIANT_KVLEN, "kvlen")) if bits & bit]
     return "+".join(p for p in parts if p) or "dense"
 
 
@@ -389,9 +391,18 @@ class KernelSet:
     def dsinks_name() -> str:
         return "cupyflash::flash_bwd_dsinks_kernel"
 
+    @property
+    def kv_lengths(self) -> bool:
+        """Per-sequence key counts (a KV cache): the append kernel comes with the set."""
+        return bool(self.variant & VARIANT_KVLEN)
+
+    def append_name(self) -> str:
+        return _instance("kvcache_append_kernel", CXX_TYPE[self.dtype])
+
     def name_expressions(self) -> tuple[str, ...]:
         last = self.dq_name() if self.deterministic else self.convert_name()
-        return (self.fwd_name(), self.bwd_name(), self.preprocess_name(), last) + ((self.dsinks_name(),) if self.sinks else ())
+        return ((self.fwd_name(), self.bwd_name(), self.preprocess_name(), last) + ((self.dsinks_name(),) if self.sinks else ())
+                + ((self.append_name(),) if self.kv_lengths else ()))
 
     def fwd_threads(self) -> int:
         return 32 * self.fwd.num_warps

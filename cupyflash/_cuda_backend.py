@@ -106,17 +106,17 @@ class _FilledParams:
 # the pointers a forward call fills in: q, k, v, out, lse, the variants' slopes and sinks, and the
 # offsets of packed sequences (varlen)
 _FWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "lse", "var.alibi", "var.sinks", "var.cu_seqlens_q",
-                 "var.cu_seqlens_k")
+                 "var.cu_seqlens_k", "var.seqused_k")
 
 
 def _ptr(x) -> int:
     return 0 if x is None else x.data.ptr
 
 
-def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None) -> tuple:
+def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seqused=None) -> tuple:
     """VariantParams (kernels_cu/params.cuh) of a call: the run-time values of its variants in the
     kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32)
-    and of packed sequences' offsets. Returns (the struct's values in order, the arrays it points
+    and of packed sequences' offsets or a KV cache's key counts (``seqused``). Returns (the struct's values in order, the arrays it points
     to, kept alive by the caller)."""
     from ._variants import UNBOUNDED, Variants
     var = variants or Variants()
@@ -131,7 +131,7 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None) -> 
               np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
               np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
               np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(0),
-              np.uint64(_ptr(packing and packing.cu_q)), np.uint64(_ptr(packing and packing.cu_k)))
+              np.uint64(_ptr(packing and packing.cu_q)), np.uint64(_ptr(packing and packing.cu_k)), np.uint64(_ptr(seqused)))
     return values, (alibi, sinks)
 
 
@@ -145,12 +145,12 @@ class ForwardPlan:
     """The forward launch for one set of layouts of q, k, v and the out and lse buffers."""
 
     def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple, variants=None,
-                 packing=None):
+                 packing=None, seqused=None):
         B, Sq, H, D = q.shape  # packed sequences (``packing``): one batch of total_q rows
         self.device = q.data.device_id
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (B, H, Sq)
         self.allocates_out, self.allocates_lse = allocates  # (out, lse) were not given: allocate them
-        var, self.variant_arrays = _variant_fields(variants, q, k, scale, packing=packing)
+        var, self.variant_arrays = _variant_fields(variants, q, k, scale, packing=packing, seqused=seqused)
         grid_b, grid_q = (packing.batch, packing.max_q) if packing is not None else (B, Sq)  # sequences, longest
         fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                       o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(grid_b), heads=np.int32(H),
@@ -173,9 +173,9 @@ class ForwardPlan:
     def _qkv(q, k, v) -> tuple:
         return (q.data.ptr, k.data.ptr, v.data.ptr)
 
-    def launch(self, q, k, v, o, lse, stream_ptr: int, alibi=None, sinks=None, packing=None) -> None:
+    def launch(self, q, k, v, o, lse, stream_ptr: int, alibi=None, sinks=None, packing=None, seqused=None) -> None:
         self.kernel(stream_ptr, self.params((q.data.ptr, k.data.ptr, v.data.ptr, o.data.ptr, lse.data.ptr,
-                                             _ptr(alibi), _ptr(sinks), *_packing_pointers(packing))))
+                                             _ptr(alibi), _ptr(sinks), *_packing_pointers(packing), _ptr(seqused))))
 
     def __call__(self, q, k, v, out, lse, alibi=None, sinks=None):
         """(out, lse) for arrays of the plan's layouts, or None when this call cannot take the
@@ -204,12 +204,13 @@ def _packing_pointers(packing) -> tuple:
 
 
 def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None, variants=None,
-                      packing=None):
+                      packing=None, seqused=None):
     """(out, lse, plan): the forward on any validated inputs, and the plan it ran when that plan
     serves every later call with the same layouts (None when an input, the ALiBi slopes or the
     sinks were copied first, or the problem is empty). ``variants``: a _variants.Variants, causal
     folded in. ``packing``: packed sequences (a _checks.Packing; q, k, v, out one batch of
-    total rows, lse (1, H, total_q))."""
+    total rows, lse (1, H, total_q)). ``seqused``: int32 (B,) device array, the keys each sequence
+    uses (at most k's seqlen: a KV cache's valid prefix)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
@@ -222,13 +223,14 @@ def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None
             if l.size:  # no keys: every row is empty (lse = its sink logit, when it has one)
                 l[...] = -np.inf if variants is None or variants.sinks is None else variants.sinks[None, :, None]
             return o, l, None
-        variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
+        variant = (_config.variant_bits(variants, packing is not None, seqused is not None) if variants is not None
+                   else None)
         ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant,
                                 seqlen_k=Sk if packing is None else packing.max_k)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
         plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants,
-                           packing=packing)
-        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays, packing)
+                           packing=packing, seqused=seqused)
+        plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays, packing, seqused)
         reusable = (o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
                     and _reads_in_place(plan.variant_arrays, variants))
         if o_user is not None:
@@ -244,7 +246,7 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
 
 assert _launch.BWD_SM90_PARAMS.fields["bwd"][1] == 0  # BackwardPlan.launch passes one buffer to all kernels
 _BWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "dout.ptr", "dq.ptr", "dk.ptr", "dv.ptr", "lse", "dsum",
-                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks", "var.cu_seqlens_q", "var.cu_seqlens_k")
+                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks", "var.cu_seqlens_q", "var.cu_seqlens_k")  # no seqused_k: forward only
 
 
 class BackwardPlan:
@@ -372,7 +374,8 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
             for g in staged + ([dsinks] if with_sinks else []):
                 g.fill(0)
         else:
-            variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
+            variant = (_config.variant_bits(variants, packing is not None, seqused is not None) if variants is not None
+                   else None)
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
                                     seqlen_k=Sk if packing is None else packing.max_k,
                                     variant=variant)  # the forward's kernel set too: one module per problem
@@ -415,3 +418,65 @@ def backward_workspace(batch: int, heads: int, seqlen_q: int, head_dim: int):
     Allocate once and pass as ``workspace=`` to keep the backward pass allocation-free."""
     return (cupy.empty((batch, heads, seqlen_q), dtype=np.float32),
             cupy.empty((batch, heads, seqlen_q, head_dim), dtype=np.float32))
+
+
+def kvcache_seqused(batch: int):
+    """The scratch of a KV-cache call: each sequence's key count, int32 (batch,)."""
+    return cupy.empty((batch,), dtype=np.int32)
+
+
+def forward_kvcache(q, k_cache, v_cache, cache_seqlens, layout, *, k_new=None, v_new=None, scale: float, variants,
+                    out=None, lse=None, seqused=None):
+    """(out, lse) of a KV-cache call on validated inputs (``layout``: a _checks.CacheLayout).
+
+    The append kernel writes the new tokens into the caches and each sequence's key count into
+    ``seqused`` (allocated when not given); the forward kernels then read each sequence's first
+    seqused[b] keys (VARIANT_KVLEN). A paged cache is gathered into a dense copy first: an
+    interim path (an allocation and a copy of every page the table names), until the kernels
+    read pages themselves (issue 16)."""
+    B, Sq, H, D = q.shape
+    causal = variants.window == (-1, 0)
+    with cupy.cuda.Device(q.device.id):
+        if cache_seqlens is None and layout.page_table is None:  # full dense caches: the plain call
+            return forward_with_plan(q, k_cache, v_cache, causal=causal, scale=scale, out=out, lse=lse,
+                                     variants=variants)[:2]
+        seqused = kvcache_seqused(B) if seqused is None else seqused
+        if cache_seqlens is None:
+            seqused.fill(layout.capacity)
+        else:
+            _append(q, k_cache, v_cache, cache_seqlens, layout, k_new, v_new, seqused, variants)
+        if layout.page_table is not None:
+            k_cache, v_cache = _gathered_pages(k_cache, v_cache, layout)
+        return forward_with_plan(q, k_cache, v_cache, causal=causal, scale=scale, out=out, lse=lse,
+                                 variants=variants, seqused=seqused)[:2]
+
+
+def _append(q, k_cache, v_cache, cache_seqlens, layout, k_new, v_new, seqused, variants) -> None:
+    """The append kernel: new tokens into the caches, seqused = cache_seqlens + S_new clamped."""
+    B, D, H_kv = q.shape[0], q.shape[3], k_cache.shape[2]
+    ks = _config.kernel_set(q.dtype, D, variants.window == (-1, 0), _cc(), seqlen_k=layout.capacity,
+                            variant=_config.variant_bits(variants, kv_lengths=True))  # the forward's module
+    s_new = layout.new_tokens
+    new = (k_new, v_new) if s_new else (k_cache[:1, :0], v_cache[:1, :0])  # no rows are read without new tokens
+    table = layout.page_table
+    fields = dict(k_new=_launch.tensor_ref(new[0]), v_new=_launch.tensor_ref(new[1]),
+                  k_cache=_launch.tensor_ref(k_cache), v_cache=_launch.tensor_ref(v_cache),
+                  cache_seqlens=np.uint64(cache_seqlens.data.ptr), page_table=np.uint64(_ptr(table)),
+                  seqused_k=np.uint64(seqused.data.ptr),
+                  page_table_stride=np.int64(0 if table is None else table.strides[0] // table.itemsize),
+                  new_tokens=np.int32(s_new), capacity=np.int32(layout.capacity),
+                  page_size=np.int32(k_cache.shape[1]), num_pages=np.int32(k_cache.shape[0]), head_dim=np.int32(D),
+                  pad_=np.int32(0))
+    launch = _launch.PreparedLaunch(ks, ks.append_name(), (max(s_new, 1), H_kv, B), _config.APPEND_THREADS, 0)
+    launch(cupy.cuda.get_current_stream().ptr, _launch.ParamTemplate(_launch.APPEND_PARAMS, fields).fill(()))
+
+
+def _gathered_pages(k_cache, v_cache, layout):
+    """Dense (B, capacity, H_kv, D) copies of the pages each sequence's table row names (page
+    indices outside the cache clamped into it: such rows are the caller's contract, never an
+    out-of-bounds read)."""
+    num_pages, page_size = k_cache.shape[:2]
+    pos = cupy.arange(layout.capacity)
+    pages = cupy.clip(layout.page_table[:, pos // page_size], 0, num_pages - 1)
+    rows = pages.astype(np.int64) * page_size + pos % page_size  # (B, capacity)
+    return tuple(c.reshape(num_pages * page_size, *c.shape[2:])[rows] for c in (k_cache, v_cache))

@@ -28,13 +28,19 @@ VARIANT_PARAMS = np.dtype([("alibi", np.uint64), ("sinks", np.uint64), ("dsinks"
                            ("group_mul", np.uint32), ("group", np.int32), ("window_left", np.int32),
                            ("window_right", np.int32), ("softcap_in", np.float32), ("softcap_out", np.float32),
                            ("inv_scale", np.float32), ("pad_", np.int32), ("cu_seqlens_q", np.uint64),
-                           ("cu_seqlens_k", np.uint64)], align=True)
+                           ("cu_seqlens_k", np.uint64), ("seqused_k", np.uint64)], align=True)
 FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
 BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("dout", _TENSOR_REF), ("dq", _TENSOR_REF), ("dk", _TENSOR_REF), ("dv", _TENSOR_REF),
                        ("lse", np.uint64), ("dsum", np.uint64), ("dq_accum", np.uint64), *_COMMON,
                        ("scale", np.float32), ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
+
+APPEND_PARAMS = np.dtype([("k_new", _TENSOR_REF), ("v_new", _TENSOR_REF), ("k_cache", _TENSOR_REF),
+                          ("v_cache", _TENSOR_REF), ("cache_seqlens", np.uint64), ("page_table", np.uint64),
+                          ("seqused_k", np.uint64), ("page_table_stride", np.int64), ("new_tokens", np.int32),
+                          ("capacity", np.int32), ("page_size", np.int32), ("num_pages", np.int32),
+                          ("head_dim", np.int32), ("pad_", np.int32)], align=True)
 
 # FwdParams and the TMA tensor maps of q, k, v (TmaDesc: 128 bytes, 64-byte aligned)
 FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
@@ -46,7 +52,7 @@ BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": 
 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
 assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
-         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize) == (32, 80, 240, 392, 640, 960))
+         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize) == (32, 88, 248, 400, 640, 960, 184))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535

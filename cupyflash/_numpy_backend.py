@@ -267,3 +267,40 @@ def _write(buf, value):
         return value
     buf[...] = value
     return buf
+
+
+# ---------------------------------------------------------------------------------------
+# Attention against a KV cache: append the new tokens at each sequence's length, then each
+# sequence's queries attend to the valid prefix of its cache, as a dense batch of one.
+
+def _cache_rows(cache, page_table, b: int, end: int):
+    """Sequence b's cache positions [0, end) as indices into the cache viewed as (rows, H_kv, D):
+    batch b's rows of a dense cache, or the page table's rows of a paged one."""
+    pos = np.arange(end)
+    if page_table is None:
+        return b * cache.shape[1] + pos
+    page_size = cache.shape[1]
+    return page_table[b, pos // page_size].astype(np.int64) * page_size + pos % page_size
+
+
+def forward_kvcache(q, k_cache, v_cache, kv_lengths, *, k_new=None, v_new=None, page_table=None, scale: float,
+                    variants: Variants, out=None, lse=None):
+    """Append ``k_new``, ``v_new`` (B, S_new, H_kv, D) to the caches at positions kv_lengths[b]...
+    (in place), then :func:`forward` of each sequence's queries against its first
+    kv_lengths[b] + S_new cached keys. The caches are dense (B, S_max, H_kv, D) or paged
+    (num_pages, page_size, H_kv, D) with ``page_table`` (B, pages per sequence); ``kv_lengths``:
+    host int array (B,), checked by the caller to fit. Returns (out, lse) shaped like q and (B, H, S_q)."""
+    B, Sq, H, _ = q.shape
+    s_new = 0 if k_new is None else k_new.shape[1]
+    flat_k, flat_v = (c.reshape(-1, *c.shape[2:]) for c in (k_cache, v_cache))  # views: the caches are written
+    o_all = np.empty(q.shape, q.dtype)
+    l_all = np.empty((B, H, Sq), lse_dtype(q.dtype))
+    for b in range(B):
+        length = int(kv_lengths[b]) + s_new
+        rows = _cache_rows(k_cache, page_table, b, length)
+        if s_new:  # the new tokens land at positions kv_lengths[b] ... kv_lengths[b] + S_new - 1
+            flat_k[rows[-s_new:]], flat_v[rows[-s_new:]] = k_new[b], v_new[b]
+        o, l = forward(q[b:b + 1], flat_k[rows][None], flat_v[rows][None], causal=False, scale=scale,
+                       variants=_sequence_variants(variants, b))
+        o_all[b], l_all[b] = o[0], l[0]
+    return _write(out, o_all), _write(lse, l_all)

@@ -259,18 +259,22 @@ def backward_workspace(q: ArrayInput) -> tuple[Array, Array]:
     Parameters
     ----------
     q : cupy array (or a DLPack / CUDA-array-interface object), shape (batch, seqlen_q, heads, head_dim)
-        Only its shape and device are used.
+        Only its shape and device are used. Packed queries (total_q, heads, head_dim) give the
+        workspace of :func:`cupyflash.flash_attention_varlen_backward`.
 
     Returns
     -------
     (D, dq_accum) : tuple of two cupy arrays on q's device
         D = rowsum(dout * out), float32 (batch, heads, seqlen_q), and the float32 dQ
-        accumulator (batch, heads, seqlen_q, head_dim).
+        accumulator (batch, heads, seqlen_q, head_dim); packed: (heads, total_q) and
+        (heads, total_q, head_dim).
     """
     q = _checks.as_array(q, "q")
-    if not _checks.is_cupy_array(q) or q.ndim != 4:
-        raise ValueError("backward_workspace takes the GPU (cupy) query array, shaped (batch, seqlen_q, heads, head_dim)")
+    if not _checks.is_cupy_array(q) or q.ndim not in (3, 4):
+        raise ValueError("backward_workspace takes the GPU (cupy) query array, shaped (batch, seqlen_q, heads, "
+                         "head_dim), or (total_q, heads, head_dim) packed")
     from . import _cuda_backend
-    B, Sq, H, D = q.shape
+    B, Sq, H, D = q.shape if q.ndim == 4 else (1, *q.shape)
     with _cuda_backend.cupy.cuda.Device(q.device.id):
-        return _cuda_backend.backward_workspace(B, H, Sq, D)
+        ws = _cuda_backend.backward_workspace(B, H, Sq, D)
+    return ws if q.ndim == 4 else (ws[0][0], ws[1][0])

@@ -119,6 +119,7 @@ def flash_attention_varlen_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInp
                                     alibi_slopes: ArrayInput | None = None, sinks: ArrayInput | None = None,
                                     dq: ArrayInput | None = None, dk: ArrayInput | None = None,
                                     dv: ArrayInput | None = None, dsinks: ArrayInput | None = None,
+                                    workspace: tuple[Array, Array] | None = None,
                                     deterministic: bool = False) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention_varlen` with respect to q, k and v (and sinks).
 
@@ -135,6 +136,11 @@ def flash_attention_varlen_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInp
         As in the forward call.
     dq, dk, dv, dsinks, deterministic
         As for :func:`cupyflash.flash_attention_backward`.
+    workspace : tuple of two cupy arrays, optional
+        GPU only: ``cupyflash.backward_workspace(q)`` of the packed q ((heads, total_q) and
+        (heads, total_q, head_dim) float32). With it, dq, dk, dv (and dsinks with sinks) and both
+        maxima given, the packed backward allocates nothing and never synchronises with the
+        host: it can be captured in a CUDA graph.
 
     Returns
     -------
@@ -159,15 +165,20 @@ def flash_attention_varlen_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInp
         if variants.sinks is None:
             raise ValueError("dsinks receives the gradient of sinks: pass it only with sinks")
         dsinks = _checks.check_output_buffer("dsinks", dsinks, (shape.heads,), lse_dtype(dtype), dev, c_contiguous=True)
+    extra = {}
+    if workspace is not None:
+        if dev == "cpu":
+            raise ValueError("workspace is only used by the GPU path; omit it for numpy arrays")
+        extra["workspace"] = tuple(w[None] for w in _checks.check_workspace(workspace, shape, dev, packed=True))
     if dev != "cpu":
-        if _checks.capturing(dev):
-            raise ValueError("the packed backward allocates its fp32 scratch, which cannot happen while CuPy's "
-                             "current stream captures a CUDA graph: call it outside the capture")
+        needed = {**grads, "workspace": workspace} | ({"dsinks": dsinks} if variants.sinks is not None else {})
+        _checks.check_graph_capture(dev, needed=needed, in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")}
+                                    | grads, dense={"lse": lse, **_variant_arrays(variants)})
         result, _ = _gpu_backend().backward_with_plan(
             arrays["dout"][None], q[None], k[None], v[None], arrays["out"][None], lse[None],
             causal=variants.window == (-1, 0), scale=scale,
             **{n: None if g is None else g[None] for n, g in grads.items()},
-            deterministic=deterministic, variants=variants, dsinks=dsinks, packing=packing)
+            deterministic=deterministic, variants=variants, dsinks=dsinks, packing=packing, **extra)
         # the caller's buffers where given, else the packed views of the new arrays
         return tuple(g[0] if user is None else user for g, user in zip(result[:3], grads.values())) + result[3:]
     result = _cpu_backend().backward_varlen(arrays["dout"], q, k, v, arrays["out"], lse, packing, scale=scale,

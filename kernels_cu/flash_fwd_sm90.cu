@@ -148,6 +148,13 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     for (; it < n_tiles; ++it) step(it, true);
     // O_i += P~_{i,last} V_last
     if (n_tiles > 0) {
+        if constexpr (Policy<VARIANT>::Seq::ROWS_LAYOUT != SEQ_DENSE) {
+            // Rows of V_last past the sequence's keys hold the next packed sequence's rows or a KV
+            // cache's never-written memory, where TMA loaded them: zeroed, so that P~ = 0 there never
+            // meets a NaN or an Inf (0 * Inf = NaN). Dense tensors end there, and TMA fills zeros.
+            const int rows = seq.len_k - key0(n_tiles - 1);
+            if (rows < BLOCK_N) zero_rows_from<typename Tr::TileKV>(sm.v(n_tiles - 1), max(rows, 0), wg);
+        }
         wgmma_fence();
         issue_pv<Tr>(o[0], pa, sm.v(n_tiles - 1));
         wgmma_wait<0>();

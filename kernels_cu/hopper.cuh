@@ -88,6 +88,7 @@ template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
 template <int ROWS, int COLS>
 struct SwizzledTile {
     static constexpr int PANEL_COLS = 64, LINE_BYTES = 128, ATOM_BYTES = 8 * LINE_BYTES;
+    static constexpr int TILE_ROWS = ROWS;
     static constexpr int PANELS = COLS / PANEL_COLS;
     static constexpr int PANEL_BYTES = ROWS * LINE_BYTES;
     static constexpr int BYTES = PANELS * PANEL_BYTES;
@@ -101,6 +102,23 @@ struct SwizzledTile {
     __device__ static u32 line_addr(u32 tile_addr, int r) { return tile_addr + r * LINE_BYTES + ((r % 8) << 4); }
     __device__ static u32 chunk_addr(u32 line, int chunk) { return (line ^ ((chunk % 8) << 4)) + (chunk / 8) * PANEL_BYTES; }
 };
+
+// Warpgroup `wg` zeroes rows [r0, ROWS) of a swizzled tile (each row's lines in every panel; the
+// swizzle moves chunks only within a line) and makes the zeros visible to its own later wgmma reads:
+// the generic-proxy stores are fenced for the async proxy, then the warpgroup meets at a barrier.
+// Several warpgroups may zero the same rows before reading them: the stores are idempotent.
+template <typename Tile>
+__device__ __forceinline__ void zero_rows_from(unsigned char* tile, int r0, int wg) {
+    constexpr int CHUNKS = Tile::LINE_BYTES / 16;  // 16-byte stores per line
+    const int count = (Tile::TILE_ROWS - r0) * CHUNKS * Tile::PANELS;
+    for (int c = threadIdx.x % 128; c < count; c += 128) {
+        const int panel = c / ((Tile::TILE_ROWS - r0) * CHUNKS), rest = c % ((Tile::TILE_ROWS - r0) * CHUNKS);
+        *reinterpret_cast<uint4*>(tile + panel * Tile::PANEL_BYTES + (r0 + rest / CHUNKS) * Tile::LINE_BYTES +
+                                  (rest % CHUNKS) * 16) = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    warpgroup_barrier(wg);  // every thread's zeros are written before any thread's wgmma reads the tile
+}
 
 // ---- TMA: whole tiles copied by the tensor memory accelerator (cp.async.bulk.tensor) ----
 // The tensor map (TmaDesc) describes one (B, S, H, D) tensor as dimensions (D, H, S, B),

@@ -32,6 +32,8 @@ struct VariantParams {
     int pad_;
     const int* cu_seqlens_q;       // packed sequences (VARIANT_VARLEN): (B + 1,) row offsets of each
     const int* cu_seqlens_k;       // sequence's queries and keys; null for dense (B, S, H, D) tensors
+    const int* seqused_k;          // (B,) keys each sequence uses (VARIANT_KVLEN: a KV cache's valid
+                                   // prefix, at most seqlen_k); null otherwise
 };
 
 struct FwdParams {
@@ -76,14 +78,26 @@ struct BwdSm90Params {
     TmaDesc q, k, v, dout;
 };
 
+// The KV cache's append (kvcache_append.cu): the new tokens into the caches, and each sequence's key count.
+struct AppendParams {
+    TensorRef k_new, v_new;       // (B, S_new, H_kv, D)
+    TensorRef k_cache, v_cache;   // dense (B, S_max, H_kv, D), or paged (num_pages, page_size, H_kv, D)
+    const int* cache_seqlens;     // (B,) tokens already in each sequence's cache
+    const int* page_table;        // (B, pages per sequence), or null for a dense cache
+    int* seqused_k;               // (B,) written: cache_seqlens + S_new, clamped to [0, capacity]
+    i64 page_table_stride;        // elements between sequences of the page table
+    int new_tokens, capacity, page_size, num_pages, head_dim, pad_;
+};
+
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
-static_assert(sizeof(VariantParams) == 80, "VariantParams layout is mirrored in _launch.py");
-static_assert(sizeof(FwdParams) == 240, "FwdParams layout is mirrored in _launch.py");
-static_assert(sizeof(BwdParams) == 392, "BwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(VariantParams) == 88, "VariantParams layout is mirrored in _launch.py");
+static_assert(sizeof(FwdParams) == 248, "FwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(BwdParams) == 400, "BwdParams layout is mirrored in _launch.py");
 static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 640,  // q, k, v at 256, 384, 512
               "FwdSm90Params layout is mirrored in _launch.py");
+static_assert(sizeof(AppendParams) == 184, "AppendParams layout is mirrored in _launch.py");
 static_assert(sizeof(BwdSm90Params) == 960, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 448
 
 // Pointer to row s of head (b, h) of a tensor.
@@ -92,15 +106,22 @@ __device__ __forceinline__ T* row_ptr(const TensorRef& t, int b, int h, int s) {
     return static_cast<T*>(t.ptr) + b * t.stride_b + h * t.stride_h + i64(s) * t.stride_s;
 }
 
-// Where sequence b (the grid's z) lives in the tensors.
-//  * Dense: batch b of (B, S, H, D) tensors, rows from 0, lengths seqlen_q and seqlen_k.
-//  * Packed (VARIANT_VARLEN, flash-attn's varlen): rows cu_seqlens[b] .. cu_seqlens[b + 1] of
-//    (1, total, H, D) tensors, whose seqlen_q and seqlen_k are the totals.
+// How the sequences lie in the tensors (Seq's LAYOUT).
+enum SeqLayout : int {
+    SEQ_DENSE = 0,   // batch b of (B, S, H, D) tensors, rows from 0, lengths seqlen_q and seqlen_k
+    SEQ_PACKED = 1,  // rows cu_seqlens[b] .. cu_seqlens[b + 1] of (1, total, H, D) tensors (flash-attn's
+                     // varlen), whose seqlen_q and seqlen_k are the totals
+    SEQ_KVLEN = 2,   // dense, but sequence b uses only its first seqused_k[b] keys (a KV cache)
+};
+
+// Where sequence b (the grid's z) lives in the tensors, by LAYOUT (SeqLayout).
 // The variant policy takes a query's or key's position within its sequence (i, j); memory takes its
 // row in the tensor (q0 + i, k0 + j). The row statistics (lse, D, dQ's accumulator) are indexed by
 // (tensor batch, head, tensor row): packed, that is flash-attn's (H, total_q) layout.
-template <bool PACKED>
+template <int LAYOUT>
 struct Seq {
+    static constexpr bool PACKED = LAYOUT == SEQ_PACKED;
+    static constexpr int ROWS_LAYOUT = LAYOUT;
     int b;             // the sequence: the grid's z, ALiBi's batch row
     int tb;            // its batch index in the tensors (0 when packed)
     int q0, k0;        // its first query and key rows in the tensors (0 unless packed)
@@ -117,13 +138,14 @@ struct Seq {
             tb = b;
             q0 = k0 = 0;
             len_q = p.seqlen_q;
-            len_k = p.seqlen_k;
+            len_k = LAYOUT == SEQ_KVLEN ? p.var.seqused_k[b] : p.seqlen_k;
         }
     }
     // Is a block's first query (key) past the sequence's end? Packed sequences are shorter than the
-    // grid's longest: such blocks exit at once. Dense grids have no such block.
+    // grid's longest, and a KV cache's prefix than the cache: such blocks exit at once. Dense grids
+    // have no such block.
     __device__ __forceinline__ bool past_q(int i0) const { return PACKED && i0 >= len_q; }
-    __device__ __forceinline__ bool past_k(int j0) const { return PACKED && j0 >= len_k; }
+    __device__ __forceinline__ bool past_k(int j0) const { return LAYOUT != SEQ_DENSE && j0 >= len_k; }
     // q0 read again from memory, an opaque load the compiler cannot hoist: for the kernels at the
     // register limit, where keeping it live beside the key loop's state made ptxas spill
     template <typename Params>
@@ -148,7 +170,7 @@ struct RowwiseIndex {
     bool valid;
     template <int ROWS, bool PACKED>
     __device__ static RowwiseIndex of(const BwdParams& p) {
-        const Seq<PACKED> seq(p, blockIdx.z);
+        const Seq<PACKED ? SEQ_PACKED : SEQ_DENSE> seq(p, blockIdx.z);
         RowwiseIndex r;
         const int i = blockIdx.x * ROWS + threadIdx.x / 32;  // within the sequence
         r.lane = threadIdx.x % 32;

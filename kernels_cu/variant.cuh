@@ -27,7 +27,8 @@ enum VariantBits : int {
     VARIANT_ALIBI = 8,                               // - slope_h |i + o - j|
     VARIANT_SINKS = 16,                              // exp(sink_h) in each row's denominator
     VARIANT_VARLEN = 32,                             // packed sequences: cu_seqlens (Seq, params.cuh)
-    VARIANT_ALL = 63,
+    VARIANT_KVLEN = 64,                              // each sequence's key count: seqused_k (a KV cache)
+    VARIANT_ALL = 127,
 };
 
 // tanh on the MUFU unit (relative error about 2^-11, below 16-bit rounding), or tanhf for the
@@ -70,7 +71,9 @@ struct Policy {
     static constexpr bool SINKS = (VARIANT & VARIANT_SINKS) != 0;
     static constexpr bool TRANSFORMS = SOFTCAP || ALIBI;  // logits differ from scores on every tile
     static constexpr bool PACKED = (VARIANT & VARIANT_VARLEN) != 0;
-    using Seq = cupyflash::Seq<PACKED>;  // where a sequence's rows live
+    static_assert(!(PACKED && (VARIANT & VARIANT_KVLEN)), "packed sequences carry their key counts in cu_seqlens_k");
+    // where a sequence's rows live
+    using Seq = cupyflash::Seq<PACKED ? SEQ_PACKED : (VARIANT & VARIANT_KVLEN) ? SEQ_KVLEN : SEQ_DENSE>;
 
     // Copies of the values this variant reads (the compiler drops those it never reads; a
     // reference to the kernel's parameter struct would make it copy the struct to local memory).

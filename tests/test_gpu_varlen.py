@@ -94,27 +94,38 @@ def test_given_maxima_the_offsets_are_trusted_and_not_read(rng, monkeypatch):
     check_packed(rng, BFLOAT16, "causal", "cross", 64, max_seqlen=True)
 
 
-def test_packed_forward_is_capturable_in_a_cuda_graph_given_the_maxima(rng):
+def test_packed_calls_are_capturable_in_a_cuda_graph_given_the_maxima_and_buffers(rng):
     cp = pytest.importorskip("cupy")
     lengths = [33, 0, 200]
-    q, k, v, _, cu, _ = packed_inputs(rng, BFLOAT16, lengths, lengths, 2, 2, 64)
-    gq, gk, gv, gcu = (to_gpu(x) for x in (q, k, v, cu))
+    q, k, v, dout, cu, _ = packed_inputs(rng, BFLOAT16, lengths, lengths, 2, 2, 64)
+    gq, gk, gv, gdout, gcu = (to_gpu(x) for x in (q, k, v, dout, cu))
     kw = dict(causal=True, max_seqlen_q=200, max_seqlen_k=200)
-    want = cupyflash.flash_attention_varlen(gq, gk, gv, gcu, gcu, **kw)  # compiles outside the capture
+    want_o, want_l = cupyflash.flash_attention_varlen(gq, gk, gv, gcu, gcu, return_lse=True, **kw)  # compiles
+    want_g = cupyflash.flash_attention_varlen_backward(gdout, gq, gk, gv, want_o, want_l, gcu, gcu,
+                                                       deterministic=True, **kw)
     out, lse = cp.empty_like(gq), cp.empty((2, q.shape[0]), np.float32)
+    grads = dict(dq=cp.empty_like(gq), dk=cp.empty_like(gk), dv=cp.empty_like(gv),
+                 workspace=cupyflash.backward_workspace(gq))
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
         cupyflash.flash_attention_varlen(gq, gk, gv, gcu, gcu, out=out, lse=lse, **kw)
+        cupyflash.flash_attention_varlen_backward(gdout, gq, gk, gv, out, lse, gcu, gcu, deterministic=True,
+                                                  **grads, **kw)
         graph = stream.end_capture()
         graph.launch()
     stream.synchronize()
-    assert cp.array_equal(out, want)
+    assert cp.array_equal(out, want_o) and cp.array_equal(lse, want_l)
+    for name, want in zip(("dq", "dk", "dv"), want_g):
+        assert cp.array_equal(grads[name], want), f"{name} differs when replayed from the graph"
     with stream:
         stream.begin_capture()
         try:
             with pytest.raises(ValueError, match="max_seqlen_q and max_seqlen_k must be given"):
                 cupyflash.flash_attention_varlen(gq, gk, gv, gcu, gcu, out=out, lse=lse, causal=True)
+            with pytest.raises(ValueError, match="workspace="):
+                cupyflash.flash_attention_varlen_backward(gdout, gq, gk, gv, out, lse, gcu, gcu,
+                                                          **{n: grads[n] for n in ("dq", "dk", "dv")}, **kw)
         finally:
             stream.end_capture()
 
