@@ -5,8 +5,8 @@
 #   bash bench/lent_gpu.sh bench [STEP...]     FlashAttention-4 installed from .whl-fa4 (see
 #                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
 #                                              /root/fa4 by an earlier call), then the steps named
-#                                              (default: varlen variants host): bench/varlen.py,
-#                                              bench/variants.py, bench/host_path.py
+#                                              (default: varlen kvcache variants host): bench/varlen.py,
+#                                              bench/kvcache.py, bench/variants.py, bench/host_path.py
 # Each step's table is printed last; a failing step does not stop the others (exit status: the
 # first failure).
 set -uo pipefail
@@ -38,9 +38,10 @@ bench)
         echo "FA4 not installed: /root/fa4/part_aa is missing (the machine was handed back since the tests call)"
     fi
     shift
-    for s in ${@:-varlen variants host}; do
+    for s in ${@:-varlen kvcache variants host}; do
         case $s in
         varlen) step varlen python bench/varlen.py --out-dir "$OUT" ;;
+        kvcache) step kvcache python bench/kvcache.py --out-dir "$OUT" ;;
         variants) step variants python bench/variants.py --out-dir "$OUT" ;;
         host) step host-path python bench/host_path.py --json "$OUT/host-path.json" ;;
         *) echo "unknown bench step $s" ;;

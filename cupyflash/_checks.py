@@ -229,9 +229,9 @@ class Packing:
     max_k: int
 
 
-def check_varlen_qkv(q, k, v) -> AttentionShape:
+def check_varlen_qkv(q, k, v, strides: bool = True) -> AttentionShape:
     """(total_q, H, D) queries, (total_k, H_kv, D) keys and values -> the shape of their one packed
-    batch (batch 1, seqlen = the totals)."""
+    batch (batch 1, seqlen = the totals). ``strides``: False for traced JAX values, which have none."""
     for name, x, rows in (("q", q, "total_q"), ("k", k, "total_k"), ("v", v, "total_k")):
         if x.ndim != 3:
             raise ValueError(f"{name} must have 3 dimensions ({rows}, heads, head_dim): the sequences packed "
@@ -244,7 +244,7 @@ def check_varlen_qkv(q, k, v) -> AttentionShape:
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must have the same number of rows (total_k), got {k.shape[0]} and {v.shape[0]}")
     _check_heads_and_dim(H, k.shape[1], v.shape[1], D)
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x in (("q", q), ("k", k), ("v", v)) if strides else ():
         _check_last_dim_contiguous(name, x)
     return AttentionShape(1, total_q, k.shape[0], H, D, k.shape[1])
 

@@ -24,7 +24,7 @@ _PARAM_CACHE_SIZE = 64  # filled parameter buffers a plan keeps, by data pointer
 
 
 def _aligned(x: cupy.ndarray) -> bool:
-    return x.data.ptr % _ALIGN == 0 and all(s % _ALIGN == 0 for s in x.strides[:3] if s)
+    return x.data.ptr % _ALIGN == 0 and all(s % _ALIGN == 0 for s in x.strides[:-1] if s)  # all but head_dim
 
 
 def _kernel_ready(x: cupy.ndarray, tma: bool = False) -> cupy.ndarray:
@@ -374,8 +374,7 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
             for g in staged + ([dsinks] if with_sinks else []):
                 g.fill(0)
         else:
-            variant = (_config.variant_bits(variants, packing is not None, seqused is not None) if variants is not None
-                   else None)
+            variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
             ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
                                     seqlen_k=Sk if packing is None else packing.max_k,
                                     variant=variant)  # the forward's kernel set too: one module per problem

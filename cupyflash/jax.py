@@ -31,9 +31,9 @@ except ImportError as e:  # JAX is an optional extra
 
 import numpy as np
 
-from . import _checks, api
+from . import _checks, api, varlen
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "flash_attention_varlen"]
 
 
 # ---- trace time: the checks --------------------------------------------------------------
@@ -221,4 +221,130 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         alibi_slopes = jnp.broadcast_to(alibi_slopes, (q.shape[0], q.shape[2]))
     variants = (window, softcap, alibi_slopes is not None, sinks is not None)
     out, lse = _attention(q, k, v, alibi_slopes, sinks, variants, scale)
+    return (out, lse) if return_lse else out
+
+
+# ---- packed sequences (varlen) ----------------------------------------------------------------
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                  window_size, softcap, alibi_slopes, sinks):
+    """The array API's checks on traced shapes: (causal, scale, window, softcap, batch)."""
+    named = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+    for name, x in {**named, "alibi_slopes": alibi_slopes, "sinks": sinks}.items():
+        if x is not None and (not hasattr(x, "shape") or not hasattr(x, "dtype")):
+            raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
+    _checks.check_dtype({n: _Spec(named[n]) for n in ("q", "k", "v")}, on_gpu=True)
+    shape = _checks.check_varlen_qkv(*(_Spec(x) for x in (q, k, v)), strides=False)
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
+        x = _Spec(named[name])
+        if x.dtype != np.int32 or x.ndim != 1 or x.shape[0] < 2:
+            raise ValueError(f"{name} must be a 1-D int32 array of batch + 1 >= 2 offsets, got {x.dtype} {x.shape}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is None:
+            raise ValueError(f"{name} must be given under JAX (the offsets are traced values; the grid needs the "
+                             "longest sequence as a static int)")
+        _checks._check_max_seqlen(name, m)
+    causal = _checks.check_bool("causal", causal)
+    batch = cu_seqlens_q.shape[0] - 1
+    spec = lambda x: None if x is None else _Spec(x)  # noqa: E731
+    var = _checks.check_variants(_checks.AttentionShape(batch, *(getattr(shape, f) for f in
+                                 ("seqlen_q", "seqlen_k", "heads", "head_dim", "heads_kv"))),
+                                 q.dtype, None, causal, window_size, softcap, spec(alibi_slopes), spec(sinks))
+    return causal, _checks.check_scale(softmax_scale, shape.head_dim), var.window, var.softcap, batch
+
+
+def _varlen_forward_callback(static, ctx, outs, q, k, v, cu_q, cu_k, *extras):
+    variants, scale, max_q, max_k = static
+    o_buf, lse_buf = outs
+    with _on_xla_stream(ctx):
+        arrays = [_as_cupy(b, tuple(b.shape)) for b in (q, k, v, cu_q, cu_k)]
+        varlen.flash_attention_varlen(*arrays, max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=scale,
+                                      **_variant_kwargs(variants, extras), out=_as_cupy(o_buf, tuple(o_buf.shape)),
+                                      lse=_as_cupy(lse_buf, tuple(lse_buf.shape)))
+
+
+def _varlen_backward_callback(static, ctx, outs, dout, q, k, v, o, lse, cu_q, cu_k, *extras):
+    variants, scale, max_q, max_k = static
+    dq, dk, dv, ws_d, ws_acc, *dsinks = outs
+    with _on_xla_stream(ctx):
+        ins = [_as_cupy(b, tuple(b.shape)) for b in (dout, q, k, v, o, lse, cu_q, cu_k)]
+        grads = {n: _as_cupy(b, tuple(b.shape)) for n, b in (("dq", dq), ("dk", dk), ("dv", dv))}
+        if dsinks:
+            grads["dsinks"] = _as_cupy(dsinks[0], tuple(dsinks[0].shape))
+        workspace = tuple(_as_cupy(b, tuple(b.shape)) for b in (ws_d, ws_acc))
+        varlen.flash_attention_varlen_backward(*ins, max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=scale,
+                                               **_variant_kwargs(variants, extras), workspace=workspace, **grads)
+
+
+def _varlen_forward_call(q, k, v, cu_q, cu_k, alibi, sinks, static):
+    total_q, H, _ = q.shape
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, total_q), jnp.float32))
+    return buffer_callback(functools.partial(_varlen_forward_callback, static), shapes,
+                           vmap_method="sequential")(q, k, v, cu_q, cu_k, *_extras(alibi, sinks))
+
+
+def _varlen_backward_call(dout, q, k, v, o, lse, cu_q, cu_k, alibi, sinks, static):
+    total_q, H, D = q.shape
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+              jax.ShapeDtypeStruct(v.shape, v.dtype),
+              jax.ShapeDtypeStruct((H, total_q), jnp.float32),       # workspace: D = rowsum(dO * O)
+              jax.ShapeDtypeStruct((H, total_q, D), jnp.float32))    # workspace: the fp32 dQ accumulator
+    if sinks is not None:
+        shapes += (jax.ShapeDtypeStruct((H,), jnp.float32),)        # dsinks
+    grads = buffer_callback(functools.partial(_varlen_backward_callback, static), shapes,
+                            vmap_method="sequential")(dout, q, k, v, o, lse, cu_q, cu_k, *_extras(alibi, sinks))
+    return (*grads[:3], grads[5] if sinks is not None else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _varlen_attention(q, k, v, cu_q, cu_k, alibi, sinks, static):
+    return _varlen_forward_call(q, k, v, cu_q, cu_k, alibi, sinks, static)
+
+
+def _varlen_attention_fwd(q, k, v, cu_q, cu_k, alibi, sinks, static):
+    out, lse = _varlen_forward_call(q, k, v, cu_q, cu_k, alibi, sinks, static)
+    return (out, lse), (q, k, v, cu_q, cu_k, alibi, sinks, out, lse)
+
+
+def _varlen_attention_bwd(static, residuals, cotangents):
+    q, k, v, cu_q, cu_k, alibi, sinks, out, lse = residuals
+    dout, _ = cotangents  # lse is returned but not differentiated
+    dq, dk, dv, dsinks = _varlen_backward_call(dout.astype(q.dtype), q, k, v, out, lse, cu_q, cu_k, alibi, sinks,
+                                               static)
+    int_zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer inputs: float0 cotangents)
+    return (dq, dk, dv, int_zero(cu_q), int_zero(cu_k), None if alibi is None else jnp.zeros_like(alibi), dsinks)
+
+
+_varlen_attention.defvjp(_varlen_attention_fwd, _varlen_attention_bwd)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int, max_seqlen_k: int,
+                           causal: bool = False, softmax_scale: float | None = None,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                           sinks=None, return_lse: bool = False):
+    """:func:`cupyflash.flash_attention_varlen` as a JAX function (jit, grad; vmap runs it once per
+    mapped element).
+
+    Parameters
+    ----------
+    q : jax.Array, shape (total_q, heads, head_dim); k, v : (total_k, heads_kv, head_dim)
+    cu_seqlens_q, cu_seqlens_k : int32 jax.Array, shape (batch + 1,)
+        Traced: new offsets do not retrace. They are trusted (never read to the host): see
+        :func:`cupyflash.flash_attention_varlen`.
+    max_seqlen_q, max_seqlen_k : int
+        Required and static: the longest sequence of each, which sizes the kernels' grid.
+    causal, softmax_scale, window_size, softcap, alibi_slopes, sinks, return_lse
+        As in :func:`cupyflash.jax.flash_attention`; lse is (heads, total_q).
+    """
+    causal, scale, window, softcap, batch = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, causal, softmax_scale, window_size, softcap,
+                                                          alibi_slopes, sinks)
+    return_lse = _checks.check_bool("return_lse", return_lse)
+    if alibi_slopes is not None:
+        alibi_slopes = jnp.broadcast_to(alibi_slopes, (batch, q.shape[1]))
+    static = ((window, softcap, alibi_slopes is not None, sinks is not None), scale, int(max_seqlen_q),
+              int(max_seqlen_k))
+    out, lse = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, sinks, static)
     return (out, lse) if return_lse else out

@@ -246,3 +246,47 @@ def test_a_jitted_train_step_of_a_small_transformer_lowers_its_loss(rng):
         losses.append(float(value))
     assert all(np.isfinite(losses)), losses
     assert losses[-1] < 0.25 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}: {losses[::10]}"
+
+
+# ---- packed sequences (varlen) under jax ----------------------------------------------------
+
+def test_varlen_needs_static_maxima_and_checks_at_trace_time():
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    q = jax.ShapeDtypeStruct((10, 2, 64), jnp.bfloat16)
+    cu = jax.ShapeDtypeStruct((3,), jnp.int32)
+    with pytest.raises(ValueError, match=r"^max_seqlen_q must be given under JAX"):
+        jax.eval_shape(lambda q, cu: cfj.flash_attention_varlen(q, q, q, cu, cu, max_seqlen_q=None, max_seqlen_k=5),
+                       q, cu)
+    with pytest.raises(ValueError, match=r"^cu_seqlens_q must be a 1-D int32 array"):
+        jax.eval_shape(lambda q, cu: cfj.flash_attention_varlen(q, q, q, cu.astype(jnp.float32), cu, max_seqlen_q=5,
+                                                                max_seqlen_k=5), q, cu)
+    out, lse = jax.eval_shape(lambda q, cu: cfj.flash_attention_varlen(q, q, q, cu, cu, max_seqlen_q=5,
+                                                                       max_seqlen_k=5, return_lse=True), q, cu)
+    assert (out.shape, lse.shape) == ((10, 2, 64), (2, 10))
+
+
+@pytest.mark.gpu
+def test_varlen_under_jit_grad_matches_each_sequence_alone(rng):
+    """Packed sequences with GQA, a causal window and sinks through jit(grad): each sequence's
+    gradients (dsinks summed) against the float64 reference of that sequence alone."""
+    jax, cfj = _jax()
+    import jax.numpy as jnp
+    from test_varlen import offsets, packed_inputs, reference_by_sequence
+    gpu = _gpu(jax)
+    lengths = [70, 0, 1, 300]
+    q, k, v, dout, cu, _ = packed_inputs(rng, BFLOAT16, lengths, lengths, H=4, H_kv=2, D=64)
+    sinks = rng.uniform(-1, 2, 4).astype(np.float32)
+    kw = dict(causal=True, window_size=(50, -1))
+
+    def loss(q, k, v, dout, sinks, cu):
+        out = cfj.flash_attention_varlen(q, k, v, cu, cu, max_seqlen_q=300, max_seqlen_k=300, sinks=sinks, **kw)
+        return jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
+    put = lambda x: jax.device_put(x, gpu)  # noqa: E731
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4)))(*(put(x) for x in (q, k, v, dout, sinks, offsets(lengths))))
+    full_kw = {**kw, "sinks": sinks}
+    _, _, want = reference_by_sequence(q, k, v, dout, cu, cu, full_kw, upcast=True)
+    _, _, naive = reference_by_sequence(q, k, v, dout, cu, cu, full_kw, upcast=False)
+    for name, g, w, n in zip(("dq", "dk", "dv", "dsinks"), grads, want, naive):
+        assert_within(f"{name} [varlen jit(grad)]", np.asarray(g), w, n, BFLOAT16,
+                      scale=max(1.0, float(np.abs(w).max())) if name == "dsinks" else 1.0)

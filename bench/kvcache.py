@@ -1,0 +1,150 @@
+"""The KV-cache decode benchmark (issue 16): cupyflash.flash_attention_with_kvcache beside PyTorch
+SDPA (cuDNN and flash, enable_gqa=True) and FlashAttention-4, in one process, on the same inputs
+(bf16, one new query token per sequence, every cache position valid).
+
+Bandwidth is the K+V bytes read, 2 * sum_b len_b * H_kv * D * 2, over the time; the card's read
+bandwidth is measured in the same run (a float32 sum over 2 GiB) and every row reports its ratio
+to it. Shapes (H_q 32, H_kv 8, d 128): B 32 with cache 8192, B 128 with cache 2048, B 1 with cache
+131072; cupyflash's paged cache at page_size 16 and 256 beside its dense one.
+
+Writes bench/results/kvcache-<gpu>-<date>.json and prints a table.
+
+    python bench/kvcache.py [--out-dir DIR]
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import cupyflash  # noqa: E402
+from cupyflash import bench  # noqa: E402
+from run_peers import slug  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+HEADS, HEADS_KV, HEAD_DIM = 32, 8, 128
+SHAPES = ((32, 8192), (128, 2048), (1, 131072))  # (batch, cached tokens per sequence)
+PAGE_SIZES = (16, 256)
+
+
+def time_ms(fn, repeats: int) -> float:
+    import cupy
+    timer = bench.CudaEventTimer(cupy.cuda.get_current_stream())
+    return statistics.median(timer(fn, warmup=3, repeats=repeats, max_seconds=2.0))
+
+
+def read_bandwidth_gbs(repeats: int) -> float:
+    """A float32 sum over 2 GiB: the bytes one reduction reads, over its time."""
+    import cupy
+    x = cupy.ones((1 << 29,), cupy.float32)
+    out = cupy.empty((), cupy.float32)
+    ms = time_ms(lambda: cupy.sum(x, out=out), repeats)
+    return x.nbytes / ms / 1e6
+
+
+def cupyflash_calls(B: int, L: int):
+    """name -> forward closure: the dense cache and each paged layout."""
+    import cupy
+    bf16 = cupyflash._dtypes.BFLOAT16
+    rng = cupy.random.default_rng(0)
+    randn = lambda *s: rng.standard_normal(s, dtype=cupy.float32).astype(bf16)  # noqa: E731
+    q = randn(B, 1, HEADS, HEAD_DIM)
+    lengths = cupy.full((B,), L, cupy.int32)
+    k_cache, v_cache = randn(B, L, HEADS_KV, HEAD_DIM), randn(B, L, HEADS_KV, HEAD_DIM)
+    calls = {"dense": lambda: cupyflash.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)}
+    for page_size in PAGE_SIZES:
+        pages = B * L // page_size
+        table = cupy.asarray(np.random.default_rng(0).permutation(pages).reshape(B, L // page_size).astype(np.int32))
+        kp, vp = (c.reshape(pages, page_size, HEADS_KV, HEAD_DIM) for c in (k_cache, v_cache))
+        calls[f"paged-{page_size}"] = (lambda kp=kp, vp=vp, table=table: cupyflash.flash_attention_with_kvcache(
+            q, kp, vp, cache_seqlens=lengths, page_table=table))
+    return calls
+
+
+def torch_calls(B: int, L: int):
+    """SDPA cuDNN and flash (enable_gqa) and FlashAttention-4 on the same shapes, or reasons."""
+    calls, notes = {}, {}
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception as e:
+        return calls, {"torch": bench.short_error(e)}
+    dev = torch.device("cuda")
+    q = torch.randn(B, HEADS, 1, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, HEADS_KV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+        def call(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        try:
+            call()
+            calls[name] = call
+        except Exception as e:
+            notes[name] = bench.short_error(e)
+    try:
+        from flash_attn.cute import flash_attn_func
+        qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        fa4 = lambda: flash_attn_func(qf, kf, vf)[0]  # noqa: E731
+        fa4()
+        calls["fa4"] = fa4
+    except Exception as e:
+        notes["fa4"] = bench.short_error(e)
+    return calls, notes
+
+
+@click.command()
+@click.option("--repeats", type=int, default=30, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also copy the JSON here.")
+def main(repeats, out_dir):
+    peak = read_bandwidth_gbs(repeats)
+    click.echo(f"read bandwidth (float32 sum over 2 GiB): {peak:.0f} GB/s", err=True)
+    rows, notes = [], {}
+    for B, L in SHAPES:
+        kv_bytes = 2 * B * L * HEADS_KV * HEAD_DIM * 2
+        peers, peer_notes = torch_calls(B, L)
+        notes.update({f"{n} B{B} L{L}": t for n, t in peer_notes.items()})
+        for impl, fn in {**{f"cupyflash-{n}": f for n, f in cupyflash_calls(B, L).items()}, **peers}.items():
+            try:
+                ms = time_ms(fn, repeats)
+            except Exception as e:
+                notes[f"{impl} B{B} L{L}"] = bench.short_error(e)
+                continue
+            gbs = kv_bytes / ms / 1e6
+            rows.append(dict(impl=impl, batch=B, cache=L, ms=ms, gbs=gbs, of_peak=gbs / peak))
+            click.echo(f"B {B:4d} cache {L:6d} {impl:20s} {ms * 1e3:9.1f} us {gbs:6.0f} GB/s ({gbs / peak:.2f} of read)",
+                       err=True)
+    summary = []
+    for B, L in SHAPES:
+        mine = {r["impl"]: r for r in rows if (r["batch"], r["cache"]) == (B, L)}
+        d = mine.get("cupyflash-dense")
+        if not d:
+            continue
+        parts = [f"B {B} cache {L}: cupyflash {d['gbs']:.0f} GB/s ({d['of_peak']:.2f} of read)"]
+        parts += [f"{d['gbs'] / mine[p]['gbs']:.2f}x {p}" for p in ("sdpa-cudnn", "fa4", "sdpa-flash") if p in mine]
+        parts += [f"paged {ps}: {mine[f'cupyflash-paged-{ps}']['gbs'] / d['gbs']:.2f}x of dense" for ps in PAGE_SIZES
+                  if f"cupyflash-paged-{ps}" in mine]
+        summary.append("; ".join(parts))
+    gpu = bench.gpu_info()
+    doc = dict(bench="kvcache", command=sys.argv, gpu=gpu, versions=bench.versions(("torch-cudnn", "fa4")),
+               date=datetime.datetime.now().isoformat(timespec="seconds"), read_gbs=peak, heads=HEADS,
+               heads_kv=HEADS_KV, head_dim=HEAD_DIM, dtype="bfloat16", rows=rows, notes=notes, summary=summary)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"kvcache-{slug(gpu.get('name', 'gpu'))}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    if out_dir:
+        (Path(out_dir) / path.name).write_text(path.read_text())
+    for line in summary:
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()
