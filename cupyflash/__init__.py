@@ -1,12 +1,14 @@
 """cupyflash: exact FlashAttention on CuPy arrays (CUDA kernels compiled at run time by
 NVRTC) and on NumPy arrays (the same blocked algorithm on the CPU). No PyTorch."""
+__version__ = "0.1.0"  # first: the modules below read it
+
 from .api import backward_workspace, flash_attention, flash_attention_backward
 from .varlen import flash_attention_varlen, flash_attention_varlen_backward
 from .kvcache import flash_attention_with_kvcache
 from . import autodiff, optim, reference
+from .tune import tune
 
-__version__ = "0.1.0"
 __all__ = ["flash_attention", "flash_attention_backward", "flash_attention_varlen", "flash_attention_varlen_backward",
-           "flash_attention_with_kvcache",
+           "flash_attention_with_kvcache", "tune",
            "backward_workspace", "autodiff", "optim",
            "reference", "__version__"]

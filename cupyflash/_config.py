@@ -285,8 +285,8 @@ DETERMINISTIC_BWD_SM90 = {**{key: bwd for key, (_, bwd) in _TILES_SM90_MMA.items
 # warp as in the forward; chosen to fit without spills, not tuned (bench/NOTES.md).
 DQ_TILES = {32: DqConfig(128, 64, 8), 64: DqConfig(128, 64, 8), 96: DqConfig(64, 64, 4), 128: DqConfig(64, 64, 4),
             160: DqConfig(64, 32, 4), 192: DqConfig(64, 32, 4), 256: DqConfig(64, 32, 4)}
-# When a table entry needs more shared memory than the GPU lets one block have (sm_86 and
-# sm_89 allow 99 KB), the smallest tiles run instead: correct everywhere, not tuned.
+# When a table entry needs more shared memory than the GPU lets one block have (sm_86 and sm_89
+# allow 99 KB), it is shrunk until it fits (shrink_to_fit); these smallest tiles are the last resort.
 SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1, balanced=False))  # row-first: the balanced layout spills (variants)
 SMALL_DQ = (DqConfig(64, 32, 4), DqConfig(32, 32, 2), DqConfig(16, 32, 1))  # the first that fits
 F32 = F32Config()
@@ -298,6 +298,47 @@ SMEM_OPTIN_OTHER = 99 * 1024  # sm_86, sm_89, sm_120 and unknown GPUs
 
 def smem_optin(cc: int) -> int:
     return SMEM_OPTIN.get(cc, SMEM_OPTIN_OTHER)
+
+
+def _warp_grid_fits(rows: int, cols: int, warps: int, balanced: bool) -> bool:
+    """WarpGrid<rows, cols, warps, balanced> in traits.cuh has a layout: warps_r warps down the rows,
+    warps / warps_r across, each with whole 16-row m-tiles and an even number of 8-column n-tiles."""
+    def fits(r):
+        return r >= 1 and warps % r == 0 and rows % (16 * r) == 0 and cols % (16 * (warps // r)) == 0
+    if not balanced:
+        return fits(min(rows // 16, warps))
+    return any(fits(r) for r in (1, 2, 4, 8, 16, 32) if r <= warps)
+
+
+def valid_tile(cfg, head_dim_cls: int) -> bool:
+    """Does the mma.sync kernel compile for this tile (the static_asserts of traits.cuh, mirrored)?"""
+    if isinstance(cfg, FwdConfig):
+        return (cfg.block_m % (16 * cfg.num_warps) == 0 and cfg.block_m >= 16 * cfg.num_warps
+                and cfg.block_n % 16 == 0 and head_dim_cls % 32 == 0)
+    if isinstance(cfg, BwdConfig):
+        return (cfg.q_stages in (1, 2) and cfg.block_m % 32 == 0 and cfg.block_n % 16 == 0 and head_dim_cls % 32 == 0
+                and all(_warp_grid_fits(r, c, cfg.num_warps, cfg.balanced)
+                        for r, c in ((cfg.block_n, cfg.block_m), (cfg.block_n, head_dim_cls), (cfg.block_m, head_dim_cls))))
+    return True  # the Hopper and fp32 configurations come from their own tables
+
+
+def shrink_to_fit(cfg, head_dim_cls: int, itemsize: int, limit: int, smallest):
+    """The rule for a tile that needs more shared memory than one block may have: keep its warps and
+    layout, and drop the second query-tile stage (backward), then halve BLOCK_N, then BLOCK_M (never
+    below 32), taking the first valid tile that fits; ``smallest`` if none does."""
+    if cfg.smem_bytes(head_dim_cls, itemsize) <= limit:
+        return cfg
+    steps = []
+    if isinstance(cfg, BwdConfig) and cfg.q_stages == 2:
+        steps.append(replace(cfg, q_stages=1))
+    cur = steps[-1] if steps else cfg
+    while cur.block_n > 32 or cur.block_m > 32:
+        cur = replace(cur, block_n=cur.block_n // 2) if cur.block_n > 32 else replace(cur, block_m=cur.block_m // 2)
+        steps.append(cur)
+    for c in steps:
+        if valid_tile(c, head_dim_cls) and c.smem_bytes(head_dim_cls, itemsize) <= limit:
+            return c
+    return smallest
 
 
 def tile_table(cc: int) -> dict:
@@ -452,14 +493,16 @@ class KernelSet:
 def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
                fwd: FwdConfig | Sm90FwdConfig | None = None,
                bwd: BwdConfig | Sm90BwdConfig | None = None,
-               deterministic: bool = False, seqlen_k: int | None = None, variant: int | None = None) -> KernelSet:
+               deterministic: bool = False, seqlen_k: int | None = None, variant: int | None = None,
+               tuned: dict | None = None) -> KernelSet:
     """The kernels for ``dtype``, ``head_dim`` and ``causal`` on compute capability ``cc``,
     from the tile table unless ``fwd``/``bwd`` override it (tuning). ``deterministic``: the
     backward pass leaves dQ to the dQ pass (no atomics), and so runs the mma.sync backward
     kernel, whose dK, dV are reproducible and whose dQ phase can be skipped. ``seqlen_k`` at
     or below HOPPER_FWD_SHORT_SEQLEN_K picks the mma.sync forward on Hopper (None: long).
     ``variant``: the VARIANT bits (variant_bits); None: causal's mask alone. A causal or window
-    mask takes the table's causal tiles, whatever ``causal`` says."""
+    mask takes the table's causal tiles, whatever ``causal`` says. ``tuned``: this device's tuned
+    tiles by entry key (cupyflash.tune.active_table), which win over the built-in table."""
     dtype = np.dtype(dtype)
     if variant is None:
         variant = MASK_CAUSAL if causal else MASK_NONE
@@ -480,6 +523,11 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
     table_fwd, table_bwd = tile_table(cc)[(cls, causal)]
     if isinstance(table_fwd, Sm90FwdConfig) and seqlen_k is not None and seqlen_k <= HOPPER_FWD_SHORT_SEQLEN_K:
         table_fwd = _TILES_SM90_MMA[(cls, causal)][0]
+    if tuned:
+        from .tune import entry_key, length_class
+        table_fwd = tuned.get(entry_key(dtype, cls, causal, "fwd", length_class(seqlen_k)), table_fwd)
+        if not deterministic:
+            table_bwd = tuned.get(entry_key(dtype, cls, causal, "bwd", "long"), table_bwd)
     if deterministic and cc == 90:
         table_bwd = DETERMINISTIC_BWD_SM90[(cls, causal)]
     if (isinstance(table_bwd, Sm90BwdConfig) and table_bwd.block_m == 128
@@ -493,10 +541,8 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         # and a mask at head_dim 256 (NVRTC 13.5); row-first spills nothing (bench/NOTES.md, session 9)
         table_bwd = replace(table_bwd, balanced=False)
     limit = smem_optin(cc)
-    if table_fwd.smem_bytes(cls, dtype.itemsize) > limit:
-        table_fwd = SMALL_TILES[0]
-    if table_bwd.smem_bytes(cls, dtype.itemsize) > limit:
-        table_bwd = SMALL_TILES[1]
+    table_fwd = shrink_to_fit(table_fwd, cls, dtype.itemsize, limit, SMALL_TILES[0])
+    table_bwd = shrink_to_fit(table_bwd, cls, dtype.itemsize, limit, SMALL_TILES[1])
     dq = None
     if deterministic:
         dq = next(c for c in (DQ_TILES[cls], *SMALL_DQ) if c.smem_bytes(cls, dtype.itemsize) <= limit)

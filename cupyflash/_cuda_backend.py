@@ -48,10 +48,17 @@ def _cc(device_id=None) -> int:
     return int(cupy.cuda.Device(device_id).compute_capability)
 
 
+def _tuned():
+    """The current device's tuned tiles (cupyflash.tune), or None."""
+    from .tune import active_table
+    return active_table(cupy.cuda.runtime.getDevice())
+
+
 def kernel_path(dtype, head_dim: int, device=None, causal: bool = False, seqlen_k: int | None = None) -> str:
     """Which kernels a (dtype, head_dim, causal) problem runs on this device, in words."""
     cc = _cc(device)
-    return f"sm_{cc}: " + _config.kernel_set(dtype, head_dim, causal, cc, seqlen_k=seqlen_k).describe()
+    return f"sm_{cc}: " + _config.kernel_set(dtype, head_dim, causal, cc, seqlen_k=seqlen_k,
+                                             tuned=_tuned()).describe()
 
 
 def _grid(n_rows: int, block: int, heads: int, batch: int) -> tuple:
@@ -225,7 +232,7 @@ def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None
             return o, l, None
         variant = (_config.variant_bits(variants, packing is not None, seqused is not None) if variants is not None
                    else None)
-        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant,
+        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant, tuned=_tuned(),
                                 seqlen_k=Sk if packing is None else packing.max_k)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
         plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants,
@@ -375,7 +382,7 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
                 g.fill(0)
         else:
             variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
-            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
+            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic, tuned=_tuned(),
                                     seqlen_k=Sk if packing is None else packing.max_k,
                                     variant=variant)  # the forward's kernel set too: one module per problem
             ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)
@@ -453,7 +460,7 @@ def forward_kvcache(q, k_cache, v_cache, cache_seqlens, layout, *, k_new=None, v
 def _append(q, k_cache, v_cache, cache_seqlens, layout, k_new, v_new, seqused, variants) -> None:
     """The append kernel: new tokens into the caches, seqused = cache_seqlens + S_new clamped."""
     B, D, H_kv = q.shape[0], q.shape[3], k_cache.shape[2]
-    ks = _config.kernel_set(q.dtype, D, variants.window == (-1, 0), _cc(), seqlen_k=layout.capacity,
+    ks = _config.kernel_set(q.dtype, D, variants.window == (-1, 0), _cc(), seqlen_k=layout.capacity, tuned=_tuned(),
                             variant=_config.variant_bits(variants, kv_lengths=True))  # the forward's module
     s_new = layout.new_tokens
     new = (k_new, v_new) if s_new else (k_cache[:1, :0], v_cache[:1, :0])  # no rows are read without new tokens

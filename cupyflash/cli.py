@@ -153,7 +153,8 @@ def main():
     """cupyflash: exact FlashAttention on CuPy (and NumPy).
 
     Benchmark it beside the peers you would otherwise pick (bench), check it on this
-    device (check), describe this machine (info) or its compiled kernels (kernels).
+    device (check), describe this machine (info) or its compiled kernels (kernels), or
+    time the kernels' tiles on this GPU and remember the fastest (tune).
     Run `cupyflash COMMAND --help` for each command's options.
     """
 
@@ -214,6 +215,9 @@ def info(device_id, json_path):
         click.echo(f"  shared memory per block  {g['shared_mem_per_block_optin'] // 1024} KB (opt-in)")
         click.echo(f"  memory                   {g['memory_bytes'] / 2**30:.1f} GiB "
                    f"({g['memory_free_bytes'] / 2**30:.1f} GiB free)")
+        tuning = _tuning()
+        doc["tile_table"] = tuning.table_status(tuning.DeviceInfo.of(device_id))
+        click.echo(f"  tile table               {doc['tile_table']}")
     else:
         doc["no_gpu_reason"] = reason
         click.echo(f"No CUDA device: {reason}")
@@ -548,6 +552,77 @@ def kernels(arch, dtypes, head_dims, json_path, fail_on_spill):
         click.echo(f"wrote {json_path}")
     if fail_on_spill and spilling:
         raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------
+# tune
+
+def _tuning():
+    """The cupyflash.tune module (the package's attribute of that name is its tune function)."""
+    import importlib
+    return importlib.import_module("cupyflash.tune")
+
+
+def _tune_device(device_id: int):
+    """The device a tune run measures (tests replace this with a fake description)."""
+    tuning = _tuning()
+    reason = bench.cuda_unavailable_reason()
+    if reason is not None:
+        raise click.ClickException(f"tuning times kernels on a CUDA device: {reason} (--dry-run lists the candidates)")
+    return tuning.DeviceInfo.of(device_id)
+
+
+def _tile_text(cfg) -> str:
+    return (str(cfg).replace("Sm90FwdConfig", "wgmma").replace("Sm90BwdConfig", "wgmma-bwd").replace("FwdConfig", "")
+            .replace("BwdConfig", "").replace("block_", "").replace("num_warps", "warps").replace("q_stages", "stages"))
+
+
+@main.command("tune")
+@click.option("--dtype", "dtypes", type=_dtype_type(("bfloat16", "float16")), multiple=True,
+              help="Dtypes to tune [default: bfloat16,float16].")
+@click.option("-d", "--head-dim", "head_dims", type=HEAD_DIMS, multiple=True, help="Head dims [default: 64,128].")
+@click.option("--causal", type=click.Choice(["no", "yes", "both"]), default="both", show_default=True)
+@click.option("--mode", "modes", type=CommaChoice(("fwd", "bwd"), extra={"all": ("fwd", "bwd")}), multiple=True,
+              help="Passes [default: fwd,bwd].")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
+@click.option("--dry-run", is_flag=True, help="List the candidate tiles of each entry; time nothing.")
+@click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
+def tune_command(dtypes, head_dims, causal, modes, budget, dry_run, device_id):
+    """Time the candidate tiles on this GPU and remember the fastest (a per-device table).
+
+    Each candidate fits the device's shared memory, compiles without spills and matches float64
+    attention before it is timed; the winners go to a JSON table in the cache directory
+    (CUPYFLASH_TUNE_DIR), which later processes on this device use first. CUPYFLASH_TUNE=0
+    ignores it; a table from another driver, NVRTC or cupyflash is ignored with a warning.
+    """
+    tuning = _tuning()
+    dts = [bench.DTYPES[d] for d in _merge(dtypes, ("bfloat16", "float16"))]
+    hds = _merge(head_dims, (64, 128))
+    masks = {"no": (False,), "yes": (True,), "both": (False, True)}[causal]
+    passes = tuple(_merge(modes, ("fwd", "bwd")))
+    if dry_run:
+        device = _tune_device(device_id) if bench.cuda_unavailable_reason() is None else _dry_run_device()
+        todo = tuning.plan(dts, hds, masks, passes, device)
+        click.echo(f"{device.name} (sm_{device.cc}, {device.smem_optin // 1024} KB shared memory per block): "
+                   f"{len(todo)} entries, {sum(len(t[-1]) for t in todo)} candidates before the spill check")
+        for key, *_, cands in todo:
+            click.echo(f"{key}: " + ", ".join(_tile_text(c) for c in cands))
+        return
+    device = _tune_device(device_id)
+    todo = len(tuning.plan(dts, hds, masks, passes, device))
+    with click.progressbar(length=todo, label=f"tuning {device.name}", file=sys.stderr) as bar:
+        rows = tuning.tune(dts, hds, masks, passes, budget=budget, device_id=device_id,
+                           progress=lambda done, total, key: bar.update(1))
+    cells = [[r.key, _tile_text(r.builtin), _tile_text(r.chosen), f"{r.chosen_ms:.3f}",
+              f"{r.speedup:.2f}x" if r.speedup else "-"] for r in rows]
+    click.echo(bench.format_grid(["entry", "before", "tuned", "ms", "speed-up"], cells))
+    click.echo(f"wrote {tuning.table_path(device)} ({len(rows)} of {todo} entries measured)")
+
+
+def _dry_run_device():
+    """With no GPU, --dry-run describes an H200 (the built-in table's GPU)."""
+    tuning = _tuning()
+    return tuning.DeviceInfo("NVIDIA H200 (no GPU here: assumed)", 90, 132, 227 * 1024, 0, "", __version__)
 
 
 if __name__ == "__main__":
