@@ -71,8 +71,9 @@ def _tiles(first: int, end: int, block: int):
 # ---------------------------------------------------------------------------------------
 # Forward
 
-def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_log2):
-    """O_i and lse_i for one block of queries Q_i (batch, H_kv, G, rows, dim) starting at i0."""
+def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_log2, keys=None):
+    """O_i and lse_i for one block of queries Q_i (batch, H_kv, G, rows, dim) starting at i0,
+    over the visible keys, or those of them in ``keys`` = [first, end) (whole key tiles)."""
     seqlen_k, rows = K.shape[-2], Q_i.shape[-2]
     i = np.arange(i0, i0 + rows)[:, None]
     if sink_log2 is None:
@@ -82,7 +83,10 @@ def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_lo
         m = np.broadcast_to(sink_log2, Q_i.shape[:-1]).astype(Q_i.dtype)
         l = np.ones(Q_i.shape[:-1], Q_i.dtype)
     O = np.zeros(Q_i.shape, Q_i.dtype)                   # running sum of P V, not yet divided by l
-    for j0 in _tiles(*var.key_range(i0, i0 + rows, seqlen_q, seqlen_k), BLOCK_N):
+    first, end = var.key_range(i0, i0 + rows, seqlen_q, seqlen_k)
+    if keys is not None:
+        first, end = max(first, keys[0]), min(end, keys[1])
+    for j0 in _tiles(first, end, BLOCK_N):
         K_j, V_j = K[..., j0:j0 + BLOCK_N, :], V[..., j0:j0 + BLOCK_N, :]
         j = np.arange(j0, j0 + K_j.shape[-2])[None, :]
         X = var.logits((Q_i @ K_j.swapaxes(-1, -2)) * scale, i, j, seqlen_q, seqlen_k, slopes) * LOG2E
@@ -283,13 +287,43 @@ def _cache_rows(cache, page_table, b: int, end: int):
     return page_table[b, pos // page_size].astype(np.int64) * page_size + pos % page_size
 
 
+def forward_split(q, k, v, *, scale: float, variants: Variants, num_splits: int):
+    """:func:`forward` with the keys split into ``num_splits`` chunks of whole key tiles (split-KV,
+    flash-decoding): each chunk's normalised output O_s and lse_s without the sink, then merged by
+    their lse, lse = log(sum_s exp(lse_s) + exp(sink)), out = sum_s exp(lse_s - lse) O_s; the spec
+    of the GPU's combine. Returns (out, lse) in the accumulator dtype."""
+    batch, seqlen_q, heads, _ = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    acc = _accumulator_dtype(q.dtype)
+    K, V = (_bhsd(x, acc)[:, :, None] for x in (k, v))
+    Q = _grouped(_bhsd(q, acc), heads_kv)
+    slopes = _per_head(variants.alibi_slopes, batch, heads_kv, 2)
+    tiles = max(1, -(-seqlen_k // BLOCK_N))
+    per = -(-tiles // num_splits) * BLOCK_N  # keys per chunk: whole tiles
+    parts = [_forward_query_block(Q, K, V, 0, scale=scale, var=variants, seqlen_q=seqlen_q, slopes=slopes,
+                                  sink_log2=None, keys=(c0, c0 + per)) for c0 in range(0, max(seqlen_k, 1), per)]
+    lses = np.stack([p[1] for p in parts])  # (splits, batch, H_kv, G, rows); -inf: a chunk no key of which is seen
+    if variants.sinks is not None:
+        sink = np.broadcast_to(_per_head(variants.sinks, batch, heads_kv, 1), lses.shape[1:])
+        lses = np.concatenate([lses, sink[None]])
+    top = lses.max(axis=0)
+    shift = np.where(top == -np.inf, 0, top)
+    weights = np.exp(lses - shift)
+    total = weights.sum(axis=0)
+    lse = np.where(total == 0, -np.inf, shift + np.log(np.where(total == 0, 1, total)))
+    O = sum(w[..., None] * p[0] for w, p in zip(weights, parts)) / np.where(total == 0, 1, total)[..., None]
+    return (O.reshape(batch, heads, seqlen_q, -1).transpose(0, 2, 1, 3),
+            lse.reshape(batch, heads, seqlen_q))
+
+
 def forward_kvcache(q, k_cache, v_cache, kv_lengths, *, k_new=None, v_new=None, page_table=None, scale: float,
-                    variants: Variants, out=None, lse=None):
+                    variants: Variants, out=None, lse=None, num_splits: int = 1):
     """Append ``k_new``, ``v_new`` (B, S_new, H_kv, D) to the caches at positions kv_lengths[b]...
     (in place), then :func:`forward` of each sequence's queries against its first
     kv_lengths[b] + S_new cached keys. The caches are dense (B, S_max, H_kv, D) or paged
     (num_pages, page_size, H_kv, D) with ``page_table`` (B, pages per sequence); ``kv_lengths``:
-    host int array (B,), checked by the caller to fit. Returns (out, lse) shaped like q and (B, H, S_q)."""
+    host int array (B,), checked by the caller to fit. ``num_splits`` > 1: the keys split into that
+    many chunks and merged (:func:`forward_split`). Returns (out, lse) shaped like q and (B, H, S_q)."""
     B, Sq, H, _ = q.shape
     s_new = 0 if k_new is None else k_new.shape[1]
     flat_k, flat_v = (c.reshape(-1, *c.shape[2:]) for c in (k_cache, v_cache))  # views: the caches are written
@@ -300,7 +334,10 @@ def forward_kvcache(q, k_cache, v_cache, kv_lengths, *, k_new=None, v_new=None, 
         rows = _cache_rows(k_cache, page_table, b, length)
         if s_new:  # the new tokens land at positions kv_lengths[b] ... kv_lengths[b] + S_new - 1
             flat_k[rows[-s_new:]], flat_v[rows[-s_new:]] = k_new[b], v_new[b]
-        o, l = forward(q[b:b + 1], flat_k[rows][None], flat_v[rows][None], causal=False, scale=scale,
-                       variants=_sequence_variants(variants, b))
+        args = (q[b:b + 1], flat_k[rows][None], flat_v[rows][None])
+        if num_splits > 1:
+            o, l = forward_split(*args, scale=scale, variants=_sequence_variants(variants, b), num_splits=num_splits)
+        else:
+            o, l = forward(*args, causal=False, scale=scale, variants=_sequence_variants(variants, b))
         o_all[b], l_all[b] = o[0], l[0]
     return _write(out, o_all), _write(lse, l_all)

@@ -48,7 +48,7 @@ __all__ = [
     "sum", "mean", "reshape", "transpose", "getitem", "take", "embedding", "concatenate",
     "astype", "exp", "log", "tanh", "relu", "gelu", "softmax", "log_softmax",
     "layer_norm", "rms_norm", "cross_entropy", "dropout",
-    "flash_attention", "naive_attention",
+    "flash_attention", "flash_attention_varlen", "naive_attention",
 ]
 
 
@@ -1028,6 +1028,32 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         return grads if sinks is None else (*grads[:3], grads[3].astype(sink_data.dtype, copy=False))
     inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     return record(out, inputs, backward, saved=(qd, kd, vd, out, lse), op="flash_attention")
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int | None = None,
+                           max_seqlen_k: int | None = None, causal: bool = False, softmax_scale: float | None = None,
+                           window_size: tuple = (-1, -1), softcap: float = 0.0, alibi_slopes=None, sinks=None,
+                           deterministic: bool = False) -> Tensor:
+    """:func:`cupyflash.flash_attention_varlen` on the tape: packed sequences, q (total_q, heads,
+    head_dim), k and v (total_k, heads_kv, head_dim), the offsets and maxima as there (arrays and
+    ints: no gradient). Saves what :func:`flash_attention` saves; sinks may be a Tensor."""
+    from . import _checks, varlen
+    deterministic = _checks.check_bool("deterministic", deterministic)
+    qt, kt, vt = _as_tensor(q), _as_tensor(k), _as_tensor(v)
+    xp = qt.xp
+    qd, kd, vd = (xp.ascontiguousarray(t.data) for t in (qt, kt, vt))
+    sink_data = None if sinks is None else _as_tensor(sinks).data
+    packing = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal, softmax_scale=softmax_scale,
+                   window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sink_data)
+    out, lse = varlen.flash_attention_varlen(qd, kd, vd, cu_seqlens_q, cu_seqlens_k, return_lse=True, **packing)
+
+    def backward(g, qd, kd, vd, out, lse):
+        g = _xp(g).ascontiguousarray(g.astype(out.dtype, copy=False))
+        grads = varlen.flash_attention_varlen_backward(g, qd, kd, vd, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                       deterministic=deterministic, **packing)
+        return grads if sinks is None else (*grads[:3], grads[3].astype(sink_data.dtype, copy=False))
+    inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+    return record(out, inputs, backward, saved=(qd, kd, vd, out, lse), op="flash_attention_varlen")
 
 
 def naive_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None) -> Tensor:

@@ -48,8 +48,9 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
         As for :func:`cupyflash.flash_attention`, per sequence: the masks are aligned to each
         sequence's own end (its cached tokens plus the new ones). causal defaults to True.
     num_splits : int
-        Split-KV: 0 lets cupyflash choose. Today the GPU path runs one block per query tile, so
-        the value is accepted and checked but not yet used (issue 16).
+        Split-KV: each sequence's keys in this many chunks, whose partial softmaxes are merged by
+        their lse (flash-decoding); 0 lets cupyflash choose. The NumPy path splits as asked (the
+        spec of the merge); the GPU path does not split yet (issue 16) and accepts the value.
     return_lse, out, lse
         As for :func:`cupyflash.flash_attention`; lse is (batch, heads, seqlen_q).
 
@@ -88,7 +89,7 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
             _checks.check_cache_values(np.asarray(lengths), layout, k_cache.shape[0])
         o, l = _cpu_backend().forward_kvcache(q, k_cache, v_cache, lengths, k_new=k, v_new=v,
                                               page_table=layout.page_table, scale=scale, variants=variants,
-                                              out=out, lse=lse)
+                                              out=out, lse=lse, num_splits=num_splits)
     else:
         _checks.check_graph_capture(dev, needed={"out": out, "lse": lse},
                                     in_place={"q": q, "k_cache": k_cache, "v_cache": v_cache, "out": out},

@@ -187,3 +187,22 @@ def test_bad_kvcache_arguments_name_the_argument_and_the_rule(rng, bad):
     page_size, edit, error, pattern = BAD_CALLS[bad]
     with pytest.raises(error, match=pattern):
         flash_attention_with_kvcache(**edit(_good(rng, page_size)))
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_split_keys_merged_by_their_lse_are_the_unsplit_call(rng, case, num_splits):
+    """Split-KV's merge (flash-decoding): each chunk's partial softmax, merged by lse (the sink
+    counted once), equals the call on all keys; a chunk that no query sees changes nothing."""
+    cached, new, Sq, page_size, H_kv = LAYOUTS["verify-dense"]
+    inputs = cache_inputs(rng, FLOAT64, cached, new, Sq, page_size, H_kv)
+    q, k_cache, v_cache, k_new, v_new, seqlens, table = inputs
+    kw = case_keywords(rng, case, len(cached), q.shape[2])
+    whole = flash_attention_with_kvcache(q, k_cache.copy(), v_cache.copy(), k=k_new, v=v_new, cache_seqlens=seqlens,
+                                         return_lse=True, **kw)
+    split = flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                         num_splits=num_splits, return_lse=True, **kw)
+    for name, a, b in zip(("out", "lse"), whole, split):
+        assert np.array_equal(np.isneginf(a), np.isneginf(b)), name
+        fin = np.isfinite(a)
+        assert np.allclose(a[fin], b[fin], atol=1e-12), f"{name}: {np.abs(a[fin] - b[fin]).max()}"

@@ -17,6 +17,7 @@ from cupyflash import (flash_attention, flash_attention_backward, flash_attentio
                        flash_attention_varlen_backward, reference)
 from cupyflash._dtypes import BFLOAT16, FLOAT32, FLOAT64
 
+from conftest import error_report
 from test_numpy_backend import assert_within_naive_bound
 
 #: (lengths of the query sequences, of the key sequences): empty sequences, one token, odd
@@ -227,3 +228,18 @@ def test_the_backward_checks_the_packed_lse_layout(rng):
         flash_attention_varlen_backward(*args, l[None], a["cu_seqlens_q"], a["cu_seqlens_k"])
     with pytest.raises(ValueError, match=r"dsinks receives the gradient of sinks"):
         flash_attention_varlen_backward(*args, l, a["cu_seqlens_q"], a["cu_seqlens_k"], dsinks=np.zeros(2, np.float32))
+
+
+def test_the_tape_carries_packed_gradients_and_dsinks(rng):
+    from cupyflash import autodiff as ad
+    q, k, v, dout, cu_q, cu_k = packed_inputs(rng, FLOAT64, [4, 0, 9], [6, 3, 9], H=2, H_kv=1, D=8)
+    sinks = rng.uniform(-1, 1, 2)
+    kw = dict(causal=True, window_size=(5, -1))
+    tq, tk, tv, ts = (ad.tensor(x, requires_grad=True) for x in (q, k, v, sinks))
+    out = ad.flash_attention_varlen(tq, tk, tv, cu_q, cu_k, sinks=ts, **kw)
+    ad.sum(ad.multiply(out, dout)).backward()
+    o, l = flash_attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, sinks=sinks, **kw)
+    want = flash_attention_varlen_backward(dout, q, k, v, o, l, cu_q, cu_k, sinks=sinks, **kw)
+    assert np.array_equal(out.data, o)
+    for t, w in zip((tq, tk, tv, ts), want):
+        assert np.allclose(t.grad, w, atol=1e-12), error_report(t.grad, w)
