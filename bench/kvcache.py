@@ -13,9 +13,6 @@ Writes bench/results/kvcache-<gpu>-<date>.json and prints a table.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,18 +25,12 @@ if str(ROOT) not in sys.path:
 
 import cupyflash  # noqa: E402
 from cupyflash import bench  # noqa: E402
-from run_peers import slug  # noqa: E402
+from run_peers import median_ms, write_result  # noqa: E402
 
-RESULTS_DIR = ROOT / "bench" / "results"
 HEADS, HEADS_KV, HEAD_DIM = 32, 8, 128
 SHAPES = ((32, 8192), (128, 2048), (1, 131072))  # (batch, cached tokens per sequence)
 PAGE_SIZES = (16, 256)
 
-
-def time_ms(fn, repeats: int) -> float:
-    import cupy
-    timer = bench.CudaEventTimer(cupy.cuda.get_current_stream())
-    return statistics.median(timer(fn, warmup=3, repeats=repeats, max_seconds=2.0))
 
 
 def read_bandwidth_gbs(repeats: int) -> float:
@@ -47,7 +38,7 @@ def read_bandwidth_gbs(repeats: int) -> float:
     import cupy
     x = cupy.ones((1 << 29,), cupy.float32)
     out = cupy.empty((), cupy.float32)
-    ms = time_ms(lambda: cupy.sum(x, out=out), repeats)
+    ms = median_ms(lambda: cupy.sum(x, out=out), repeats)
     return x.nbytes / ms / 1e6
 
 
@@ -114,7 +105,7 @@ def main(repeats, out_dir):
         notes.update({f"{n} B{B} L{L}": t for n, t in peer_notes.items()})
         for impl, fn in {**{f"cupyflash-{n}": f for n, f in cupyflash_calls(B, L).items()}, **peers}.items():
             try:
-                ms = time_ms(fn, repeats)
+                ms = median_ms(fn, repeats)
             except Exception as e:
                 notes[f"{impl} B{B} L{L}"] = bench.short_error(e)
                 continue
@@ -134,14 +125,10 @@ def main(repeats, out_dir):
                   if f"cupyflash-paged-{ps}" in mine]
         summary.append("; ".join(parts))
     gpu = bench.gpu_info()
-    doc = dict(bench="kvcache", command=sys.argv, gpu=gpu, versions=bench.versions(("torch-cudnn", "fa4")),
-               date=datetime.datetime.now().isoformat(timespec="seconds"), read_gbs=peak, heads=HEADS,
+    doc = dict(bench="kvcache", versions=bench.versions(("torch-cudnn", "fa4")), read_gbs=peak, heads=HEADS,
                heads_kv=HEADS_KV, head_dim=HEAD_DIM, dtype="bfloat16", rows=rows, notes=notes, summary=summary)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"kvcache-{slug(gpu.get('name', 'gpu'))}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    if out_dir:
-        (Path(out_dir) / path.name).write_text(path.read_text())
+    path = write_result(doc, "kvcache", gpu, out_dir)
+    click.echo(f"wrote {path}")
     for line in summary:
         click.echo(line)
 

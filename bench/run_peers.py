@@ -43,6 +43,26 @@ def published_cases(quick: bool, dtypes) -> list[bench.Case]:
     return bench.make_cases(s["seqlens"], s["head_dims"], dtypes, [False, True], ["fwd", "bwd"])
 
 
+def median_ms(fn, repeats: int, max_seconds: float = 2.0) -> float:
+    """The median ms of back-to-back calls of fn between CUDA events on CuPy's current stream."""
+    import statistics
+    import cupy
+    timer = bench.CudaEventTimer(cupy.cuda.get_current_stream())
+    return statistics.median(timer(fn, warmup=3, repeats=repeats, max_seconds=max_seconds))
+
+
+def write_result(doc: dict, name: str, gpu: dict, out_dir: str | None) -> Path:
+    """bench/results/<name>-<gpu>-<date>.json (and a copy in out_dir), with the command and date."""
+    import json
+    doc = {**doc, "command": sys.argv, "gpu": gpu, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{slug(gpu.get('name', 'gpu'))}-{datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    if out_dir:
+        (Path(out_dir) / path.name).write_text(path.read_text())
+    return path
+
+
 def slug(text: str) -> str:
     """'NVIDIA H200' -> 'nvidia-h200' (file names)."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"

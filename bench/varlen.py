@@ -16,9 +16,6 @@ Writes bench/results/varlen-<gpu>-<date>.json and prints a table.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,9 +28,8 @@ if str(ROOT) not in sys.path:
 
 import cupyflash  # noqa: E402
 from cupyflash import bench  # noqa: E402
-from run_peers import slug  # noqa: E402
+from run_peers import median_ms, write_result  # noqa: E402
 
-RESULTS_DIR = ROOT / "bench" / "results"
 SEQUENCES, LOW, HIGH, HEADS, HEAD_DIM, SEED = 16, 128, 4096, 16, 128, 0
 
 
@@ -44,11 +40,6 @@ def lengths() -> list[int]:
 def causal_flops(lens, mode: str) -> float:
     return sum(bench.attention_flops(1, HEADS, n, n, HEAD_DIM, causal=True, mode=mode) for n in lens)
 
-
-def time_ms(fn, repeats: int) -> float:
-    import cupy
-    timer = bench.CudaEventTimer(cupy.cuda.get_current_stream())
-    return statistics.median(timer(fn, warmup=3, repeats=repeats, max_seconds=3.0))
 
 
 def cupyflash_calls(lens):
@@ -132,7 +123,7 @@ def main(repeats, out_dir):
         for name, (fwd, bwd) in calls.items():
             for mode, fn in (("fwd", fwd), ("bwd", bwd)):
                 try:
-                    ms = time_ms(fn, repeats)
+                    ms = median_ms(fn, repeats)
                 except Exception as e:
                     notes[f"{impl} {name} {mode}"] = bench.short_error(e)
                     continue
@@ -160,14 +151,10 @@ def main(repeats, out_dir):
                      f"cupyflash/FA4 varlen {v['tflops'] / fv['tflops']:.3f}x, dense {d['tflops'] / fd['tflops']:.3f}x")
         summary.append(line)
     gpu = bench.gpu_info()
-    doc = dict(bench="varlen", command=sys.argv, gpu=gpu, versions=bench.versions(("fa4",)),
-               date=datetime.datetime.now().isoformat(timespec="seconds"), lengths=lens, heads=HEADS,
-               head_dim=HEAD_DIM, dtype="bfloat16", causal=True, rows=rows, notes=notes, summary=summary)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"varlen-{slug(gpu.get('name', 'gpu'))}-{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    if out_dir:
-        (Path(out_dir) / path.name).write_text(path.read_text())
+    doc = dict(bench="varlen", versions=bench.versions(("fa4",)), lengths=lens, heads=HEADS, head_dim=HEAD_DIM,
+               dtype="bfloat16", causal=True, rows=rows, notes=notes, summary=summary)
+    path = write_result(doc, "varlen", gpu, out_dir)
+    click.echo(f"wrote {path}")
     click.echo(f"lengths {lens} (total {sum(lens)}, mean {mean})")
     for line in summary:
         click.echo(line)

@@ -324,17 +324,17 @@ def valid_tile(cfg, head_dim_cls: int) -> bool:
 
 def shrink_to_fit(cfg, head_dim_cls: int, itemsize: int, limit: int, smallest):
     """The rule for a tile that needs more shared memory than one block may have: keep its warps and
-    layout, and drop the second query-tile stage (backward), then halve BLOCK_N, then BLOCK_M (never
-    below 32), taking the first valid tile that fits; ``smallest`` if none does."""
+    layout, halve BLOCK_N, then BLOCK_M (never below 32), then, in the backward, drop the second
+    query-tile stage (one stage at 255 registers spilled on sm_80), taking the first valid tile that
+    fits; ``smallest`` if none does."""
     if cfg.smem_bytes(head_dim_cls, itemsize) <= limit:
         return cfg
-    steps = []
-    if isinstance(cfg, BwdConfig) and cfg.q_stages == 2:
-        steps.append(replace(cfg, q_stages=1))
-    cur = steps[-1] if steps else cfg
+    steps, cur = [], cfg
     while cur.block_n > 32 or cur.block_m > 32:
         cur = replace(cur, block_n=cur.block_n // 2) if cur.block_n > 32 else replace(cur, block_m=cur.block_m // 2)
         steps.append(cur)
+    if isinstance(cfg, BwdConfig) and cfg.q_stages == 2:
+        steps += [replace(c, q_stages=1) for c in [cfg, *steps]]
     for c in steps:
         if valid_tile(c, head_dim_cls) and c.smem_bytes(head_dim_cls, itemsize) <= limit:
             return c

@@ -11,8 +11,8 @@ make a measurement stale (driver, NVRTC, cupyflash). Kernel selection then takes
    driver, NVRTC or cupyflash) is ignored with a one-line warning, never used silently;
 2. the built-in table;
 3. for a built-in entry that needs more shared memory than the device lets a block have,
-   the shrink rule (``_config.shrink_to_fit``): keep its warps and layout, drop the second
-   query-tile stage, then halve BLOCK_N, then BLOCK_M, to the first tile that fits.
+   the shrink rule (``_config.shrink_to_fit``): keep its warps and layout, halve BLOCK_N, then
+   BLOCK_M, then drop the backward's second query-tile stage, to the first tile that fits.
 
 Only this module reads or writes tables; ``_config.kernel_set`` takes the lookup result.
 """
@@ -231,7 +231,11 @@ def _warn_once(path, message: str, warn: bool) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _device_table(device_id: int):
-    return load_table(DeviceInfo.of(device_id))
+    try:
+        return load_table(DeviceInfo.of(device_id))
+    except Exception as e:  # no home directory, an odd driver: never a reason for a call to fail
+        _warn_once(f"device {device_id}", f"cupyflash: tuned tables are not read on GPU {device_id} ({e})", True)
+        return None
 
 
 def active_table(device_id: int) -> dict | None:

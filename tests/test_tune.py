@@ -108,14 +108,16 @@ def test_kernel_selection_takes_tuned_then_built_in_then_the_shrink_rule():
     short = {tuning.entry_key(BFLOAT16, 128, False, "fwd", "short"): _config.FwdConfig(64, 32, 4)}
     assert _config.kernel_set(BFLOAT16, 128, False, 90, seqlen_k=100, tuned=short).fwd == _config.FwdConfig(64, 32, 4)
     assert _config.kernel_set(BFLOAT16, 128, False, 90, seqlen_k=4096, tuned=short).fwd == _config.HOPPER_FWD[(128, False)]
-    # sm_86 allows 99 KB: the table's 121 KB backward tile keeps its warps and drops a query stage
+    # sm_86 allows 99 KB: the table's 121 KB backward tile keeps its warps and halves BLOCK_N
     assert _config.TILES_DEFAULT[(128, False)][1].smem_bytes(128, 2) > 99 * 1024
-    assert _config.kernel_set(BFLOAT16, 128, False, 86).bwd == _config.BwdConfig(64, 64, 8, 1)
+    assert _config.kernel_set(BFLOAT16, 128, False, 86).bwd == _config.BwdConfig(64, 32, 8, 2)
 
 
-def test_the_shrink_rule_halves_block_n_then_block_m_and_ends_at_the_smallest_tile():
+def test_the_shrink_rule_halves_block_n_then_block_m_then_drops_a_stage_and_ends_at_the_smallest_tile():
     big = _config.BwdConfig(128, 128, 8, 2)
-    assert _config.shrink_to_fit(big, 64, 2, 99 * 1024, "smallest") == _config.BwdConfig(128, 64, 8, 1)
+    assert _config.shrink_to_fit(big, 64, 2, 163 * 1024, "smallest") == _config.BwdConfig(128, 64, 8, 2)
+    assert _config.shrink_to_fit(big, 64, 2, 99 * 1024, "smallest") == _config.BwdConfig(64, 32, 8, 2)
+    assert _config.shrink_to_fit(_config.BwdConfig(32, 64, 8, 2), 192, 2, 99 * 1024, "s") == _config.BwdConfig(32, 64, 8, 1)
     assert _config.shrink_to_fit(big, 64, 2, 10, "smallest") == "smallest"
     assert _config.shrink_to_fit(_config.FwdConfig(128, 128, 4), 256, 2, 99 * 1024, "s") == _config.FwdConfig(128, 32, 4)
 
