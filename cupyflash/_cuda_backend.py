@@ -123,8 +123,8 @@ def _ptr(x) -> int:
 def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seqused=None) -> tuple:
     """VariantParams (kernels_cu/params.cuh) of a call: the run-time values of its variants in the
     kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32)
-    and of packed sequences' offsets or a KV cache's key counts (``seqused``). Returns (the struct's values in order, the arrays it points
-    to, kept alive by the caller)."""
+    and of packed sequences' offsets or a KV cache's key counts (``seqused``). Returns (the struct's
+    values in order, the arrays it points to, kept alive by the caller)."""
     from ._variants import UNBOUNDED, Variants
     var = variants or Variants()
     B, Sq, H, _ = q.shape
@@ -138,7 +138,7 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seq
               np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
               np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
               np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(0),
-              np.uint64(_ptr(packing and packing.cu_q)), np.uint64(_ptr(packing and packing.cu_k)), np.uint64(_ptr(seqused)))
+              *(np.uint64(p) for p in _packing_pointers(packing)), np.uint64(_ptr(seqused)))
     return values, (alibi, sinks)
 
 
@@ -252,8 +252,9 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_conf
 
 
 assert _launch.BWD_SM90_PARAMS.fields["bwd"][1] == 0  # BackwardPlan.launch passes one buffer to all kernels
+# (no var.seqused_k: KV-cache calls are forward only)
 _BWD_POINTERS = ("q.ptr", "k.ptr", "v.ptr", "o.ptr", "dout.ptr", "dq.ptr", "dk.ptr", "dv.ptr", "lse", "dsum",
-                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks", "var.cu_seqlens_q", "var.cu_seqlens_k")  # no seqused_k: forward only
+                 "dq_accum", "var.alibi", "var.sinks", "var.dsinks", "var.cu_seqlens_q", "var.cu_seqlens_k")
 
 
 class BackwardPlan:
@@ -382,7 +383,8 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
                 g.fill(0)
         else:
             variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
-            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic, tuned=_tuned(),
+            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
+                                    tuned=_tuned(),
                                     seqlen_k=Sk if packing is None else packing.max_k,
                                     variant=variant)  # the forward's kernel set too: one module per problem
             ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)

@@ -134,3 +134,16 @@ def test_offsets_on_another_device_or_the_host_are_a_value_error(rng):
     q, k, v, _, cu_q, cu_k = packed_inputs(rng, BFLOAT16, [3, 5], [4, 2], 2, 1, 64)
     with pytest.raises(ValueError, match="cu_seqlens_q is on the CPU"):
         cupyflash.flash_attention_varlen(to_gpu(q), to_gpu(k), to_gpu(v), cu_q, to_gpu(cu_k))
+
+
+def test_strided_packed_views_run_as_their_contiguous_copies(rng):
+    """Head slices of a fused (total, 3 H, D) projection, read in place by the kernels."""
+    cp = pytest.importorskip("cupy")
+    lengths = [70, 0, 300, 1]
+    q, k, v, _, cu, _ = packed_inputs(rng, BFLOAT16, lengths, lengths, 4, 4, 128)
+    qkv = cp.asarray(np.concatenate([q, k, v], axis=1))
+    gcu = to_gpu(cu)
+    views = (qkv[:, 0:4], qkv[:, 4:8], qkv[:, 8:12])
+    got = cupyflash.flash_attention_varlen(*views, gcu, gcu, causal=True)
+    want = cupyflash.flash_attention_varlen(*(cp.ascontiguousarray(x) for x in views), gcu, gcu, causal=True)
+    assert cp.array_equal(got, want)

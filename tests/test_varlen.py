@@ -243,3 +243,19 @@ def test_the_tape_carries_packed_gradients_and_dsinks(rng):
     assert np.array_equal(out.data, o)
     for t, w in zip((tq, tk, tv, ts), want):
         assert np.allclose(t.grad, w, atol=1e-12), error_report(t.grad, w)
+
+
+def test_strided_packed_views_are_the_contiguous_call(rng):
+    """Packed arrays viewed out of larger ones (a fused qkv projection's heads, every other head)
+    give what their contiguous copies give."""
+    lengths = [5, 0, 40]
+    q, k, v, dout, cu, _ = packed_inputs(rng, FLOAT64, lengths, lengths, H=2, H_kv=2, D=16)
+    qkv = np.concatenate([q, k, v], axis=1)          # (total, 3 H, D): q, k, v as head slices
+    wide = np.repeat(dout, 2, axis=1)                 # (total, 2 H, D): dout as every other head
+    views = (qkv[:, 0:2], qkv[:, 2:4], qkv[:, 4:6], wide[:, ::2])
+    o, l = flash_attention_varlen(*views[:3], cu, cu, causal=True, return_lse=True)
+    o_c, l_c = flash_attention_varlen(q, k, v, cu, cu, causal=True, return_lse=True)
+    assert np.array_equal(o, o_c) and np.array_equal(l, l_c)
+    g = flash_attention_varlen_backward(views[3], *views[:3], o, l, cu, cu, causal=True)
+    g_c = flash_attention_varlen_backward(dout, q, k, v, o_c, l_c, cu, cu, causal=True)
+    assert all(np.array_equal(a, b) for a, b in zip(g, g_c))
