@@ -249,17 +249,32 @@ def check_varlen_qkv(q, k, v, strides: bool = True) -> AttentionShape:
     return AttentionShape(1, total_q, k.shape[0], H, D, k.shape[1])
 
 
-def _check_cu_array(name: str, x, device):
-    x = as_array(x, name)
-    if _device_of(x) != device:
-        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}: "
-                         "the offsets must live beside the arrays they index")
+def _int32_on(name: str, x, device):
+    """An int32 index array (offsets, lengths, a page table) on the inputs' device (device None:
+    a traced value's shape and dtype alone, as cupyflash.jax checks them)."""
+    if device is not None:
+        x = as_array(x, name)
+        if _device_of(x) != device:
+            raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on "
+                             f"{_device_text(device)}: it must live beside the arrays it indexes")
     if x.dtype != np.int32:
         raise ValueError(f"{name} must have dtype int32, got {dtype_name(x.dtype)}")
-    if x.ndim != 1 or x.shape[0] < 2:
-        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries (offsets of the sequences' first rows, "
-                         f"then the total), got shape {tuple(x.shape)}")
     return x
+
+
+def check_offsets(cu_seqlens_q, cu_seqlens_k, device) -> tuple:
+    """cu_seqlens_q, cu_seqlens_k: int32, 1-D, batch + 1 >= 2 entries each, on ``device``."""
+    out = []
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        x = _int32_on(name, x, device)
+        if x.ndim != 1 or x.shape[0] < 2:
+            raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries (offsets of the sequences' first "
+                             f"rows, then the total), got shape {tuple(x.shape)}")
+        out.append(x)
+    if out[0].shape != out[1].shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
+                         f"{out[0].shape[0]} and {out[1].shape[0]}")
+    return tuple(out)
 
 
 def _check_max_seqlen(name: str, value):
@@ -292,11 +307,7 @@ def check_packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape:
     """The offsets and longest lengths of a packed call. The NumPy path always reads and checks
     the offsets. The GPU path reads them (a host synchronisation) only to compute a max_seqlen
     that was not given; given both, it trusts the offsets (documented)."""
-    cu_q = _check_cu_array("cu_seqlens_q", cu_seqlens_q, device)
-    cu_k = _check_cu_array("cu_seqlens_k", cu_seqlens_k, device)
-    if cu_q.shape != cu_k.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
-                         f"{cu_q.shape[0]} and {cu_k.shape[0]}")
+    cu_q, cu_k = check_offsets(cu_seqlens_q, cu_seqlens_k, device)
     max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     on_gpu = device != "cpu"
@@ -324,6 +335,16 @@ def check_like(name: str, x, shape: tuple, dtype, what: str):
     _check_last_dim_contiguous(name, x)
 
 
+def _check_writable(name: str, x, what: str):
+    """x can be written in place: not read-only, no two elements at one address."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        raise ValueError(f"{name} is read-only: it receives {what}")
+    for axis, (n, st) in enumerate(zip(x.shape, x.strides)):
+        if n > 1 and st == 0:
+            raise ValueError(f"{name} has stride 0 on axis {axis} (a broadcast view): its elements "
+                             f"overlap, so it cannot receive {what}")
+
+
 def check_output_buffer(name: str, x, shape: tuple, dtype, like_device, *, c_contiguous: bool = False):
     """A preallocated output: right shape, dtype, device, writable, last dim contiguous, no two
     elements at one address; C-contiguous too where the kernels write it as a flat block (lse)."""
@@ -332,12 +353,7 @@ def check_output_buffer(name: str, x, shape: tuple, dtype, like_device, *, c_con
         raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on "
                          f"{_device_text(like_device)}")
     check_like(name, x, shape, dtype, "the output it receives")
-    if isinstance(x, np.ndarray) and not x.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    for axis, (n, st) in enumerate(zip(x.shape, x.strides)):
-        if n > 1 and st == 0:
-            raise ValueError(f"{name} has stride 0 on axis {axis} (a broadcast view): its elements "
-                             "overlap, so it cannot receive an output")
+    _check_writable(name, x, "an output")
     if c_contiguous and not x.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (it is written as one dense {tuple(shape)} "
                          f"block), got strides {x.strides}")
@@ -446,17 +462,6 @@ class CacheLayout:
     new_tokens: int  # S_new, the tokens appended by this call
 
 
-def _check_int32_array(name: str, x, shape: tuple, rule: str, device):
-    x = as_array(x, name)
-    if _device_of(x) != device:
-        raise ValueError(f"{name} is on {_device_text(_device_of(x))} but the inputs are on {_device_text(device)}")
-    if x.dtype != np.int32:
-        raise ValueError(f"{name} must have dtype int32, got {dtype_name(x.dtype)}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} ({rule}), got {tuple(x.shape)}")
-    return x
-
-
 def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, device):
     """Shapes, dtypes, devices and layouts of a KV-cache call (q and the caches already arrays on
     one device with one dtype) -> (AttentionShape of q against a full cache, CacheLayout,
@@ -483,15 +488,16 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, device):
     else:
         if rows < 16 or rows & (rows - 1):
             raise ValueError(f"a paged cache's page_size (k_cache.shape[1]) must be a power of two >= 16, got {rows}")
-        page_table = as_array(page_table, "page_table")
+        page_table = _int32_on("page_table", page_table, device)
         if page_table.ndim != 2 or page_table.shape[0] != B:
             raise ValueError(f"page_table must have shape (batch, pages_per_sequence) = ({B}, n), got "
                              f"{tuple(page_table.shape)}")
-        page_table = _check_int32_array("page_table", page_table, page_table.shape, "", device)
         capacity = page_table.shape[1] * rows
     if cache_seqlens is not None:
-        cache_seqlens = _check_int32_array("cache_seqlens", cache_seqlens, (B,),
-                                           "the tokens already in each sequence's cache", device)
+        cache_seqlens = _int32_on("cache_seqlens", cache_seqlens, device)
+        if tuple(cache_seqlens.shape) != (B,):
+            raise ValueError(f"cache_seqlens must have shape {(B,)} (the tokens already in each sequence's cache), "
+                             f"got {tuple(cache_seqlens.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v are the new tokens' keys and values: pass both or neither")
     new_tokens = 0
@@ -513,11 +519,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, device):
         if new_tokens > capacity:
             raise ValueError(f"k holds {new_tokens} new tokens per sequence but the cache holds at most {capacity}")
         for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if isinstance(c, np.ndarray) and not c.flags.writeable:
-                raise ValueError(f"{name} is read-only: the new tokens are written into it")
-            for axis, (n, st) in enumerate(zip(c.shape, c.strides)):
-                if n > 1 and st == 0:
-                    raise ValueError(f"{name} has stride 0 on axis {axis} (a broadcast view): it cannot receive tokens")
+            _check_writable(name, c, "the new tokens")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_last_dim_contiguous(name, c)
     shape = AttentionShape(B, Sq, capacity, H, D, H_kv)

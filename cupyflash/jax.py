@@ -235,12 +235,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             raise TypeError(f"{name} must be a JAX array, got {type(x).__name__}")
     _checks.check_dtype({n: _Spec(named[n]) for n in ("q", "k", "v")}, on_gpu=True)
     shape = _checks.check_varlen_qkv(*(_Spec(x) for x in (q, k, v)), strides=False)
-    for name in ("cu_seqlens_q", "cu_seqlens_k"):
-        x = _Spec(named[name])
-        if x.dtype != np.int32 or x.ndim != 1 or x.shape[0] < 2:
-            raise ValueError(f"{name} must be a 1-D int32 array of batch + 1 >= 2 offsets, got {x.dtype} {x.shape}")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries")
+    _checks.check_offsets(_Spec(cu_seqlens_q), _Spec(cu_seqlens_k), None)
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if m is None:
             raise ValueError(f"{name} must be given under JAX (the offsets are traced values; the grid needs the "

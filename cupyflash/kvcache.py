@@ -10,6 +10,8 @@ positions, (num_pages, page_size, heads_kv, head_dim), that each sequence lists 
 """
 from __future__ import annotations
 
+import numpy as np
+
 from . import _checks
 from ._dtypes import lse_dtype
 from ._variants import NO_WINDOW
@@ -82,11 +84,9 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
         lse = _checks.check_output_buffer("lse", lse, (shape.batch, shape.heads, shape.seqlen_q), lse_dtype(dtype),
                                           dev, c_contiguous=True)
     if dev == "cpu":
-        lengths = (cache_seqlens if cache_seqlens is not None
-                   else [layout.capacity] * shape.batch)
+        lengths = cache_seqlens if cache_seqlens is not None else np.full(shape.batch, layout.capacity)
         if cache_seqlens is not None or layout.page_table is not None:
-            import numpy as np
-            _checks.check_cache_values(np.asarray(lengths), layout, k_cache.shape[0])
+            _checks.check_cache_values(lengths, layout, k_cache.shape[0])
         o, l = _cpu_backend().forward_kvcache(q, k_cache, v_cache, lengths, k_new=k, v_new=v,
                                               page_table=layout.page_table, scale=scale, variants=variants,
                                               out=out, lse=lse, num_splits=num_splits)

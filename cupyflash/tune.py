@@ -152,16 +152,12 @@ def candidates(pass_: str, dtype, head_dim_cls: int, causal: bool, device: Devic
     return out
 
 
-def _kernel_set_with(cfg, pass_: str, dtype, head_dim_cls: int, causal: bool, cc: int):
-    return _config.kernel_set(dtype, head_dim_cls, causal, cc, **{pass_: cfg})
-
-
 def spill_free(cands: list, pass_: str, dtype, head_dim_cls: int, causal: bool, cc: int, report=None) -> list:
     """The candidates whose kernel compiles for ``cc`` without spills or serialised wgmma, by the
     offline report (``report(names, arch) -> {name: row}``; default: NVRTC here, no GPU)."""
     from . import _compile
-    names = {cfg: (_kernel_set_with(cfg, pass_, dtype, head_dim_cls, causal, cc).fwd_name() if pass_ == "fwd" else
-                   _kernel_set_with(cfg, pass_, dtype, head_dim_cls, causal, cc).bwd_name()) for cfg in cands}
+    sets = {cfg: _config.kernel_set(dtype, head_dim_cls, causal, cc, **{pass_: cfg}) for cfg in cands}
+    names = {cfg: ks.fwd_name() if pass_ == "fwd" else ks.bwd_name() for cfg, ks in sets.items()}
     arch = _compile.nvrtc_arch(cc)
     rows = (report or _offline_report)(tuple(sorted(set(names.values()))), arch)
     return [cfg for cfg in cands if rows.get(names[cfg]) and not (

@@ -258,7 +258,7 @@ def test_varlen_needs_static_maxima_and_checks_at_trace_time():
     with pytest.raises(ValueError, match=r"^max_seqlen_q must be given under JAX"):
         jax.eval_shape(lambda q, cu: cfj.flash_attention_varlen(q, q, q, cu, cu, max_seqlen_q=None, max_seqlen_k=5),
                        q, cu)
-    with pytest.raises(ValueError, match=r"^cu_seqlens_q must be a 1-D int32 array"):
+    with pytest.raises(ValueError, match=r"^cu_seqlens_q must have dtype int32, got float32"):
         jax.eval_shape(lambda q, cu: cfj.flash_attention_varlen(q, q, q, cu.astype(jnp.float32), cu, max_seqlen_q=5,
                                                                 max_seqlen_k=5), q, cu)
     out, lse = jax.eval_shape(lambda q, cu: cfj.flash_attention_varlen(q, q, q, cu, cu, max_seqlen_q=5,
