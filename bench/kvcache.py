@@ -5,7 +5,9 @@ SDPA (cuDNN and flash, enable_gqa=True) and FlashAttention-4, in one process, on
 Bandwidth is the K+V bytes read, 2 * sum_b len_b * H_kv * D * 2, over the time; the card's read
 bandwidth is measured in the same run (a float32 sum over 2 GiB) and every row reports its ratio
 to it. Shapes (H_q 32, H_kv 8, d 128): B 32 with cache 8192, B 128 with cache 2048, B 1 with cache
-131072; cupyflash's paged cache at page_size 16 and 256 beside its dense one.
+131072; cupyflash's paged cache at page_size 16 and 256 beside its dense one. ``--tiles``
+also times other decode tiles (warps x stages of the head_dim 128 decode kernel) on the dense
+cache, each row named cupyflash-dense-<warps>x<stages>.
 
 Writes bench/results/kvcache-<gpu>-<date>.json and prints a table.
 
@@ -42,15 +44,20 @@ def read_bandwidth_gbs(repeats: int) -> float:
     return x.nbytes / ms / 1e6
 
 
-def cupyflash_calls(B: int, L: int):
-    """name -> forward closure: the dense cache and each paged layout."""
+def cache_arrays(B: int, L: int):
+    """q (B, 1, H, D), the dense caches (B, L, H_kv, D), bf16, and cache_seqlens (all L)."""
     import cupy
     bf16 = cupyflash._dtypes.BFLOAT16
     rng = cupy.random.default_rng(0)
     randn = lambda *s: rng.standard_normal(s, dtype=cupy.float32).astype(bf16)  # noqa: E731
-    q = randn(B, 1, HEADS, HEAD_DIM)
-    lengths = cupy.full((B,), L, cupy.int32)
-    k_cache, v_cache = randn(B, L, HEADS_KV, HEAD_DIM), randn(B, L, HEADS_KV, HEAD_DIM)
+    return (randn(B, 1, HEADS, HEAD_DIM), randn(B, L, HEADS_KV, HEAD_DIM), randn(B, L, HEADS_KV, HEAD_DIM),
+            cupy.full((B,), L, cupy.int32))
+
+
+def cupyflash_calls(B: int, L: int):
+    """name -> forward closure: the dense cache and each paged layout."""
+    import cupy
+    q, k_cache, v_cache, lengths = cache_arrays(B, L)
     calls = {"dense": lambda: cupyflash.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)}
     for page_size in PAGE_SIZES:
         pages = B * L // page_size
@@ -92,10 +99,32 @@ def torch_calls(B: int, L: int):
     return calls, notes
 
 
+def tile_calls(B: int, L: int, tiles: str):
+    """name -> dense-cache closure under each decode tile of ``tiles`` ("4x3,8x2,4x3c": warps x stages
+    of the decode kernel, "c": cp.async loads instead of bulk copies), each a DecodePlan built with
+    that tile and called as the plan cache would call it."""
+    import cupy
+    from cupyflash import _checks, _config, _decode
+    from cupyflash._variants import Variants
+    calls = {}
+    q, k_cache, v_cache, lengths = cache_arrays(B, L)
+    layout = _checks.CacheLayout(page_table=None, capacity=L, new_tokens=0)
+    for spec in filter(None, tiles.split(",")):
+        warps, stages = (int(x) for x in spec.rstrip("c").split("x"))
+        cfg = _config.DecodeConfig(16, warps, stages, bulk=not spec.endswith("c"))
+        o, lse = cupy.empty_like(q), cupy.empty((B, HEADS, 1), cupy.float32)
+        plan = _decode.DecodePlan(q, k_cache, v_cache, o, lse, layout, lengths, None, None, scale=HEAD_DIM ** -0.5,
+                                  variants=Variants.of(True), num_splits=0, allocates=(True, True), decode_config=cfg)
+        calls[f"cupyflash-dense-{spec}"] = (lambda plan=plan: plan(q, k_cache, v_cache, None, None, lengths, None,
+                                                                    None, None, None, None, None))
+    return calls
+
+
 @click.command()
 @click.option("--repeats", type=int, default=30, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also copy the JSON here.")
-def main(repeats, out_dir):
+@click.option("--tiles", default="", help="Also time these decode tiles, warps x stages: '4x2,4x4,8x2'.")
+def main(repeats, out_dir, tiles):
     peak = read_bandwidth_gbs(repeats)
     click.echo(f"read bandwidth (float32 sum over 2 GiB): {peak:.0f} GB/s", err=True)
     rows, notes = [], {}
@@ -103,7 +132,8 @@ def main(repeats, out_dir):
         kv_bytes = 2 * B * L * HEADS_KV * HEAD_DIM * 2
         peers, peer_notes = torch_calls(B, L)
         notes.update({f"{n} B{B} L{L}": t for n, t in peer_notes.items()})
-        for impl, fn in {**{f"cupyflash-{n}": f for n, f in cupyflash_calls(B, L).items()}, **peers}.items():
+        mine = {f"cupyflash-{n}": f for n, f in cupyflash_calls(B, L).items()}
+        for impl, fn in {**mine, **tile_calls(B, L, tiles), **peers}.items():
             try:
                 ms = median_ms(fn, repeats)
             except Exception as e:

@@ -4,11 +4,11 @@ __version__ = "0.1.0"  # first: the modules below read it
 
 from .api import backward_workspace, flash_attention, flash_attention_backward
 from .varlen import flash_attention_varlen, flash_attention_varlen_backward
-from .kvcache import flash_attention_with_kvcache
+from .kvcache import flash_attention_with_kvcache, kvcache_workspace
 from . import autodiff, optim, reference
 from .tune import tune
 
 __all__ = ["flash_attention", "flash_attention_backward", "flash_attention_varlen", "flash_attention_varlen_backward",
            "flash_attention_with_kvcache", "tune",
-           "backward_workspace", "autodiff", "optim",
+           "backward_workspace", "kvcache_workspace", "autodiff", "optim",
            "reference", "__version__"]

@@ -378,6 +378,17 @@ def check_workspace(workspace, shape: AttentionShape, device, packed: bool = Fal
     return workspace
 
 
+def check_kvcache_workspace(workspace, device):
+    """Split-KV's scratch from kvcache_workspace: a 1-D C-contiguous float32 cupy array on the
+    inputs' device (whether it is large enough depends on the call's splits: checked where they are known)."""
+    if not is_cupy_array(workspace) or workspace.dtype != np.float32 or workspace.ndim != 1 \
+            or not workspace.flags.c_contiguous:
+        raise ValueError("workspace must be the 1-D float32 cupy array returned by cupyflash.kvcache_workspace")
+    if workspace.device.id != device:
+        raise ValueError(f"workspace is on GPU {workspace.device.id} but the inputs are on GPU {device}")
+    return workspace
+
+
 def capturing(device: int) -> bool:
     """Does CuPy's current stream on ``device`` capture a CUDA graph? (The legacy default stream cannot.)"""
     stream = _cupy().cuda.get_current_stream(device)
@@ -395,7 +406,8 @@ def check_graph_capture(device: int, needed: dict, in_place: dict, dense: dict):
     if missing:
         raise ValueError(f"CuPy's current stream is capturing a CUDA graph, so nothing may be "
                          f"allocated: pass {', '.join(n + '=' for n in missing)} (preallocated "
-                         "outside the capture; the workspace from cupyflash.backward_workspace(q))")
+                         "outside the capture; the workspace from cupyflash.backward_workspace or "
+                         "cupyflash.kvcache_workspace)")
     from ._cuda_backend import _aligned
     for n, x in in_place.items():
         if not _aligned(x):
@@ -492,12 +504,16 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, device):
         if page_table.ndim != 2 or page_table.shape[0] != B:
             raise ValueError(f"page_table must have shape (batch, pages_per_sequence) = ({B}, n), got "
                              f"{tuple(page_table.shape)}")
+        if page_table.shape[1] > 1 and page_table.strides[1] != page_table.itemsize:
+            raise ValueError("page_table's rows must be contiguous (the kernels read a sequence's pages as one row)")
         capacity = page_table.shape[1] * rows
     if cache_seqlens is not None:
         cache_seqlens = _int32_on("cache_seqlens", cache_seqlens, device)
         if tuple(cache_seqlens.shape) != (B,):
             raise ValueError(f"cache_seqlens must have shape {(B,)} (the tokens already in each sequence's cache), "
                              f"got {tuple(cache_seqlens.shape)}")
+        if B > 1 and cache_seqlens.strides[0] != cache_seqlens.itemsize:
+            raise ValueError("cache_seqlens must be contiguous (the kernels read it as one int32 row)")
     if (k is None) != (v is None):
         raise ValueError("k and v are the new tokens' keys and values: pass both or neither")
     new_tokens = 0

@@ -109,7 +109,7 @@ def _parse_ptxas(log: str) -> dict:
 
 def _kind(name: str) -> str:
     for key, kind in (("preprocess", "bwd_preprocess"), ("convert", "bwd_convert"), ("bwd_dq", "bwd_dq"), ("bwd", "bwd"),
-                      ("fwd", "fwd")):
+                      ("fwd", "fwd"), ("combine", "decode_combine"), ("decode", "decode")):
         if key in name:
             return kind
     return "other"
@@ -131,8 +131,12 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
                   for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True)
                   for sk in (None, short))
     variant_dims = [hd for hd in head_dims if hd in VARIANT_HEAD_DIMS] or head_dims[:1]
+    decode = tuple(_config.DecodeSet(dt, hd, _config.decode_config(hd, rows, dt.itemsize, cc), bits, paged)
+                   for dt in dtypes if dt != FLOAT32 for hd in head_dims for rows in (16, 32)
+                   for bits in DECODE_VARIANTS for paged in (False, True))
     return dense + tuple(_config.kernel_set(dt, hd, False, cc, seqlen_k=sk, variant=bits)
-                         for dt in dtypes for hd in variant_dims for bits in CHECKED_VARIANTS for sk in (None, short))
+                         for dt in dtypes for hd in variant_dims for bits in CHECKED_VARIANTS
+                         for sk in (None, short)) + tuple(dict.fromkeys(decode))
 
 
 #: the variant instantiations the offline check compiles besides the dense and causal ones: each
@@ -145,6 +149,11 @@ CHECKED_VARIANTS = (_config.MASK_WINDOW, _config.VARIANT_SOFTCAP, _config.VARIAN
                     _config.VARIANT_VARLEN, _config.MASK_CAUSAL | _config.VARIANT_VARLEN,
                     _config.MASK_WINDOW | _config.VARIANT_SINKS | _config.VARIANT_VARLEN)
 VARIANT_HEAD_DIMS = (64, 128, 256)
+#: the decode kernel's variants checked: a full cache, decode's causal with per-sequence lengths,
+#: gpt-oss's window with sinks, and Gemma 2's softcap with ALiBi
+DECODE_VARIANTS = (_config.MASK_NONE, _config.MASK_CAUSAL | _config.VARIANT_KVLEN,
+                   _config.MASK_WINDOW | _config.VARIANT_SINKS | _config.VARIANT_KVLEN,
+                   _config.MASK_CAUSAL | _config.VARIANT_SOFTCAP | _config.VARIANT_ALIBI | _config.VARIANT_KVLEN)
 
 
 @functools.lru_cache(maxsize=8)
@@ -162,7 +171,8 @@ def kernel_ptx(arch: str = "sm_90", dtypes=None, head_dims=None) -> str:
 def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dict]:
     """Compile every instantiation that ``arch`` would run, with no GPU, and report each kernel.
 
-    Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_dq, bwd_preprocess, bwd_convert), dtype,
+    Returns one dict per kernel: kernel, kind (fwd, bwd, bwd_dq, bwd_preprocess, bwd_convert, decode,
+    decode_combine, other), dtype,
     head_dim (the compile-time class), causal, arch, registers, spill_stores, spill_loads,
     stack_bytes, shared_bytes (static), dynamic_shared_bytes (what the launcher requests),
     wgmma_serialized (ptxas had to make the Hopper kernel's wgmma instructions synchronous).
@@ -171,9 +181,12 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
     _, stats, lowered = _compile_sets(arch, sets)
     rows, done = [], set()
     for ks in sets:
-        dyn = {ks.fwd_name(): ks.fwd_smem(), ks.bwd_name(): ks.bwd_smem()}
-        if ks.deterministic:
-            dyn[ks.dq_name()] = ks.dq_smem()
+        if isinstance(ks, _config.DecodeSet):
+            dyn = {ks.decode_name(): ks.smem()}
+        else:
+            dyn = {ks.fwd_name(): ks.fwd_smem(), ks.bwd_name(): ks.bwd_smem()}
+            if ks.deterministic:
+                dyn[ks.dq_name()] = ks.dq_smem()
         for n in ks.name_expressions():
             if n in done:
                 continue
@@ -181,7 +194,7 @@ def compile_report(arch: str = "sm_90", dtypes=None, head_dims=None) -> list[dic
             s = stats.get(lowered[n], {})
             rows.append({
                 "kernel": n, "kind": _kind(n), "dtype": dtype_name(ks.dtype), "head_dim": ks.head_dim_cls,
-                "causal": ks.causal if n in dyn else None, "variant": _config.variant_text(ks.variant) if n in dyn else None,
+                "causal": bool(ks.variant & 3) if n in dyn else None, "variant": _config.variant_text(ks.variant) if n in dyn else None,
                 "arch": arch,
                 "registers": s.get("registers", -1), "spill_stores": s.get("spill_stores", 0),
                 "spill_loads": s.get("spill_loads", 0), "stack_bytes": s.get("stack_bytes", 0),

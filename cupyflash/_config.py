@@ -31,6 +31,8 @@ ROWWISE_ROWS_PER_BLOCK = 8
 DSINKS_THREADS = 256
 #: threads of the KV-cache append kernel (APPEND_THREADS in kernels_cu/kvcache_append.cu)
 APPEND_THREADS = 32
+#: query rows (one warp each) per block of split-KV's combine (COMBINE_ROWS in flash_decode_combine.cu)
+COMBINE_ROWS = 4
 
 
 # The VARIANT template parameter of every kernel: VariantBits in kernels_cu/variant.cuh.
@@ -217,6 +219,33 @@ class F32Config:
         return (4 * 32 * (head_dim_cls + 1) + 32 * 33) * 4
 
 
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The KV-cache decode kernel (flash_decode.cu): ROWS query rows per block (the kv head's group
+    times the new tokens, one or two 16-row m-tiles), NUM_WARPS warps of 16 keys each per key tile
+    (BLOCK_N = 16 * NUM_WARPS), STAGES stages of K and V, loaded with cp.async or, with ``bulk``
+    (sm_90), one bulk copy per row by one warp. Mirrors DecodeTraits in kernels_cu/traits.cuh."""
+    rows: int
+    num_warps: int
+    stages: int
+    bulk: bool = False
+
+    KEYS_PER_WARP = 16
+
+    @property
+    def block_n(self) -> int:
+        return self.KEYS_PER_WARP * self.num_warps
+
+    def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        # Q, the stages of K and V, one 8-byte mbarrier per stage (the bulk loads on sm_90)
+        return (self.rows + self.stages * 2 * self.block_n) * _padded(head_dim_cls) * itemsize + 8 * self.stages
+
+    def merge_bytes(self, head_dim_cls: int) -> int:
+        """The warps' partials at the end (fp32 O rows of head_dim + 4 and an lse each), in the stages."""
+        return self.num_warps * self.rows * (head_dim_cls + 5) * 4
+
+
 F, G, H = FwdConfig, BwdConfig, Sm90FwdConfig
 
 # Tile table for the tensor-core path (fp16 and bf16): (head_dim class, causal) -> (forward, backward).
@@ -290,6 +319,26 @@ DQ_TILES = {32: DqConfig(128, 64, 8), 64: DqConfig(128, 64, 8), 96: DqConfig(64,
 SMALL_TILES = (F(64, 32, 4), G(32, 32, 4, 1, balanced=False))  # row-first: the balanced layout spills (variants)
 SMALL_DQ = (DqConfig(64, 32, 4), DqConfig(32, 32, 2), DqConfig(16, 32, 1))  # the first that fits
 F32 = F32Config()
+
+# The decode kernel by head_dim class: (warps, stages). Four warps of 16 keys (64-key tiles); three
+# stages keep two tiles (64 KB at head_dim 128) in flight per block with two blocks per SM on
+# sm_90; head_dim 160-256 take two stages (one m-tile of rows: two do not fit in registers).
+DECODE_TILES = {32: (4, 4), 64: (4, 4), 96: (4, 3), 128: (4, 3), 160: (4, 2), 192: (4, 2), 256: (4, 2)}
+#: query rows per decode block beyond which a KV-cache call runs the prefill kernels instead
+#: (dense caches; a paged cache always takes the decode kernel, in row tiles of decode_rows)
+DECODE_MAX_ROWS = 64
+
+
+def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int) -> DecodeConfig:
+    """The decode tile for ``rows`` query rows per kv head (group x new tokens): 32-row blocks where
+    more than 16 rows and head_dim <= 128 (O's registers), else 16; stages dropped (to 2) until
+    it fits the device's shared memory."""
+    warps, stages = DECODE_TILES[head_dim_cls]
+    cfg = DecodeConfig(32 if rows > 16 and head_dim_cls <= 128 else 16, warps, stages)
+    while cfg.stages > 2 and cfg.smem_bytes(head_dim_cls, itemsize) > smem_optin(cc):
+        cfg = replace(cfg, stages=cfg.stages - 1)
+    return cfg
+
 
 #: shared memory one block may opt in to, by compute capability (cudaDevAttrMaxSharedMemoryPerBlockOptin)
 SMEM_OPTIN = {80: 163 * 1024, 87: 163 * 1024, 90: 227 * 1024}
@@ -438,7 +487,7 @@ class KernelSet:
         return bool(self.variant & VARIANT_KVLEN)
 
     def append_name(self) -> str:
-        return _instance("kvcache_append_kernel", CXX_TYPE[self.dtype])
+        return append_name(self.dtype)
 
     def name_expressions(self) -> tuple[str, ...]:
         last = self.dq_name() if self.deterministic else self.convert_name()
@@ -547,3 +596,43 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
     if deterministic:
         dq = next(c for c in (DQ_TILES[cls], *SMALL_DQ) if c.smem_bytes(cls, dtype.itemsize) <= limit)
     return KernelSet(dtype, cls, causal, fwd or table_fwd, bwd or table_bwd, dq, variant)
+
+
+def append_name(dtype) -> str:
+    """The KV-cache append kernel's name expression."""
+    return _instance("kvcache_append_kernel", CXX_TYPE[np.dtype(dtype)])
+
+
+@dataclass(frozen=True)
+class DecodeSet:
+    """The kernels of one KV-cache decode problem: the decode kernel (dtype, head_dim class, tile,
+    VARIANT bits, paged or dense cache), split-KV's combine and the append, compiled as one module."""
+    dtype: np.dtype
+    head_dim_cls: int
+    cfg: DecodeConfig
+    variant: int
+    paged: bool
+
+    def decode_name(self) -> str:
+        c = self.cfg
+        return _instance("flash_decode_kernel", CXX_TYPE[self.dtype], self.head_dim_cls, c.rows, c.num_warps, c.stages,
+                         c.bulk, self.variant, self.paged)
+
+    def combine_name(self) -> str:
+        return _instance("flash_decode_combine_kernel", CXX_TYPE[self.dtype], bool(self.variant & VARIANT_SINKS))
+
+    def name_expressions(self) -> tuple[str, ...]:
+        return (self.decode_name(), self.combine_name(), append_name(self.dtype))
+
+    def threads(self) -> int:
+        return 32 * self.cfg.num_warps
+
+    def smem(self) -> int:
+        return self.cfg.smem_bytes(self.head_dim_cls, self.dtype.itemsize)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"{dtype_name(self.dtype)} decode ({'paged' if self.paged else 'dense'} cache) rows={c.rows} "
+                f"BLOCK_N={c.block_n} warps={c.num_warps} stages={c.stages} loads by "
+                f"{'bulk copy' if c.bulk else 'cp.async'}, head_dim padded to {self.head_dim_cls}; "
+                f"variant {variant_text(self.variant)}")

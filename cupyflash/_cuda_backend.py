@@ -120,15 +120,18 @@ def _ptr(x) -> int:
     return 0 if x is None else x.data.ptr
 
 
-def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seqused=None) -> tuple:
+def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seqused=None, new_k: int = 0,
+                    seqlen_k: int | None = None) -> tuple:
     """VariantParams (kernels_cu/params.cuh) of a call: the run-time values of its variants in the
     kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32)
-    and of packed sequences' offsets or a KV cache's key counts (``seqused``). Returns (the struct's
-    values in order, the arrays it points to, kept alive by the caller)."""
+    and of packed sequences' offsets or a KV cache's key counts (``seqused``: its cache_seqlens,
+    ``new_k``: the tokens this call appends). Returns (the struct's values in order, the arrays it
+    points to, kept alive by the caller). ``seqlen_k``: the keys a sequence may have, when not k's
+    seqlen (a paged cache's capacity)."""
     from ._variants import UNBOUNDED, Variants
     var = variants or Variants()
     B, Sq, H, _ = q.shape
-    Sk, group = k.shape[1], H // k.shape[2]
+    Sk, group = k.shape[1] if seqlen_k is None else seqlen_k, H // k.shape[2]
     unbounded = Sq + Sk  # wider than any band: the kernels need no "unbounded" test
     left, right = (unbounded if w == UNBOUNDED else min(w, unbounded) for w in var.window)
     alibi = None if var.alibi_slopes is None else cupy.ascontiguousarray(var.alibi_slopes, dtype=_F32)
@@ -137,7 +140,7 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seq
     values = (np.uint64(_ptr(alibi)), np.uint64(_ptr(sinks)), np.uint64(_ptr(dsinks)),
               np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
               np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
-              np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(0),
+              np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(new_k),
               *(np.uint64(p) for p in _packing_pointers(packing)), np.uint64(_ptr(seqused)))
     return values, (alibi, sinks)
 
@@ -152,12 +155,12 @@ class ForwardPlan:
     """The forward launch for one set of layouts of q, k, v and the out and lse buffers."""
 
     def __init__(self, ks: _config.KernelSet, q, k, v, o, lse, scale: float, allocates: tuple, variants=None,
-                 packing=None, seqused=None):
+                 packing=None, seqused=None, new_k: int = 0):
         B, Sq, H, D = q.shape  # packed sequences (``packing``): one batch of total_q rows
         self.device = q.data.device_id
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (B, H, Sq)
         self.allocates_out, self.allocates_lse = allocates  # (out, lse) were not given: allocate them
-        var, self.variant_arrays = _variant_fields(variants, q, k, scale, packing=packing, seqused=seqused)
+        var, self.variant_arrays = _variant_fields(variants, q, k, scale, packing=packing, seqused=seqused, new_k=new_k)
         grid_b, grid_q = (packing.batch, packing.max_q) if packing is not None else (B, Sq)  # sequences, longest
         fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                       o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(grid_b), heads=np.int32(H),
@@ -211,13 +214,13 @@ def _packing_pointers(packing) -> tuple:
 
 
 def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None, fwd_config=None, variants=None,
-                      packing=None, seqused=None):
+                      packing=None, seqused=None, new_k: int = 0):
     """(out, lse, plan): the forward on any validated inputs, and the plan it ran when that plan
     serves every later call with the same layouts (None when an input, the ALiBi slopes or the
     sinks were copied first, or the problem is empty). ``variants``: a _variants.Variants, causal
     folded in. ``packing``: packed sequences (a _checks.Packing; q, k, v, out one batch of
-    total rows, lse (1, H, total_q)). ``seqused``: int32 (B,) device array, the keys each sequence
-    uses (at most k's seqlen: a KV cache's valid prefix)."""
+    total rows, lse (1, H, total_q)). ``seqused``: int32 (B,) device array, a KV cache's
+    cache_seqlens: sequence b uses min(max(seqused[b], 0) + new_k, k's seqlen) keys."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     with cupy.cuda.Device(q.device.id):
@@ -236,7 +239,7 @@ def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None
                                 seqlen_k=Sk if packing is None else packing.max_k)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
         plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants,
-                           packing=packing, seqused=seqused)
+                           packing=packing, seqused=seqused, new_k=new_k)
         plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays, packing, seqused)
         reusable = (o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
                     and _reads_in_place(plan.variant_arrays, variants))
@@ -426,65 +429,3 @@ def backward_workspace(batch: int, heads: int, seqlen_q: int, head_dim: int):
     Allocate once and pass as ``workspace=`` to keep the backward pass allocation-free."""
     return (cupy.empty((batch, heads, seqlen_q), dtype=np.float32),
             cupy.empty((batch, heads, seqlen_q, head_dim), dtype=np.float32))
-
-
-def kvcache_seqused(batch: int):
-    """The scratch of a KV-cache call: each sequence's key count, int32 (batch,)."""
-    return cupy.empty((batch,), dtype=np.int32)
-
-
-def forward_kvcache(q, k_cache, v_cache, cache_seqlens, layout, *, k_new=None, v_new=None, scale: float, variants,
-                    out=None, lse=None, seqused=None):
-    """(out, lse) of a KV-cache call on validated inputs (``layout``: a _checks.CacheLayout).
-
-    The append kernel writes the new tokens into the caches and each sequence's key count into
-    ``seqused`` (allocated when not given); the forward kernels then read each sequence's first
-    seqused[b] keys (VARIANT_KVLEN). A paged cache is gathered into a dense copy first: an
-    interim path (an allocation and a copy of every page the table names), until the kernels
-    read pages themselves (issue 16)."""
-    B, Sq, H, D = q.shape
-    causal = variants.window == (-1, 0)
-    with cupy.cuda.Device(q.device.id):
-        if cache_seqlens is None and layout.page_table is None:  # full dense caches: the plain call
-            return forward_with_plan(q, k_cache, v_cache, causal=causal, scale=scale, out=out, lse=lse,
-                                     variants=variants)[:2]
-        seqused = kvcache_seqused(B) if seqused is None else seqused
-        if cache_seqlens is None:
-            seqused.fill(layout.capacity)
-        else:
-            _append(q, k_cache, v_cache, cache_seqlens, layout, k_new, v_new, seqused, variants)
-        if layout.page_table is not None:
-            k_cache, v_cache = _gathered_pages(k_cache, v_cache, layout)
-        return forward_with_plan(q, k_cache, v_cache, causal=causal, scale=scale, out=out, lse=lse,
-                                 variants=variants, seqused=seqused)[:2]
-
-
-def _append(q, k_cache, v_cache, cache_seqlens, layout, k_new, v_new, seqused, variants) -> None:
-    """The append kernel: new tokens into the caches, seqused = cache_seqlens + S_new clamped."""
-    B, D, H_kv = q.shape[0], q.shape[3], k_cache.shape[2]
-    ks = _config.kernel_set(q.dtype, D, variants.window == (-1, 0), _cc(), seqlen_k=layout.capacity, tuned=_tuned(),
-                            variant=_config.variant_bits(variants, kv_lengths=True))  # the forward's module
-    s_new = layout.new_tokens
-    new = (k_new, v_new) if s_new else (k_cache[:1, :0], v_cache[:1, :0])  # no rows are read without new tokens
-    table = layout.page_table
-    fields = dict(k_new=_launch.tensor_ref(new[0]), v_new=_launch.tensor_ref(new[1]),
-                  k_cache=_launch.tensor_ref(k_cache), v_cache=_launch.tensor_ref(v_cache),
-                  cache_seqlens=np.uint64(cache_seqlens.data.ptr), page_table=np.uint64(_ptr(table)),
-                  seqused_k=np.uint64(seqused.data.ptr),
-                  page_table_stride=np.int64(0 if table is None else table.strides[0] // table.itemsize),
-                  new_tokens=np.int32(s_new), capacity=np.int32(layout.capacity),
-                  page_size=np.int32(k_cache.shape[1]), num_pages=np.int32(k_cache.shape[0]), head_dim=np.int32(D),
-                  pad_=np.int32(0))
-    launch = _launch.PreparedLaunch(ks, ks.append_name(), (max(s_new, 1), H_kv, B), _config.APPEND_THREADS, 0)
-    launch(cupy.cuda.get_current_stream().ptr, _launch.ParamTemplate(_launch.APPEND_PARAMS, fields).fill(()))
-
-
-def _gathered_pages(k_cache, v_cache, layout):
-    """Dense (B, capacity, H_kv, D) copies of the pages each sequence's table row names (page
-    indices outside the cache clamped into it: such rows are the caller's contract, never an
-    out-of-bounds read)."""
-    num_pages, page_size = k_cache.shape[:2]
-    pos = cupy.arange(layout.capacity)
-    pages = cupy.clip(layout.page_table[:, pos // page_size], 0, num_pages - 1)
-    rows = pages.astype(np.int64) * page_size + pos % page_size  # (B, capacity)
-    return tuple(c.reshape(num_pages * page_size, *c.shape[2:])[rows] for c in (k_cache, v_cache))

@@ -17,7 +17,7 @@ from cupy.cuda import driver
 
 from . import _tma
 from ._compile import NVRTC_OPTIONS, nvrtc_arch
-from ._config import KernelSet
+from ._config import DecodeSet, KernelSet
 from ._sources import kernel_source
 
 _TENSOR_REF = np.dtype({"names": ["ptr", "stride_b", "stride_s", "stride_h"],
@@ -27,7 +27,7 @@ _COMMON = [("batch", np.int32), ("heads", np.int32), ("seqlen_q", np.int32), ("s
 VARIANT_PARAMS = np.dtype([("alibi", np.uint64), ("sinks", np.uint64), ("dsinks", np.uint64), ("alibi_stride_b", np.int64),
                            ("group_mul", np.uint32), ("group", np.int32), ("window_left", np.int32),
                            ("window_right", np.int32), ("softcap_in", np.float32), ("softcap_out", np.float32),
-                           ("inv_scale", np.float32), ("pad_", np.int32), ("cu_seqlens_q", np.uint64),
+                           ("inv_scale", np.float32), ("new_k", np.int32), ("cu_seqlens_q", np.uint64),
                            ("cu_seqlens_k", np.uint64), ("seqused_k", np.uint64)], align=True)
 FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
@@ -38,9 +38,13 @@ BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF
 
 APPEND_PARAMS = np.dtype([("k_new", _TENSOR_REF), ("v_new", _TENSOR_REF), ("k_cache", _TENSOR_REF),
                           ("v_cache", _TENSOR_REF), ("cache_seqlens", np.uint64), ("page_table", np.uint64),
-                          ("seqused_k", np.uint64), ("page_table_stride", np.int64), ("new_tokens", np.int32),
+                          ("page_table_stride", np.int64), ("new_tokens", np.int32),
                           ("capacity", np.int32), ("page_size", np.int32), ("num_pages", np.int32),
                           ("head_dim", np.int32), ("pad_", np.int32)], align=True)
+
+DECODE_PARAMS = np.dtype([("fwd", FWD_PARAMS), ("page_table", np.uint64), ("o_partial", np.uint64),
+                          ("lse_partial", np.uint64), ("page_table_stride", np.int64), ("page_shift", np.int32),
+                          ("num_pages", np.int32), ("num_splits", np.int32), ("pad_", np.int32)], align=True)
 
 # FwdParams and the TMA tensor maps of q, k, v (TmaDesc: 128 bytes, 64-byte aligned)
 FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
@@ -52,7 +56,8 @@ BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": 
 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
 assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
-         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize) == (32, 88, 248, 400, 640, 960, 184))
+         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize, DECODE_PARAMS.itemsize)
+        == (32, 88, 248, 400, 640, 960, 176, 296))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535
@@ -148,7 +153,7 @@ def _module(names: tuple, cc: int) -> cupy.RawModule:
     return cupy.RawModule(code=kernel_source(), options=options, name_expressions=list(names))
 
 
-def _device_module(ks: KernelSet) -> cupy.RawModule:
+def _device_module(ks: KernelSet | DecodeSet) -> cupy.RawModule:
     return _module(ks.name_expressions(), int(cupy.cuda.Device().compute_capability))
 
 
@@ -157,7 +162,7 @@ def _smem_optin(device_id: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerBlockOptin"])
 
 
-def _kernel(ks: KernelSet, name: str, smem: int):
+def _kernel(ks: KernelSet | DecodeSet, name: str, smem: int):
     return _device_kernel(ks.name_expressions(), name, smem, cupy.cuda.Device().id)
 
 
@@ -176,7 +181,7 @@ def _device_kernel(names: tuple, name: str, smem: int, dev: int):
     return fn
 
 
-def kernel_resources(ks: KernelSet, name: str) -> tuple[int, int]:
+def kernel_resources(ks: KernelSet | DecodeSet, name: str) -> tuple[int, int]:
     """(local-memory bytes per thread, registers) of a compiled kernel: local > 0 means spills."""
     fn = _device_module(ks).get_function(name)
     return int(fn.local_size_bytes), int(fn.num_regs)
@@ -246,7 +251,7 @@ class PreparedLaunch:
     argument's array interface)."""
     __slots__ = ("name", "function", "grid", "threads", "smem")
 
-    def __init__(self, ks: KernelSet, name: str, grid: tuple, threads: int, smem: int):
+    def __init__(self, ks: KernelSet | DecodeSet, name: str, grid: tuple, threads: int, smem: int):
         self.name = name
         self.grid = _check_grid(grid)
         self.threads = int(threads)

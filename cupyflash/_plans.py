@@ -88,6 +88,15 @@ def backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax
     return (layouts, _flag(causal), _flag(softmax_scale), _flag(deterministic), variants)
 
 
+def kvcache_key(q, k_cache, v_cache, k, v, cache_seqlens, page_table, out, lse, workspace, causal, softmax_scale,
+                window_size, softcap, alibi_slopes, sinks, num_splits, return_lse):
+    layouts = _layouts((q, k_cache, v_cache, k, v, cache_seqlens, page_table, out, lse, workspace, alibi_slopes, sinks))
+    variants = _variant_flags(window_size, softcap)
+    if layouts is None or variants is None:
+        return None
+    return (layouts, _flag(causal), _flag(softmax_scale), _flag(num_splits), _flag(return_lse), variants)
+
+
 class PlanCache:
     """Plans by key, at most MAX_PLANS (insertion order: the oldest is dropped first)."""
 
@@ -122,9 +131,11 @@ class PlanCache:
 
 FORWARD = PlanCache()
 BACKWARD = PlanCache()
+KVCACHE = PlanCache()
 
 
 def clear() -> None:
     """Forget every plan (tests; a plan holds compiled kernels of one device, nothing else)."""
     FORWARD.clear()
     BACKWARD.clear()
+    KVCACHE.clear()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 #: kernel translation units, in the order they are concatenated
 KERNEL_FILES = ("flash_fwd.cu", "flash_fwd_sm90.cu", "flash_bwd.cu", "flash_bwd_sm90.cu", "flash_bwd_dq.cu", "flash_bwd_preprocess.cu", "flash_bwd_convert.cu",
-                "flash_bwd_dsinks.cu", "flash_f32.cu", "kvcache_append.cu")
+                "flash_bwd_dsinks.cu", "flash_f32.cu", "kvcache_append.cu", "flash_decode.cu",
+                "flash_decode_combine.cu")
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 

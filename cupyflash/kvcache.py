@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _plans
 from ._dtypes import lse_dtype
 from ._variants import NO_WINDOW
 from .api import Array, ArrayInput, _cpu_backend, _gpu_backend, _variant_arrays
@@ -25,7 +25,8 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
                                  window_size: tuple[int, int] = NO_WINDOW, softcap: float = 0.0,
                                  alibi_slopes: ArrayInput | None = None, sinks: ArrayInput | None = None,
                                  num_splits: int = 0, return_lse: bool = False, out: ArrayInput | None = None,
-                                 lse: ArrayInput | None = None) -> Array | tuple[Array, Array]:
+                                 lse: ArrayInput | None = None,
+                                 workspace: ArrayInput | None = None) -> Array | tuple[Array, Array]:
     """Attention of each sequence's new queries to its cached keys and values.
 
     Parameters
@@ -50,11 +51,21 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
         As for :func:`cupyflash.flash_attention`, per sequence: the masks are aligned to each
         sequence's own end (its cached tokens plus the new ones). causal defaults to True.
     num_splits : int
-        Split-KV: each sequence's keys in this many chunks, whose partial softmaxes are merged by
-        their lse (flash-decoding); 0 lets cupyflash choose. The NumPy path splits as asked (the
-        spec of the merge); the GPU path does not split yet (issue 16) and accepts the value.
+        Split-KV: each sequence's keys in this many chunks of whole key tiles, whose partial
+        softmaxes are merged by their lse (flash-decoding); 0 lets cupyflash choose: on the GPU,
+        enough chunks to fill the SMs when batch x heads_kv blocks would not (1 on the CPU).
     return_lse, out, lse
         As for :func:`cupyflash.flash_attention`; lse is (batch, heads, seqlen_q).
+    workspace : cupy float32 array, optional
+        Split-KV's scratch, from :func:`kvcache_workspace` for these shapes. Without it a split
+        call allocates one. With ``out``, ``lse`` and ``workspace`` given, a GPU call allocates
+        nothing and never synchronises with the host: a decode loop can be captured in a CUDA
+        graph, ``cache_seqlens`` advanced in device memory between replays.
+
+    The GPU path runs a decode kernel for float16 and bfloat16 (every paged call, and dense calls
+    with at most 64 query rows per kv head: heads // heads_kv x seqlen_q): each block reads a kv
+    head's keys once for its whole group of query heads, pages through the page table. float32
+    and longer dense chunks run the prefill kernels (a paged cache gathered into a dense copy).
 
     The caller's contract: each sequence's tokens, cached and new, fit its cache, and its page
     table rows name pages of the cache. The NumPy path checks both (a ValueError names the
@@ -67,6 +78,15 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
     -------
     out, and lse when ``return_lse``.
     """
+    # a call with the layouts of an earlier one reuses its checked plan (_plans)
+    key = _plans.kvcache_key(q, k_cache, v_cache, k, v, cache_seqlens, page_table, out, lse, workspace, causal,
+                             softmax_scale, window_size, softcap, alibi_slopes, sinks, num_splits, return_lse)
+    plan = _plans.KVCACHE.get(key)
+    if plan is not None:
+        result = plan(q, k_cache, v_cache, k, v, cache_seqlens, page_table, out, lse, workspace, alibi_slopes, sinks)
+        if result is not None:
+            return result if return_lse else result[0]
+    given = (k, v, cache_seqlens, page_table)
     arrays = {n: _checks.as_array(a, n) for n, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))}
     dev = _checks.check_same_backend(arrays)
     dtype = _checks.check_dtype(arrays, dev != "cpu")
@@ -89,11 +109,47 @@ def flash_attention_with_kvcache(q: ArrayInput, k_cache: ArrayInput, v_cache: Ar
             _checks.check_cache_values(lengths, layout, k_cache.shape[0])
         o, l = _cpu_backend().forward_kvcache(q, k_cache, v_cache, lengths, k_new=k, v_new=v,
                                               page_table=layout.page_table, scale=scale, variants=variants,
-                                              out=out, lse=lse, num_splits=num_splits)
+                                              out=out, lse=lse, num_splits=max(num_splits, 1))
     else:
+        if workspace is not None:
+            workspace = _checks.check_kvcache_workspace(workspace, dev)
+        new_tokens = {"k": k, "v": v} if k is not None else {}
         _checks.check_graph_capture(dev, needed={"out": out, "lse": lse},
-                                    in_place={"q": q, "k_cache": k_cache, "v_cache": v_cache, "out": out},
+                                    in_place={"q": q, "k_cache": k_cache, "v_cache": v_cache, "out": out, **new_tokens},
                                     dense=_variant_arrays(variants))
-        o, l = _gpu_backend().forward_kvcache(q, k_cache, v_cache, cache_seqlens, layout, k_new=k, v_new=v,
-                                              scale=scale, variants=variants, out=out, lse=lse)
+        from . import _decode
+        o, l, plan = _decode.forward_kvcache(q, k_cache, v_cache, cache_seqlens, layout, k_new=k, v_new=v, scale=scale,
+                                             variants=variants, num_splits=num_splits, out=out, lse=lse,
+                                             workspace=workspace)
+        if all(a is b for a, b in zip((k, v, cache_seqlens, layout.page_table), given)):
+            _plans.KVCACHE.put(key, plan)  # the plan reads the caller's own index arrays
     return (o, l) if return_lse else o
+
+
+def kvcache_workspace(q: ArrayInput, k_cache: ArrayInput, *, page_table: ArrayInput | None = None,
+                      num_splits: int = 0) -> Array:
+    """Split-KV's scratch for :func:`flash_attention_with_kvcache` calls with these shapes.
+
+    Allocate it once, outside any CUDA-graph capture, and pass it as ``workspace=``: it serves
+    every call whose q, k_cache and page_table have these shapes and dtype and whose num_splits
+    is the same, one call at a time. A float32 cupy array, empty when such calls do not split.
+
+    Parameters
+    ----------
+    q, k_cache : cupy arrays (only their shapes, dtype and device are used)
+    page_table : optional, the paged cache's table (its shape)
+    num_splits : as for the call
+    """
+    q = _checks.as_array(q, "q")
+    k_cache = _checks.as_array(k_cache, "k_cache")
+    if not _checks.is_cupy_array(q) or q.ndim != 4 or k_cache.ndim != 4:
+        raise ValueError("kvcache_workspace takes the GPU (cupy) arrays q (batch, seqlen_q, heads, head_dim) and "
+                         "k_cache (4-D)")
+    num_splits = _checks.check_num_splits(num_splits)
+    table_shape = None if page_table is None else tuple(_checks.as_array(page_table, "page_table").shape)
+    import cupy
+    from . import _decode
+    with cupy.cuda.Device(q.device.id):
+        splits = _decode.plan_splits(tuple(q.shape), q.dtype, tuple(k_cache.shape), table_shape, num_splits)
+        B, Sq, H, D = q.shape
+        return cupy.empty(_decode.workspace_floats(splits, B, Sq, H, D), dtype=np.float32)

@@ -120,6 +120,14 @@ __device__ __forceinline__ void zero_rows_from(unsigned char* tile, int r0, int 
     warpgroup_barrier(wg);  // every thread's zeros are written before any thread's wgmma reads the tile
 }
 
+// ---- bulk copies: contiguous bytes by the TMA unit, no tensor map (cp.async.bulk) ----
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
+// completing on `bar`'s transaction count. Issued by any thread; runs in the async proxy.
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+
 // ---- TMA: whole tiles copied by the tensor memory accelerator (cp.async.bulk.tensor) ----
 // The tensor map (TmaDesc) describes one (B, S, H, D) tensor as dimensions (D, H, S, B),
 // innermost first, with boxes of 64 columns x ROWS rows of one head written in the 128-byte

@@ -1,6 +1,6 @@
 // The KV cache's append (VARIANT_KVLEN calls with new tokens): each new token's key and value row
-// into its sequence's cache at position cache_seqlens[b] + t, and each sequence's key count for the
-// attention kernel, seqused_k[b] = cache_seqlens[b] + S_new clamped to [0, capacity]. A position
+// into its sequence's cache at position cache_seqlens[b] + t (the attention kernels then count
+// min(max(cache_seqlens[b], 0) + S_new, capacity) keys: Seq in params.cuh). A position
 // past the cache's capacity or a page index outside the cache is the caller's contract: such rows
 // are dropped, never written out of bounds. One block per (new token, kv head, sequence).
 #include "ptx.cuh"
@@ -13,9 +13,7 @@ constexpr int APPEND_THREADS = 32;  // one warp copies a head_dim row
 template <typename T>
 __global__ void __launch_bounds__(APPEND_THREADS) kvcache_append_kernel(const AppendParams p) {
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int cached = max(0, p.cache_seqlens[b]);
-    if (t == 0 && h == 0 && threadIdx.x == 0) p.seqused_k[b] = min(cached + p.new_tokens, p.capacity);
-    const int pos = cached + t;
+    const int pos = max(0, p.cache_seqlens[b]) + t;
     if (t >= p.new_tokens || pos >= p.capacity) return;
     int slot = b, row = pos;  // the cache's (batch or page, row) of position pos
     if (p.page_table != nullptr) {

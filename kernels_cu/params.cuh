@@ -29,11 +29,11 @@ struct VariantParams {
     float softcap_in;              // softmax_scale / softcap: tanh's argument per raw score
     float softcap_out;             // softcap / softmax_scale: back to raw units
     float inv_scale;               // 1 / softmax_scale: slopes and sinks in raw units
-    int pad_;
+    int new_k;                     // VARIANT_KVLEN: tokens appended by this call, counted after seqused_k
     const int* cu_seqlens_q;       // packed sequences (VARIANT_VARLEN): (B + 1,) row offsets of each
     const int* cu_seqlens_k;       // sequence's queries and keys; null for dense (B, S, H, D) tensors
-    const int* seqused_k;          // (B,) keys each sequence uses (VARIANT_KVLEN: a KV cache's valid
-                                   // prefix, at most seqlen_k); null otherwise
+    const int* seqused_k;          // (B,) VARIANT_KVLEN: a KV cache's tokens before this call's append;
+                                   // sequence b uses min(max(seqused_k[b], 0) + new_k, seqlen_k) keys
 };
 
 struct FwdParams {
@@ -78,15 +78,30 @@ struct BwdSm90Params {
     TmaDesc q, k, v, dout;
 };
 
-// The KV cache's append (kvcache_append.cu): the new tokens into the caches, and each sequence's key count.
+// The KV cache's append (kvcache_append.cu): the new tokens into the caches.
 struct AppendParams {
     TensorRef k_new, v_new;       // (B, S_new, H_kv, D)
     TensorRef k_cache, v_cache;   // dense (B, S_max, H_kv, D), or paged (num_pages, page_size, H_kv, D)
     const int* cache_seqlens;     // (B,) tokens already in each sequence's cache
     const int* page_table;        // (B, pages per sequence), or null for a dense cache
-    int* seqused_k;               // (B,) written: cache_seqlens + S_new, clamped to [0, capacity]
     i64 page_table_stride;        // elements between sequences of the page table
     int new_tokens, capacity, page_size, num_pages, head_dim, pad_;
+};
+
+// Decode against a KV cache (flash_decode.cu, flash_decode_combine.cu): FwdParams over the cache
+// (k, v: the caches; seqlen_k: the capacity; var.seqused_k, var.new_k: each sequence's keys), the
+// page table of a paged cache, and the workspace of split-KV (num_splits > 1): each split's
+// normalised output and lse, which the combine kernel merges (merge.cuh).
+struct DecodeParams {
+    FwdParams fwd;
+    const int* page_table;   // (B, pages per sequence), or null for a dense cache
+    float* o_partial;        // (num_splits, B, Sq, H, head_dim) fp32, each split's O / l
+    float* lse_partial;      // (num_splits, B, H, Sq), each split's lse (natural log, without the sink)
+    i64 page_table_stride;   // elements between sequences of the page table
+    int page_shift;          // log2(page_size); k's and v's (batch) axis is the page, (seqlen) the row in it
+    int num_pages;
+    int num_splits;          // chunks of whole key tiles per sequence (1: the decode kernel writes out, lse)
+    int pad_;
 };
 
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
@@ -97,8 +112,9 @@ static_assert(sizeof(FwdParams) == 248, "FwdParams layout is mirrored in _launch
 static_assert(sizeof(BwdParams) == 400, "BwdParams layout is mirrored in _launch.py");
 static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 640,  // q, k, v at 256, 384, 512
               "FwdSm90Params layout is mirrored in _launch.py");
-static_assert(sizeof(AppendParams) == 184, "AppendParams layout is mirrored in _launch.py");
+static_assert(sizeof(AppendParams) == 176, "AppendParams layout is mirrored in _launch.py");
 static_assert(sizeof(BwdSm90Params) == 960, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 448
+static_assert(sizeof(DecodeParams) == 296, "DecodeParams layout is mirrored in _launch.py");
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>
@@ -138,7 +154,7 @@ struct Seq {
             tb = b;
             q0 = k0 = 0;
             len_q = p.seqlen_q;
-            len_k = LAYOUT == SEQ_KVLEN ? p.var.seqused_k[b] : p.seqlen_k;
+            len_k = LAYOUT == SEQ_KVLEN ? min(max(p.var.seqused_k[b], 0) + p.var.new_k, p.seqlen_k) : p.seqlen_k;
         }
     }
     // Is a block's first query (key) past the sequence's end? Packed sequences are shorter than the

@@ -83,6 +83,7 @@ struct Policy {
     float slope;       // this (batch, head)'s ALiBi slope in raw units (0 without ALiBi)
     float slope_log2;  // the same in log2 units, slope * log2(e) (the backward's exponent)
 
+    Policy() = default;  // an array of per-row policies (the decode kernel's rows differ in head)
     // sequence `seq`'s query head h (positions i, j within the sequence)
     __device__ __forceinline__ Policy(const VariantParams& v, const Seq& seq, int h)
         : seqlen_q(seq.len_q), seqlen_k(seq.len_k), window_left(v.window_left), window_right(v.window_right),
@@ -177,6 +178,12 @@ struct Policy {
         return s;
     }
     __device__ __forceinline__ float logit(float s, int i, int j) const { return logit_at(s, float(j - diag(i))); }
+    // The logit of query i and key j, or -inf where the key is not visible (element by element: the
+    // decode kernel, whose rows are not consecutive queries of one head).
+    __device__ __forceinline__ float masked_logit(float s, int i, int j) const {
+        const int d = j - diag(i);
+        return visible_at(j, d) ? logit_at(s, float(d)) : -CUPYFLASH_INF;
+    }
 
     // Offsets of mma accumulator fragments: element (mt, nt, r) of a tile whose rows start at
     // row0 and columns at col0 has row row0 + acc_row(mt, r) and column col0 + acc_col(nt, r);

@@ -26,7 +26,7 @@ def test_every_instantiation_compiles(report):
 def test_main_kernels_do_not_spill(report):
     arch, rows = report
     spills = [f"{r['kernel']}: {r['registers']} regs, {r['spill_stores']} B spilled, {r['stack_bytes']} B stack"
-              for r in rows if r["kind"] in ("fwd", "bwd", "bwd_dq") and (r["spill_stores"] or r["spill_loads"] or r["stack_bytes"])]
+              for r in rows if r["kind"] in ("fwd", "bwd", "bwd_dq", "decode") and (r["spill_stores"] or r["spill_loads"] or r["stack_bytes"])]
     assert not spills, f"{arch} (NVRTC {nvrtc.getVersion()}):\n" + "\n".join(spills)
 
 
