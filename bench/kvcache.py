@@ -59,6 +59,10 @@ def cupyflash_calls(B: int, L: int):
     import cupy
     q, k_cache, v_cache, lengths = cache_arrays(B, L)
     calls = {"dense": lambda: cupyflash.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)}
+    # the same cache head-major in memory, (B, H_kv, L, D) passed as a (B, L, H_kv, D) view: each
+    # head's keys contiguous, as SDPA's (B, H, L, D) inputs are
+    kh, vh = (c.transpose(0, 2, 1, 3).copy().transpose(0, 2, 1, 3) for c in (k_cache, v_cache))
+    calls["dense-head-major"] = lambda: cupyflash.flash_attention_with_kvcache(q, kh, vh, cache_seqlens=lengths)
     for page_size in PAGE_SIZES:
         pages = B * L // page_size
         table = cupy.asarray(np.random.default_rng(0).permutation(pages).reshape(B, L // page_size).astype(np.int32))

@@ -6,7 +6,11 @@
 #                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
 #                                              /root/fa4 by an earlier call), then the steps named
 #                                              (default: varlen kvcache variants host): bench/varlen.py,
-#                                              bench/kvcache.py, bench/variants.py, bench/host_path.py
+#                                              bench/kvcache.py, bench/variants.py, bench/host_path.py;
+#                                              generate: examples/generate.py; tune: `cupyflash tune
+#                                              --budget 120` into $OUT/tune, then a second process's
+#                                              `cupyflash info` and the forward/backward GPU tests
+#                                              with that table (issue 21)
 # Each step's table is printed last; a failing step does not stop the others (exit status: the
 # first failure).
 set -uo pipefail
@@ -44,6 +48,13 @@ bench)
         kvcache) step kvcache python bench/kvcache.py --out-dir "$OUT" ;;
         variants) step variants python bench/variants.py --out-dir "$OUT" ;;
         host) step host-path python bench/host_path.py --json "$OUT/host-path.json" ;;
+        generate) step generate python examples/generate.py ;;
+        tune)
+            export CUPYFLASH_TUNE_DIR=$OUT/tune
+            step tune bash -c 'start=$(date +%s); python -m cupyflash tune --budget 120; echo "tune took $(( $(date +%s) - start )) s"'
+            step tune-info python -m cupyflash info
+            step tune-tests python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_kernels.py -k "forward or backward"
+            unset CUPYFLASH_TUNE_DIR ;;
         *) echo "unknown bench step $s" ;;
         esac
     done ;;
