@@ -104,9 +104,9 @@ def torch_calls(B: int, L: int):
 
 
 def tile_calls(B: int, L: int, tiles: str):
-    """name -> dense-cache closure under each decode tile of ``tiles`` ("4x3,8x2,4x3c": warps x stages
-    of the decode kernel, "c": cp.async loads instead of bulk copies), each a DecodePlan built with
-    that tile and called as the plan cache would call it."""
+    """name -> dense-cache closure under each decode tile of ``tiles`` ("4x3,8x2,4x3t": warps x stages
+    of the decode kernel, cp.async loads, "t": TMA loads), each a DecodePlan built with that tile and
+    called as the plan cache would call it."""
     import cupy
     from cupyflash import _checks, _config, _decode
     from cupyflash._variants import Variants
@@ -114,8 +114,8 @@ def tile_calls(B: int, L: int, tiles: str):
     q, k_cache, v_cache, lengths = cache_arrays(B, L)
     layout = _checks.CacheLayout(page_table=None, capacity=L, new_tokens=0)
     for spec in filter(None, tiles.split(",")):
-        warps, stages = (int(x) for x in spec.rstrip("c").split("x"))
-        cfg = _config.DecodeConfig(16, warps, stages, bulk=not spec.endswith("c"))
+        warps, stages = (int(x) for x in spec.rstrip("t").split("x"))
+        cfg = _config.DecodeConfig(16, warps, stages, "tma" if spec.endswith("t") else "cp.async")
         o, lse = cupy.empty_like(q), cupy.empty((B, HEADS, 1), cupy.float32)
         plan = _decode.DecodePlan(q, k_cache, v_cache, o, lse, layout, lengths, None, None, scale=HEAD_DIM ** -0.5,
                                   variants=Variants.of(True), num_splits=0, allocates=(True, True), decode_config=cfg)
@@ -127,7 +127,7 @@ def tile_calls(B: int, L: int, tiles: str):
 @click.command()
 @click.option("--repeats", type=int, default=30, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also copy the JSON here.")
-@click.option("--tiles", default="", help="Also time these decode tiles, warps x stages: '4x2,4x4,8x2'.")
+@click.option("--tiles", default="", help="Also time these decode tiles, warps x stages (t: TMA loads): '4x2,8x2,4x3t'.")
 def main(repeats, out_dir, tiles):
     peak = read_bandwidth_gbs(repeats)
     click.echo(f"read bandwidth (float32 sum over 2 GiB): {peak:.0f} GB/s", err=True)

@@ -220,26 +220,35 @@ class F32Config:
 
 
 
+DECODE_LOADS = ("cp.async", "tma")  # DecodeLoads' values 0, 1 in kernels_cu/traits.cuh
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """The KV-cache decode kernel (flash_decode.cu): ROWS query rows per block (the kv head's group
     times the new tokens, one or two 16-row m-tiles), NUM_WARPS warps of 16 keys each per key tile
-    (BLOCK_N = 16 * NUM_WARPS), STAGES stages of K and V, loaded with cp.async or, with ``bulk``
-    (sm_90), one bulk copy per row by one warp. Mirrors DecodeTraits in kernels_cu/traits.cuh."""
+    (BLOCK_N = 16 * NUM_WARPS), STAGES stages of K and V, loaded by ``loads``: "cp.async" (every
+    thread, padded rows; sm_80 and up) or "tma" (tensor-map boxes into swizzled tiles; sm_90, head
+    dims a multiple of 64). Mirrors DecodeTraits in kernels_cu/traits.cuh."""
     rows: int
     num_warps: int
     stages: int
-    bulk: bool = False
+    loads: str = "cp.async"
 
     KEYS_PER_WARP = 16
+    ALIGN = 1024  # TMA: the swizzled tiles start on 1024-byte boundaries
 
     @property
     def block_n(self) -> int:
         return self.KEYS_PER_WARP * self.num_warps
 
     def smem_bytes(self, head_dim_cls: int, itemsize: int) -> int:
-        # Q, the stages of K and V, one 8-byte mbarrier per stage (the bulk loads on sm_90)
-        return (self.rows + self.stages * 2 * self.block_n) * _padded(head_dim_cls) * itemsize + 8 * self.stages
+        # Q, the stages of K and V (padded rows, or swizzled tiles after the alignment slack), one
+        # 8-byte mbarrier per stage
+        q = self.rows * _padded(head_dim_cls) * itemsize
+        if self.loads == "tma":
+            return self.ALIGN + self.stages * 2 * self.block_n * head_dim_cls * itemsize + q + 8 * self.stages
+        return q + self.stages * 2 * self.block_n * _padded(head_dim_cls) * itemsize + 8 * self.stages
 
     def merge_bytes(self, head_dim_cls: int) -> int:
         """The warps' partials at the end (fp32 O rows of head_dim + 4 and an lse each), in the stages."""
@@ -327,16 +336,20 @@ DECODE_TILES = {32: (4, 4), 64: (4, 4), 96: (4, 3), 128: (4, 3), 160: (4, 2), 19
 #: query rows per decode block beyond which a KV-cache call runs the prefill kernels instead
 #: (dense caches; a paged cache always takes the decode kernel, in row tiles of decode_rows)
 DECODE_MAX_ROWS = 64
+#: the decode kernel's TMA loads on sm_90 (head dims a multiple of 64); off until measured (bench/NOTES.md, session 11)
+DECODE_TMA = False
 
 
 def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int) -> DecodeConfig:
     """The decode tile for ``rows`` query rows per kv head (group x new tokens): 32-row blocks where
-    more than 16 rows and head_dim <= 128 (O's registers), else 16; stages dropped (to 2) until
-    it fits the device's shared memory."""
+    more than 16 rows and head_dim <= 128 (O's registers), else 16; TMA loads where DECODE_TMA
+    allows; until it fits the device's shared memory, stages dropped (to 2), then warps halved
+    (64-key tiles to 32: head_dim 192 and 256 on sm_86 and sm_89)."""
     warps, stages = DECODE_TILES[head_dim_cls]
-    cfg = DecodeConfig(32 if rows > 16 and head_dim_cls <= 128 else 16, warps, stages)
-    while cfg.stages > 2 and cfg.smem_bytes(head_dim_cls, itemsize) > smem_optin(cc):
-        cfg = replace(cfg, stages=cfg.stages - 1)
+    loads = "tma" if DECODE_TMA and cc == 90 and head_dim_cls % 64 == 0 else "cp.async"
+    cfg = DecodeConfig(32 if rows > 16 and head_dim_cls <= 128 else 16, warps, stages, loads)
+    while cfg.smem_bytes(head_dim_cls, itemsize) > smem_optin(cc) and (cfg.stages > 2 or cfg.num_warps > 1):
+        cfg = replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else replace(cfg, num_warps=cfg.num_warps // 2)
     return cfg
 
 
@@ -616,7 +629,7 @@ class DecodeSet:
     def decode_name(self) -> str:
         c = self.cfg
         return _instance("flash_decode_kernel", CXX_TYPE[self.dtype], self.head_dim_cls, c.rows, c.num_warps, c.stages,
-                         c.bulk, self.variant, self.paged)
+                         DECODE_LOADS.index(c.loads), self.variant, self.paged)
 
     def combine_name(self) -> str:
         return _instance("flash_decode_combine_kernel", CXX_TYPE[self.dtype], bool(self.variant & VARIANT_SINKS))
@@ -633,6 +646,5 @@ class DecodeSet:
     def describe(self) -> str:
         c = self.cfg
         return (f"{dtype_name(self.dtype)} decode ({'paged' if self.paged else 'dense'} cache) rows={c.rows} "
-                f"BLOCK_N={c.block_n} warps={c.num_warps} stages={c.stages} loads by "
-                f"{'bulk copy' if c.bulk else 'cp.async'}, head_dim padded to {self.head_dim_cls}; "
+                f"BLOCK_N={c.block_n} warps={c.num_warps} stages={c.stages} loads by {c.loads}, head_dim padded to {self.head_dim_cls}; "
                 f"variant {variant_text(self.variant)}")

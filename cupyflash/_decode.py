@@ -11,13 +11,14 @@ caches with many new rows per kv head (chunked prefill) run the prefill kernels 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import cupy
 from cupy.cuda import driver, runtime
 
-from . import _checks, _config, _launch
+from . import _checks, _config, _launch, _tma
 from ._cuda_backend import (_F32, _cc, _kernel_ready, _may_allocate, _out_buffer, _pointers_aligned, _ptr,
                             _reads_in_place, _tuned, _variant_fields, forward_with_plan)
 
@@ -83,6 +84,8 @@ class DecodePlan:
         rows = decode_rows(q.shape, H_kv)
         cls = _config.head_dim_class(D)
         cfg = decode_config or _config.decode_config(cls, rows, q.dtype.itemsize, _cc())  # the bench tries others
+        if cfg.loads == "tma" and not all(_tma.encodable(c.data.ptr, c.shape, c.strides) for c in (k_cache, v_cache)):
+            cfg = dataclasses.replace(cfg, loads="cp.async")  # a view TMA cannot describe
         variant = _config.variant_bits(variants, kv_lengths=cache_seqlens is not None)
         self.kernels = ks = _config.DecodeSet(q.dtype, cls, cfg, variant, self.paged)
         row_tiles = -(-rows // cfg.rows)
@@ -105,7 +108,13 @@ class DecodePlan:
                       page_table_stride=np.int64(0 if table is None else table.strides[0] // table.itemsize),
                       page_shift=np.int32(page_size.bit_length() - 1 if self.paged else 0),
                       num_pages=np.int32(k_cache.shape[0]), num_splits=np.int32(self.splits), pad_=np.int32(0))
-        self.params = _launch.ParamTemplate(_launch.DECODE_PARAMS, fields, pointers=_DECODE_POINTERS)
+        self.tma = cfg.loads == "tma"
+        box_rows = min(page_size, cfg.block_n) if self.paged else cfg.block_n  # the tile's keys, or one page
+        self.map_specs = tuple((q.dtype, c.shape, c.strides, box_rows) for c in (k_cache, v_cache))
+        maps = self.maps(k_cache.data.ptr, v_cache.data.ptr)
+        self.params = _launch.ParamTemplate(
+            _launch.DECODE_MAPS, dict(dec=tuple(fields[n] for n in _launch.DECODE_PARAMS.names), k=maps[0], v=maps[1]),
+            pointers=tuple("dec." + n for n in _DECODE_POINTERS), maps=("k", "v"))
         self.combine = None
         if self.splits > 1:
             self.combine = _launch.PreparedLaunch(ks, ks.combine_name(), (-(-B * Sq * H // _config.COMBINE_ROWS), 1, 1),
@@ -115,6 +124,12 @@ class DecodePlan:
             self.append = _launch.PreparedLaunch(ks, _config.append_name(q.dtype), (layout.new_tokens, H_kv, B),
                                                  _config.APPEND_THREADS, 0)
             self.append_params = _append_template(k_new, v_new, k_cache, v_cache, cache_seqlens, layout, D)
+
+    def maps(self, k_ptr: int, v_ptr: int) -> tuple[bytes, bytes]:
+        """The TMA tensor maps of the caches at these pointers (zeros with cp.async loads)."""
+        if not self.tma:
+            return (bytes(_tma.DESC_BYTES),) * 2
+        return tuple(_tma.tensor_map(ptr, *spec) for ptr, spec in zip((k_ptr, v_ptr), self.map_specs))
 
     def workspace_views(self, workspace) -> tuple[int, int]:
         """(lse_partial, o_partial) pointers in the workspace (0, 0 unsplit)."""
@@ -129,7 +144,8 @@ class DecodePlan:
                                                              v_cache.data.ptr, cache_seqlens.data.ptr, _ptr(page_table))))
         lse_partial, o_partial = self.workspace_views(workspace)
         params = self.params.fill((q.data.ptr, k_cache.data.ptr, v_cache.data.ptr, o.data.ptr, lse.data.ptr, _ptr(alibi),
-                                   _ptr(sinks), _ptr(cache_seqlens), _ptr(page_table), o_partial, lse_partial))
+                                   _ptr(sinks), _ptr(cache_seqlens), _ptr(page_table), o_partial, lse_partial),
+                                  self.maps(k_cache.data.ptr, v_cache.data.ptr))
         self.decode(stream_ptr, params)
         if self.combine is not None:
             self.combine(stream_ptr, params)

@@ -46,6 +46,10 @@ DECODE_PARAMS = np.dtype([("fwd", FWD_PARAMS), ("page_table", np.uint64), ("o_pa
                           ("lse_partial", np.uint64), ("page_table_stride", np.int64), ("page_shift", np.int32),
                           ("num_pages", np.int32), ("num_splits", np.int32), ("pad_", np.int32)], align=True)
 
+# DecodeParams and the TMA tensor maps of the K and V caches
+DECODE_MAPS = np.dtype({"names": ["dec", "k", "v"], "formats": [DECODE_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 2,
+                        "offsets": [0, 320, 448], "itemsize": 576})
+
 # FwdParams and the TMA tensor maps of q, k, v (TmaDesc: 128 bytes, 64-byte aligned)
 FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
                             "offsets": [0, 256, 384, 512], "itemsize": 640})
@@ -56,8 +60,8 @@ BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": 
 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
 assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
-         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize, DECODE_PARAMS.itemsize)
-        == (32, 88, 248, 400, 640, 960, 176, 296))
+         FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize, DECODE_PARAMS.itemsize,
+         DECODE_MAPS.itemsize) == (32, 88, 248, 400, 640, 960, 176, 296, 576))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535

@@ -11,6 +11,7 @@
 #include "softmax.cuh"
 #include "variant.cuh"
 #include "merge.cuh"
+#include "decode_loads.cuh"
 
 namespace cupyflash {
 
@@ -44,111 +45,6 @@ __device__ __forceinline__ void load_decode_q(typename Tr::T* sQ, const DecodePa
                            : static_cast<const T*>(p.fwd.q.ptr);
         cp_async_16(sQ + r * Tr::STRIDE + col, g, valid);
     }
-}
-
-// Where key j (< len_k) of the block's kv head lies in the caches: batch slot seq.tb, row j of a
-// dense cache; page `page` (the table's entry for j), row j % page_size of a paged one. False for a
-// page outside the cache (the caller's contract): its row is never read.
-template <bool PAGED, typename Block>
-__device__ __forceinline__ bool cache_row(const DecodeParams& p, const Block& blk, int j, int page, int& slot, int& row) {
-    if constexpr (PAGED) {
-        slot = page;
-        row = j & ((1 << p.page_shift) - 1);
-        return page >= 0 && page < p.num_pages;
-    } else {
-        slot = blk.seq.tb;
-        row = j;
-        return true;
-    }
-}
-
-// All threads copy keys [n0, n0 + BLOCK_N) of the block's kv head with cp.async, K to sK and V to sV
-// (keys past the sequence's len_k and columns past head_dim: zeros). A paged cache's tile has a few
-// table entries: read once per warp (lane e reads entry e) and shuffled to the threads whose rows
-// they hold.
-template <typename Tr, bool PAGED, typename Block>
-__device__ __forceinline__ void load_kv_tile(typename Tr::T* sK, typename Tr::T* sV, const DecodeParams& p,
-                                             const Block& blk, int n0) {
-    using T = typename Tr::T;
-    constexpr int CHUNKS = Tr::HEAD_DIM / Tr::CHUNK;
-    const TensorRef& k = p.fwd.k;
-    const TensorRef& v = p.fwd.v;
-    const int len_k = blk.seq.len_k;
-    int page_of_lane = 0;  // PAGED: entry (lane) of the tile's pages
-    if constexpr (PAGED) {
-        const int first = n0 >> p.page_shift, lane = threadIdx.x % 32;
-        const int j = (first + lane) << p.page_shift;  // the entry's first key
-        page_of_lane = (j < len_k && j < n0 + Tr::BLOCK_N) ? p.page_table[blk.seq.b * p.page_table_stride + first + lane] : -1;
-    }
-    #pragma unroll 1  // unrolled, ptxas spilled 4-28 bytes at 80-128 registers (NVRTC 13.0)
-    for (int c = threadIdx.x; c < Tr::BLOCK_N * CHUNKS; c += Tr::NUM_THREADS) {
-        const int r = c / CHUNKS, col = (c % CHUNKS) * Tr::CHUNK, j = n0 + r;
-        const int page = PAGED ? __shfl_sync(0xffffffffu, page_of_lane, (j >> p.page_shift) - (n0 >> p.page_shift)) : 0;
-        int slot, row;
-        const bool valid = cache_row<PAGED>(p, blk, j, page, slot, row) && j < len_k && col < p.fwd.head_dim;
-        const T* gk = valid ? row_ptr<const T>(k, slot, blk.h_kv, row) + col : static_cast<const T*>(k.ptr);
-        const T* gv = valid ? row_ptr<const T>(v, slot, blk.h_kv, row) + col : static_cast<const T*>(v.ptr);
-        cp_async_16(sK + r * Tr::STRIDE + col, gk, valid);
-        cp_async_16(sV + r * Tr::STRIDE + col, gv, valid);
-    }
-}
-
-// Hopper: one warp copies keys [n0, n0 + BLOCK_N) of the block's kv head by bulk copies, one per
-// K or V row (head_dim * 2 bytes), completing on `full`. Rows past len_k are not copied: their K
-// is masked and their V rows zeroed by the warps that read them (zero_v_rows_past).
-template <typename Tr, bool PAGED, typename Block>
-__device__ __forceinline__ void load_kv_tile_bulk(typename Tr::T* sK, typename Tr::T* sV, const DecodeParams& p,
-                                                  const Block& blk, int n0, u64* full) {
-    using T = typename Tr::T;
-    const int lane = threadIdx.x % 32, len_k = blk.seq.len_k;
-    const u32 row_bytes = u32(p.fwd.head_dim) * sizeof(T);
-    bool valid[Tr::BLOCK_N / 32];
-    int slot[Tr::BLOCK_N / 32], row[Tr::BLOCK_N / 32], copies = 0;
-    #pragma unroll
-    for (int e = 0; e < Tr::BLOCK_N / 32; ++e) {
-        const int j = n0 + lane + 32 * e;
-        const int page = PAGED && j < len_k ? p.page_table[blk.seq.b * p.page_table_stride + (j >> p.page_shift)] : 0;
-        valid[e] = j < len_k && cache_row<PAGED>(p, blk, j, page, slot[e], row[e]);
-        copies += __popc(__ballot_sync(0xffffffffu, valid[e]));
-    }
-    if (lane == 0) mbarrier_arrive_expect_tx(full, 2 * copies * row_bytes);  // before any copy can complete
-    __syncwarp();
-    #pragma unroll
-    for (int e = 0; e < Tr::BLOCK_N / 32; ++e) {
-        if (!valid[e]) continue;
-        const int r = lane + 32 * e;
-        bulk_copy_g2s(sK + r * Tr::STRIDE, row_ptr<const T>(p.fwd.k, slot[e], blk.h_kv, row[e]), row_bytes, full);
-        bulk_copy_g2s(sV + r * Tr::STRIDE, row_ptr<const T>(p.fwd.v, slot[e], blk.h_kv, row[e]), row_bytes, full);
-    }
-}
-
-// Bulk loads skip the rows past len_k, whose V holds stale (possibly non-finite) bytes; a warp zeroes
-// its own slice's such rows before P V reads them (P is 0 there, but 0 * NaN is not), and fences
-// the zeros for the async proxy that later copies into the stage again.
-template <typename Tr>
-__device__ __forceinline__ void zero_v_rows_past(typename Tr::T* sV, int j0, int len_k) {
-    constexpr int CHUNKS = Tr::HEAD_DIM / Tr::CHUNK;
-    if (j0 + Tr::KEYS_PER_WARP <= len_k) return;
-    for (int c = threadIdx.x % 32; c < Tr::KEYS_PER_WARP * CHUNKS; c += 32) {
-        const int r = c / CHUNKS;
-        if (j0 + r >= len_k)
-            *reinterpret_cast<uint4*>(sV + r * Tr::STRIDE + (c % CHUNKS) * Tr::CHUNK) = make_uint4(0, 0, 0, 0);
-    }
-    fence_proxy_async();
-    __syncwarp();
-}
-
-// Bulk loads copy head_dim columns of each row: the columns up to the compile-time HEAD_DIM are
-// zeroed once (Q's are zeros too, but 0 * NaN is not 0), fenced for the async proxy.
-template <typename Tr>
-__device__ __forceinline__ void zero_padding_columns(typename Tr::T* sKV, int head_dim) {
-    constexpr int ROWS = Tr::STAGES * 2 * Tr::BLOCK_N;
-    const int pad = Tr::HEAD_DIM - head_dim;  // a multiple of 8: whole 16-byte chunks
-    if (pad == 0) return;
-    for (int c = threadIdx.x; c < ROWS * (pad / Tr::CHUNK); c += Tr::NUM_THREADS)
-        *reinterpret_cast<uint4*>(sKV + (c / (pad / Tr::CHUNK)) * Tr::STRIDE + head_dim + (c % (pad / Tr::CHUNK)) * Tr::CHUNK) =
-            make_uint4(0, 0, 0, 0);
-    fence_proxy_async();
 }
 
 // The variant policy of each of a thread's accumulator rows (rows differ in query head: the ALiBi
@@ -235,48 +131,16 @@ __device__ __forceinline__ void store_decode(float* sMerge, const DecodeParams& 
     }
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr bool HAS_BULK_COPY = false;
-#else
-constexpr bool HAS_BULK_COPY = true;  // cp.async.bulk: sm_90 and up
-#endif
-
-// Key tiles through the stages: cp.async by every thread (sm_80 and up), or BULK copies by warp 0
-// completing on one mbarrier per stage (sm_90: bench/NOTES.md, decode).
-template <typename Tr, bool PAGED, bool BULK>
-struct KvStages {
-    static_assert(!BULK || HAS_BULK_COPY, "bulk copies need sm_90");
-    using T = typename Tr::T;
-    T* sKV;     // stage s: K at sKV + s SMEM_STAGE, V BLOCK_N rows after it
-    u64* full;  // BULK: stage s's tile has landed
-    __device__ __forceinline__ T* k(int stage) const { return sKV + stage * Tr::SMEM_STAGE; }
-    __device__ __forceinline__ T* v(int stage) const { return k(stage) + Tr::BLOCK_N * Tr::STRIDE; }
-    // Start loading key tile n_block (the u-th of the block) into stage u % STAGES; every thread calls it.
-    template <typename Block>
-    __device__ __forceinline__ void load(const DecodeParams& p, const Block& blk, int n_block, int u) const {
-        const int stage = u % Tr::STAGES;
-        if constexpr (BULK) {
-            if (threadIdx.x < 32) load_kv_tile_bulk<Tr, PAGED>(k(stage), v(stage), p, blk, n_block * Tr::BLOCK_N, full + stage);
-        } else {
-            load_kv_tile<Tr, PAGED>(k(stage), v(stage), p, blk, n_block * Tr::BLOCK_N);
-            cp_async_commit();
-        }
-    }
-    // Wait until the u-th tile has landed (for this thread; the caller's barrier makes it the block's).
-    __device__ __forceinline__ void wait(int u) const {
-        if constexpr (BULK) mbarrier_wait(full + u % Tr::STAGES, (u / Tr::STAGES) & 1);
-        else cp_async_wait<Tr::STAGES - 2>();
-    }
-};
-
-template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS, int STAGES, bool BULK, int VARIANT, bool PAGED>
-__global__ void __launch_bounds__(NUM_WARPS * 32) flash_decode_kernel(const DecodeParams p) {
-    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, NUM_WARPS, STAGES>;
-    using Stages = KvStages<Tr, PAGED, BULK>;
-    constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, STRIDE = Tr::STRIDE, BLOCK_N = Tr::BLOCK_N;
-    extern __shared__ __align__(16) unsigned char smem[];
-    T* sQ = reinterpret_cast<T*>(smem);
-    const Stages kv{sQ + Tr::SMEM_Q, reinterpret_cast<u64*>(smem + Tr::BARRIER_OFFSET)};
+template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS, int STAGES, int LOADS, int VARIANT, bool PAGED>
+__global__ void __launch_bounds__(NUM_WARPS * 32)
+flash_decode_kernel(const __grid_constant__ DecodeMaps maps) {  // in parameter space: the tensor maps stay there
+    using Tr = DecodeTraits<T, HEAD_DIM, ROWS, NUM_WARPS, STAGES, LOADS>;
+    constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, BLOCK_N = Tr::BLOCK_N;
+    const DecodeParams& p = maps.dec;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + (Tr::ALIGN - smem_u32(smem_raw) % Tr::ALIGN) % Tr::ALIGN;
+    T* sQ = reinterpret_cast<T*>(smem + Tr::Q_OFFSET);
+    const KvStages<Tr, PAGED> kv{smem + Tr::STAGES_OFFSET, reinterpret_cast<u64*>(smem + Tr::BARRIER_OFFSET)};
     const auto blk = DecodeBlock<VARIANT>::template of<ROWS>(p);
     const int warp_k0 = (threadIdx.x / 32) * Tr::KEYS_PER_WARP;  // this warp's keys within each tile
 
@@ -297,38 +161,36 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_decode_kernel(const Deco
     // Q (cp.async), then the first STAGES - 1 key tiles in flight.
     load_decode_q<Tr>(sQ, p, blk);
     cp_async_commit();
-    if constexpr (BULK) {
-        if (threadIdx.x == 0)
+    if constexpr (Tr::TMA) {
+        if (threadIdx.x == 0) {
             for (int s = 0; s < STAGES; ++s) mbarrier_init(kv.full + s, 1);
-        zero_padding_columns<Tr>(kv.sKV, p.fwd.head_dim);
-        fence_mbarrier_init();
-        __syncthreads();  // the barriers are initialised and the padding zeroed before any bulk copy
+            fence_mbarrier_init();
+        }
+        __syncthreads();  // the barriers are initialised before any thread waits on them
     }
     #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (n_lo + s < n_hi) kv.load(p, blk, n_lo + s, s);
-        else if (!BULK) cp_async_commit();  // one commit group per stage all the same
+        if (n_lo + s < n_hi) kv.load(maps, blk.seq, blk.h_kv, n_lo + s, s);
+        else kv.skip();
     }
     for (int n_block = n_lo; n_block < n_hi; ++n_block) {
-        const int u = n_block - n_lo, n0 = n_block * BLOCK_N;
-        if (BULK && u == 0) cp_async_wait<0>();  // Q (cp.async: waited with the first tile's group)
+        const int u = n_block - n_lo, n0 = n_block * BLOCK_N, stage = u % STAGES;
+        if (Tr::TMA && u == 0) cp_async_wait<0>();  // Q (cp.async loads: waited with the first tile's group)
         kv.wait(u);
         __syncthreads();  // K_j, V_j (and Q) have landed, and every warp is done with the stage loaded next
-        if (n_block + STAGES - 1 < n_hi) kv.load(p, blk, n_block + STAGES - 1, u + STAGES - 1);
-        else if (!BULK) cp_async_commit();
-        const T* sK = kv.k(u % STAGES) + warp_k0 * STRIDE;
-        T* sV = kv.v(u % STAGES) + warp_k0 * STRIDE;
-        if constexpr (BULK) zero_v_rows_past<Tr>(sV, n0 + warp_k0, blk.seq.len_k);
+        if (n_block + STAGES - 1 < n_hi) kv.load(maps, blk.seq, blk.h_kv, n_block + STAGES - 1, u + STAGES - 1);
+        else kv.skip();
+        kv.prepare(stage, warp_k0, n0, blk.seq.len_k);
         // S = Q K_j^T over this warp's keys
         float s[MT][NT][4];
         zero(s);
-        warp_gemm<MT, NT, HEAD_DIM, false, false>(s, sQ, STRIDE, sK, STRIDE);
+        warp_gemm<MT, NT, HEAD_DIM, false, false>(s, sQ, Tr::STRIDE, kv.k_operand(stage, warp_k0));
         // logits (softcap, ALiBi), -inf past the sequence's keys and outside each row's band
         rows.to_logits(s, n0 + warp_k0);
         // m, l, O rescaled; s becomes P~
         softmax.update(s, o, p.fwd.scale_log2);
         // O += P~ V_j over this warp's keys
-        warp_gemm_rs<T, MT, NT, DT, STRIDE>(o, s, sV);
+        warp_gemm_rs<T, MT, NT, DT>(o, s, kv.v_operand(stage, warp_k0));
     }
     cp_async_wait<0>();
     __syncthreads();  // every copy has landed and every warp is done with the stages: they become the merge's scratch
@@ -336,8 +198,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_decode_kernel(const Deco
     // this warp's O / l and lse, then the warps merged (the sink once, unless the splits' combine counts it)
     float inv_l[MT][2], lse[MT][2];
     softmax.finalize(inv_l, lse, p.fwd.scale_log2);
-    store_decode<Tr>(reinterpret_cast<float*>(kv.sKV), p, blk, o, inv_l, lse,
-                     Policy<VARIANT>::SINKS && p.num_splits == 1);
+    store_decode<Tr>(reinterpret_cast<float*>(kv.base), p, blk, o, inv_l, lse, Policy<VARIANT>::SINKS && p.num_splits == 1);
 }
 
 }  // namespace cupyflash

@@ -103,6 +103,26 @@ struct SwizzledTile {
     __device__ static u32 chunk_addr(u32 line, int chunk) { return (line ^ ((chunk % 8) << 4)) + (chunk / 8) * PANEL_BYTES; }
 };
 
+// A B operand of warp_gemm / warp_gemm_rs (tile.cuh) in a swizzled tile, for ldmatrix: the tile's
+// shared-state address and the operand's first row (keys: K read [n][k], V read [k][n] transposed).
+// Lane l addresses row (l % 8) of matrix (l / 8) as load_b_frag_x2 does; each 16-byte chunk is
+// found through the swizzle (8 consecutive rows: 8 different bank groups, conflict-free).
+template <typename Tile>
+struct SwizzledB {
+    u32 tile_addr;
+    int row0;
+    template <bool B_KMAJOR>
+    __device__ __forceinline__ void load_x2(u32 (&b)[4], int k0, int n0, int lane) const {
+        if constexpr (B_KMAJOR) {  // stored [k][n]: rows k, chunks of n ("row bit", transposed)
+            const int r = row0 + k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            ldmatrix_x4_trans(b, Tile::chunk_addr(Tile::line_addr(tile_addr, r), n0 / 8 + (lane >> 4)));
+        } else {                   // stored [n][k]: rows n, chunks of k ("col bit")
+            const int r = row0 + n0 + (lane & 7) + (lane >> 4) * 8;
+            ldmatrix_x4(b, Tile::chunk_addr(Tile::line_addr(tile_addr, r), k0 / 8 + ((lane >> 3) & 1)));
+        }
+    }
+};
+
 // Warpgroup `wg` zeroes rows [r0, ROWS) of a swizzled tile (each row's lines in every panel; the
 // swizzle moves chunks only within a line) and makes the zeros visible to its own later wgmma reads:
 // the generic-proxy stores are fenced for the async proxy, then the warpgroup meets at a barrier.
@@ -118,14 +138,6 @@ __device__ __forceinline__ void zero_rows_from(unsigned char* tile, int r0, int 
     }
     fence_proxy_async();
     warpgroup_barrier(wg);  // every thread's zeros are written before any thread's wgmma reads the tile
-}
-
-// ---- bulk copies: contiguous bytes by the TMA unit, no tensor map (cp.async.bulk) ----
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
-// completing on `bar`'s transaction count. Issued by any thread; runs in the async proxy.
-__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, u32 bytes, u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
 }
 
 // ---- TMA: whole tiles copied by the tensor memory accelerator (cp.async.bulk.tensor) ----
@@ -144,6 +156,14 @@ __device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbar
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(u64* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(smem_u32(bar)), "r"(bytes) : "memory");
 }
+// One box of the tensor map (64 columns from `col`, the map's box rows from `row`, of head h of
+// batch b) into shared memory at `dst` (1024-byte aligned, 128-byte swizzle), completing its bytes
+// on `bar`. Rows and columns outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_box(unsigned char* dst, const TmaDesc& desc, u64* bar, int col, int h, int row, int b) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 :: "r"(smem_u32(dst)), "l"(&desc), "r"(col), "r"(h), "r"(row), "r"(b), "r"(smem_u32(bar)) : "memory");
+}
 // One thread copies rows [row0, row0 + ROWS) of head (b, h) into a swizzled tile, one box per
 // 64-column panel; the copies complete Tile::BYTES bytes on `bar`. Rows past the sequence and
 // columns past head_dim are outside the tensor map and arrive as zeros.
@@ -151,10 +171,7 @@ template <typename Tile>
 __device__ __forceinline__ void tma_load_tile(unsigned char* tile, const TmaDesc& desc, u64* bar, int row0, int h, int b) {
     #pragma unroll
     for (int panel = 0; panel < Tile::PANELS; ++panel)
-        asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                     " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
-                     :: "r"(smem_u32(tile + panel * Tile::PANEL_BYTES)), "l"(&desc), "r"(panel * Tile::PANEL_COLS),
-                        "r"(h), "r"(row0), "r"(b), "r"(smem_u32(bar)) : "memory");
+        tma_load_box(tile + panel * Tile::PANEL_BYTES, desc, bar, panel * Tile::PANEL_COLS, h, row0, b);
 }
 
 // ---- shared-memory matrix descriptors (128-byte swizzle) ----

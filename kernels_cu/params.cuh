@@ -104,6 +104,14 @@ struct DecodeParams {
     int pad_;
 };
 
+// The decode kernel's arguments: DecodeParams and, for its TMA loads (LOAD_TMA), the tensor maps of
+// the K and V caches (boxes of the tile's keys, or of one page, by 64 head_dim columns); zeros with
+// cp.async loads. The combine kernel reads the DecodeParams at its start from the same buffer.
+struct DecodeMaps {
+    DecodeParams dec;
+    TmaDesc k, v;
+};
+
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
@@ -115,6 +123,7 @@ static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 640,  // q, k, 
 static_assert(sizeof(AppendParams) == 176, "AppendParams layout is mirrored in _launch.py");
 static_assert(sizeof(BwdSm90Params) == 960, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 448
 static_assert(sizeof(DecodeParams) == 296, "DecodeParams layout is mirrored in _launch.py");
+static_assert(sizeof(DecodeMaps) == 576, "DecodeMaps layout is mirrored in _launch.py");  // maps at 320, 448
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>

@@ -59,13 +59,18 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
 __device__ __forceinline__ void st_shared_u32(u32 addr, u32 x) {
     asm volatile("st.shared.u32 [%0], %1;\n" :: "r"(addr), "r"(x) : "memory");
 }
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row) {
+// (by shared-state-space address, or by generic pointer)
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 row_addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(smem_row)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row_addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem_row) {
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 row_addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(smem_row)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row_addr));
+}
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem_row) { ldmatrix_x4(r, smem_u32(smem_row)); }
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem_row) {
+    ldmatrix_x4_trans(r, smem_u32(smem_row));
 }
 
 // ---- cp.async: 16-byte global -> shared copy; src_bytes = 0 writes zeros (out-of-range rows and columns) ----

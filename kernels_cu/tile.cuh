@@ -67,10 +67,23 @@ __device__ __forceinline__ void load_b_frag_x2(u32 (&b)[4], const T* sB, int ldb
     else                    ldmatrix_x4(b, ldsm_col_bit(sB, ldb, n0, k0, lane));
 }
 
+// A B operand in a padded shared-memory tile (SmemRow): the pointer of its first row (or column
+// when KMAJOR) and its row stride. Other layouts provide the same load_x2 (SwizzledB, hopper.cuh).
+template <typename T>
+struct PaddedB {
+    const T* s;
+    int ld;
+    template <bool B_KMAJOR>
+    __device__ __forceinline__ void load_x2(u32 (&b)[4], int k0, int n0, int lane) const {
+        load_b_frag_x2<B_KMAJOR>(b, s, ld, k0, n0, lane);
+    }
+};
+
 // acc[MT][NT] (16*MT x 8*NT, fp32) += A[16*MT x K] * B[K x 8*NT], both operands in shared memory.
-// sA points at the warp's first row (or column when A_KMAJOR), sB at its first column (or row).
-template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR, typename T>
-__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, int lda, const T* sB, int ldb) {
+// sA points at the warp's first row (or column when A_KMAJOR); B is an operand (PaddedB, SwizzledB)
+// at the warp's first column (or row).
+template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR, typename T, typename BOperand>
+__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, int lda, const BOperand& B) {
     static_assert(K % 16 == 0 && NT % 2 == 0, "mma.sync m16n8k16 tiles: K multiple of 16, NT even");
     const int lane = threadIdx.x % 32;
     #pragma unroll
@@ -81,7 +94,7 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, 
         #pragma unroll
         for (int nt = 0; nt < NT; nt += 2) {
             u32 b[4];
-            load_b_frag_x2<B_KMAJOR>(b, sB, ldb, k0, nt * 8, lane);
+            B.template load_x2<B_KMAJOR>(b, k0, nt * 8, lane);
             #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(acc[mt][nt], a[mt], b[0], b[1]);
@@ -89,6 +102,11 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, 
             }
         }
     }
+}
+// The same with B in a padded tile (sB, ldb).
+template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR, typename T>
+__device__ __forceinline__ void warp_gemm(float (&acc)[MT][NT][4], const T* sA, int lda, const T* sB, int ldb) {
+    warp_gemm<MT, NT, K, A_KMAJOR, B_KMAJOR>(acc, sA, lda, PaddedB<T>{sB, ldb});
 }
 
 template <int MT, int NT>
@@ -117,10 +135,11 @@ __device__ __forceinline__ int acc_row(int mt, int r, int lane) { return mt * 16
 __device__ __forceinline__ int acc_col(int nt, int r, int lane) { return nt * 8 + (lane % 4) * 2 + (r & 1); }
 
 // acc (16*MT x 8*DT) += A (16*MT x 8*NT, fp32 accumulator fragments in registers) * B (8*NT x 8*DT,
-// shared memory stored [k][n], like V in P V). The accumulator layout of S is exactly the A-operand
-// layout of the next mma, so P~ (forward) or dS (backward dQ pass) never leaves registers.
-template <typename T, int MT, int NT, int DT, int STRIDE>
-__device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][DT][4], const float (&a_acc)[MT][NT][4], const T* sB) {
+// an operand stored [k][n], like V in P V: PaddedB, SwizzledB). The accumulator layout of S is
+// exactly the A-operand layout of the next mma, so P~ (forward) or dS (backward dQ pass) never
+// leaves registers.
+template <typename T, int MT, int NT, int DT, typename BOperand>
+__device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][DT][4], const float (&a_acc)[MT][NT][4], const BOperand& B) {
     const int lane = threadIdx.x % 32;
     #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
@@ -130,7 +149,7 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][DT][4], const floa
         #pragma unroll
         for (int dt = 0; dt < DT; dt += 2) {
             u32 b[4];
-            load_b_frag_x2<true>(b, sB, STRIDE, kk * 16, dt * 8, lane);
+            B.template load_x2<true>(b, kk * 16, dt * 8, lane);
             #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 mma_16816<T>(acc[mt][dt], a[mt], b[0], b[1]);
@@ -138,6 +157,11 @@ __device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][DT][4], const floa
             }
         }
     }
+}
+// The same with B in a padded tile of row stride STRIDE.
+template <typename T, int MT, int NT, int DT, int STRIDE>
+__device__ __forceinline__ void warp_gemm_rs(float (&acc)[MT][DT][4], const float (&a_acc)[MT][NT][4], const T* sB) {
+    warp_gemm_rs<T, MT, NT, DT>(acc, a_acc, PaddedB<T>{sB, STRIDE});
 }
 
 // A 16*MT x 8*DT accumulator tile (this warp's rows row0 + acc_row, columns col0 + acc_col), each row

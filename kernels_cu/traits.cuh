@@ -195,34 +195,45 @@ struct DqTraits {
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 32 == 0, "BLOCK_N multiple of 16, HEAD_DIM multiple of 32");
 };
 
+// How the decode kernel loads K and V tiles (DecodeConfig.loads in cupyflash/_config.py).
+enum DecodeLoads { LOAD_CP_ASYNC = 0, LOAD_TMA = 1 };
+
 // Decode against a KV cache (flash_decode.cu): one block per (split of the keys, row tile, kv head,
 // sequence). Its ROWS query rows (one or two 16-row m-tiles) are the kv head's group of query heads
 // times the new tokens, so each K, V byte is read once per group. Key tiles of BLOCK_N keys stream
-// through STAGES cp.async stages; warp w takes keys [KEYS_PER_WARP w, KEYS_PER_WARP (w + 1)) of each
-// tile with its own m, l and O, and the warps' partials are merged at the end (merge.cuh) in shared
-// memory the stages leave free. Mirrored by DecodeConfig in cupyflash/_config.py.
-template <typename T_, int HEAD_DIM_, int ROWS_, int NUM_WARPS_, int STAGES_>
+// through STAGES stages (decode_loads.cuh); warp w takes keys [KEYS_PER_WARP w, KEYS_PER_WARP (w + 1))
+// of each tile with its own m, l and O, and the warps' partials are merged at the end (merge.cuh)
+// in shared memory the stages leave free. Mirrored by DecodeConfig in cupyflash/_config.py.
+// Shared memory: LOAD_CP_ASYNC: Q, then the stages of padded K and V rows, then the mbarriers;
+// LOAD_TMA: (1024-byte aligned) the stages of swizzled K and V tiles, Q, the mbarriers (one per stage).
+template <typename T_, int HEAD_DIM_, int ROWS_, int NUM_WARPS_, int STAGES_, int LOADS_>
 struct DecodeTraits {
     using T = T_;
-    static constexpr int HEAD_DIM = HEAD_DIM_, ROWS = ROWS_, NUM_WARPS = NUM_WARPS_, STAGES = STAGES_;
+    static constexpr int HEAD_DIM = HEAD_DIM_, ROWS = ROWS_, NUM_WARPS = NUM_WARPS_, STAGES = STAGES_, LOADS = LOADS_;
+    static constexpr bool TMA = LOADS == LOAD_TMA;
     static constexpr int NUM_THREADS = NUM_WARPS * 32;
     static constexpr int KEYS_PER_WARP = 16;               // one k-step of P V: the smallest warp slice
     static constexpr int BLOCK_N = KEYS_PER_WARP * NUM_WARPS;
     static constexpr int MT = ROWS / 16, NT = KEYS_PER_WARP / 8, DT = HEAD_DIM / 8;
     static constexpr int STRIDE = SmemRow<HEAD_DIM>::STRIDE;
-    static constexpr int SMEM_Q = ROWS * STRIDE;
-    static constexpr int SMEM_STAGE = 2 * BLOCK_N * STRIDE;  // K_j, then V_j
-    static constexpr int BARRIER_OFFSET = (SMEM_Q + STAGES * SMEM_STAGE) * int(sizeof(T));  // sm_90: one mbarrier per stage
-    static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * STAGES;
+    using TileKV = SwizzledTile<BLOCK_N, TMA ? HEAD_DIM : 64>;  // LOAD_TMA's K and V tiles
+    static constexpr int Q_BYTES = ROWS * STRIDE * int(sizeof(T));
+    static constexpr int STAGE_BYTES = TMA ? 2 * TileKV::BYTES : 2 * BLOCK_N * STRIDE * int(sizeof(T));  // K_j, then V_j
+    static constexpr int ALIGN = TMA ? 1024 : 16;         // the swizzle is a function of the address
+    static constexpr int Q_OFFSET = TMA ? STAGES * STAGE_BYTES : 0;
+    static constexpr int STAGES_OFFSET = TMA ? 0 : Q_BYTES;
+    static constexpr int BARRIER_OFFSET = Q_BYTES + STAGES * STAGE_BYTES;
+    static constexpr int SMEM_BYTES = (TMA ? ALIGN : 0) + BARRIER_OFFSET + 8 * STAGES;
     static constexpr int O_STRIDE = HEAD_DIM + 4;            // fp32 rows of the merge: 16-byte aligned, fewer conflicts
     static constexpr int MERGE_BYTES = NUM_WARPS * ROWS * (O_STRIDE + 1) * 4;  // each warp's O / l and lse
     static constexpr int CHUNK = 16 / int(sizeof(T));        // elements per 16-byte copy
     static_assert(sizeof(T) == 2, "the tensor-core path takes fp16 or bf16");
     static_assert(ROWS == 16 || ROWS == 32, "one or two 16-row m-tiles");
     static_assert(HEAD_DIM % 32 == 0 && MT * HEAD_DIM <= 256, "O's accumulators: at most 256 fp32 columns of rows per thread pair");
+    static_assert(!TMA || HEAD_DIM % 64 == 0, "TMA tiles are whole 64-column panels");
     static_assert(STAGES >= 2, "a stage loads while another is read");
-    static_assert(BARRIER_OFFSET % 8 == 0 && BLOCK_N % 32 == 0, "mbarriers 8-byte aligned; bulk loads: whole warps of rows");
-    static_assert(MERGE_BYTES <= STAGES * SMEM_STAGE * int(sizeof(T)), "the merge reuses the stages");
+    static_assert(BARRIER_OFFSET % 8 == 0 && Q_OFFSET % 16 == 0, "mbarriers 8-byte, Q 16-byte aligned");
+    static_assert(MERGE_BYTES <= STAGES * STAGE_BYTES, "the merge reuses the stages");
     static_assert((BLOCK_N * (HEAD_DIM / CHUNK)) % NUM_THREADS == 0, "every thread copies as many chunks (the page shuffle needs whole warps)");
 };
 

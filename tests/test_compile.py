@@ -119,6 +119,18 @@ def test_smem_mirror_matches_the_footprint_formula():
     assert g.smem_bytes(128, 2) == (2 * 128 * 136 + 2 * 2 * 64 * 136 + 2 * 128 * 72) * 2 + 2 * 2 * 64 * 4
 
 
+def test_decode_smem_mirror_matches_the_traits_formula():
+    # DecodeTraits: cp.async: (ROWS + STAGES 2 BLOCK_N) (HEAD_DIM + 8) 2 + 8 STAGES;
+    # TMA: 1024 + STAGES 2 BLOCK_N HEAD_DIM 2 + ROWS (HEAD_DIM + 8) 2 + 8 STAGES
+    assert _config.DecodeConfig(16, 4, 3).smem_bytes(128, 2) == (16 + 3 * 2 * 64) * 136 * 2 + 24
+    assert _config.DecodeConfig(32, 4, 3, "tma").smem_bytes(128, 2) == 1024 + 3 * 2 * 64 * 128 * 2 + 32 * 136 * 2 + 24
+    for cls in _config.HEAD_DIM_CLASSES:  # the warps' merge fits in the stages the table gives
+        for rows in (4, 28):
+            cfg = _config.decode_config(cls, rows, 2, 86)
+            assert cfg.merge_bytes(cls) <= cfg.smem_bytes(cls, 2) - cfg.rows * (cls + 8) * 2
+            assert cfg.smem_bytes(cls, 2) <= _config.smem_optin(86)
+
+
 def test_hopper_smem_mirror_matches_the_traits_formula():
     # FwdTraitsSm90::SMEM_BYTES = ALIGN + (BLOCK_M + 2 STAGES BLOCK_N) * HEAD_DIM * 2 + BARRIER_BYTES + 4 * consumer threads
     h = _config.Sm90FwdConfig(112, 2)

@@ -187,3 +187,24 @@ def test_a_repeated_call_takes_its_plan_and_gives_the_same_result(rng):
     again = cupyflash.flash_attention_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lengths, page_table=table)
     assert len(_plans.KVCACHE) == 1
     assert cp.array_equal(first, again)
+
+
+@pytest.mark.parametrize("page_size", [None, 16, 64, 256], ids=["dense", "paged16", "paged64", "paged256"])
+@pytest.mark.parametrize("case,num_splits,D", [("causal", 1, 128), ("softcap-alibi-sinks", 0, 128), ("window", 3, 64),
+                                               ("causal", 0, 256)])
+def test_tma_loads_give_the_reference(rng, monkeypatch, case, num_splits, D, page_size):
+    """The decode kernel's TMA loads (sm_90; tensor-map boxes into swizzled tiles, not yet the default):
+    the same cases as the cp.async loads, stale rows past each sequence (NaN in the cache) zeroed."""
+    cp = pytest.importorskip("cupy")
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("TMA loads need sm_90")
+    from cupyflash import _config, _plans
+    monkeypatch.setattr(_config, "DECODE_TMA", True)
+    _plans.clear()
+    layout = (LONG, 1, 1, page_size, 2)
+    inputs = cache_inputs(rng, BFLOAT16, LONG, 1, 1, page_size, 2, D=D, capacity=4096)
+    kw = case_keywords(rng, case, len(LONG), inputs[0].shape[2])
+    o, l, k_after, v_after = run_kvcache(inputs, kw, D, num_splits=num_splits)
+    _plans.clear()
+    check_kvcache(o, l, k_after, v_after, inputs[1], inputs[2], inputs, layout, kw,
+                  _within(f"TMA {case} splits={num_splits} D{D} page_size={page_size}"))
