@@ -463,6 +463,96 @@ def check_variants(shape: AttentionShape, dtype, device, causal: bool, window_si
     return Variants.of(causal, (left, right), float(softcap), alibi_slopes, sinks)
 
 
+def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, bias_mod, aux, bias, mask):
+    """mask_mod, bias_mod (C++ expression strings, cupyflash._expr), their aux arrays, and the dense
+    bias and mask tensors (broadcastable to (B, H_q, Sq, Sk)) -> the Variants with them."""
+    from dataclasses import replace
+    from . import _expr
+    if mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None:
+        return variants
+    if device != "cpu":
+        raise ValueError("mask_mod, bias_mod, bias and mask run on the NumPy backend so far: the GPU kernels for "
+                         "them are issue 19's next part")
+    aux_arrays = _check_aux(aux, device)
+    kinds = {n: _aux_kind(a) for n, a in aux_arrays}
+    exprs = {}
+    for what, text in (("mask_mod", mask_mod), ("bias_mod", bias_mod)):
+        if text is None:
+            continue
+        e = _expr.parse(what, text)
+        unknown = sorted(e.names - set(_expr.INDEX_NAMES) - kinds.keys())
+        if unknown:
+            raise ValueError(f"{what} reads {', '.join(map(repr, unknown))}, which is neither an index "
+                             f"({', '.join(_expr.INDEX_NAMES)}) nor an aux array ({', '.join(kinds) or 'none given'})")
+        kind = _expr.kind_of(e, kinds)
+        if what == "mask_mod" and kind == "float":
+            raise ValueError(f"mask_mod must be a bool (or int) expression, got a float one: {text!r}")
+        exprs[what] = e
+    full = (shape.batch, shape.heads, shape.seqlen_q, shape.seqlen_k)
+    tensors = {}
+    for name, t, want in (("bias", bias, "float"), ("mask", mask, "bool")):
+        if t is None:
+            continue
+        t = as_array(t, name)
+        if _device_of(t) != device:
+            raise ValueError(f"{name} is on {_device_text(_device_of(t))} but the inputs are on {_device_text(device)}")
+        if t.ndim > 4 or any(n not in (1, f) for n, f in zip(t.shape[::-1], full[::-1])):
+            raise ValueError(f"{name} must broadcast to (batch, heads, seqlen_q, seqlen_k) = {full}: each axis that "
+                             f"size or 1 (leading axes may be left out), got shape {tuple(t.shape)}")
+        if want == "bool" and t.dtype != np.bool_:
+            raise ValueError(f"mask must have dtype bool (True: keep the key), got {dtype_name(t.dtype)}")
+        if want == "float" and t.dtype.kind != "f":
+            raise ValueError(f"bias must be a float array, got {dtype_name(t.dtype)}")
+        tensors[name] = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+    return replace(variants, mask_mod=exprs.get("mask_mod"), bias_mod=exprs.get("bias_mod"), aux=aux_arrays,
+                   bias=tensors.get("bias"), mask=tensors.get("mask"))
+
+
+def check_dbias(variants, bias, dbias, return_dbias, dtype, device):
+    """The buffer, shaped like the caller's ``bias``, for d loss / d bias (allocated here when not
+    given), or None without return_dbias."""
+    return_dbias = check_bool("return_dbias", return_dbias)
+    if not return_dbias:
+        if dbias is not None:
+            raise ValueError("dbias receives the gradient of bias: pass it with return_dbias=True")
+        return None
+    if variants.bias is None:
+        raise ValueError("return_dbias=True needs the bias tensor the forward call added (bias=)")
+    shape = tuple(as_array(bias, "bias").shape)
+    want = np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+    if dbias is None:
+        return np.empty(shape, want)
+    return check_output_buffer("dbias", dbias, shape, want, device)
+
+
+def _check_aux(aux, device) -> tuple:
+    """aux: a dict of identifier -> array (int, float or bool) on the inputs' device."""
+    from . import _expr
+    if aux is None:
+        return ()
+    if not isinstance(aux, dict):
+        raise TypeError(f"aux must be a dict of name -> array, got {type(aux).__name__}")
+    out = []
+    for name, a in aux.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in _expr.INDEX_NAMES \
+                or name in _expr.FUNCTIONS or name in ("true", "false"):
+            raise ValueError(f"aux name {name!r} must be an identifier other than {', '.join(_expr.INDEX_NAMES)}, "
+                             "a function's or true/false")
+        a = as_array(a, f"aux[{name!r}]")
+        if _device_of(a) != device:
+            raise ValueError(f"aux[{name!r}] is on {_device_text(_device_of(a))} but the inputs are on "
+                             f"{_device_text(device)}")
+        if a.ndim == 0 or a.dtype.kind not in "biuf" or a.dtype.itemsize > 8:
+            raise ValueError(f"aux[{name!r}] must be an array of at least one axis of ints, floats or bools, got "
+                             f"{dtype_name(a.dtype)} of shape {tuple(a.shape)}")
+        out.append((name, a))
+    return tuple(out)
+
+
+def _aux_kind(a) -> str:
+    return "bool" if a.dtype == np.bool_ else "float" if a.dtype.kind == "f" else "int"
+
+
 # ---- attention against a KV cache ----
 
 @dataclass(frozen=True)

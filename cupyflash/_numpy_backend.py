@@ -71,9 +71,10 @@ def _tiles(first: int, end: int, block: int):
 # ---------------------------------------------------------------------------------------
 # Forward
 
-def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_log2, keys=None):
+def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_log2, keys=None, user=None):
     """O_i and lse_i for one block of queries Q_i (batch, H_kv, G, rows, dim) starting at i0,
-    over the visible keys, or those of them in ``keys`` = [first, end) (whole key tiles)."""
+    over the visible keys, or those of them in ``keys`` = [first, end) (whole key tiles);
+    ``user``: the call's user terms (Variants.user_terms), None without them."""
     seqlen_k, rows = K.shape[-2], Q_i.shape[-2]
     i = np.arange(i0, i0 + rows)[:, None]
     if sink_log2 is None:
@@ -89,7 +90,7 @@ def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_lo
     for j0 in _tiles(first, end, BLOCK_N):
         K_j, V_j = K[..., j0:j0 + BLOCK_N, :], V[..., j0:j0 + BLOCK_N, :]
         j = np.arange(j0, j0 + K_j.shape[-2])[None, :]
-        X = var.logits((Q_i @ K_j.swapaxes(-1, -2)) * scale, i, j, seqlen_q, seqlen_k, slopes) * LOG2E
+        X = var.logits((Q_i @ K_j.swapaxes(-1, -2)) * scale, i, j, seqlen_q, seqlen_k, slopes, user) * LOG2E
         m_new = np.maximum(m, X.max(axis=-1))
         # A row that has seen only masked keys keeps m = -inf; shift it by 0 instead so that
         # exp2(-inf - shift) = 0 rather than exp2(-inf + inf) = NaN.
@@ -138,11 +139,12 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, variants
     Q = _grouped(_bhsd(q, acc), heads_kv)
     slopes = _per_head(var.alibi_slopes, batch, heads_kv, 2)
     sink_log2 = None if var.sinks is None else _per_head(var.sinks, batch, heads_kv, 1) * LOG2E
+    user = var.user_terms(batch, heads_kv, Q.shape[2])
     out_g, lse_g = _grouped(out.transpose(0, 2, 1, 3), heads_kv), _grouped(lse, heads_kv)
     for i0 in range(0, seqlen_q, BLOCK_M):
         i1 = min(i0 + BLOCK_M, seqlen_q)
         O_i, lse_i = _forward_query_block(Q[..., i0:i1, :], K, V, i0, scale=scale, var=var, seqlen_q=seqlen_q,
-                                          slopes=slopes, sink_log2=sink_log2)
+                                          slopes=slopes, sink_log2=sink_log2, user=user)
         out_g[..., i0:i1, :] = O_i
         lse_g[..., i0:i1] = lse_i
     return out, lse
@@ -152,7 +154,7 @@ def forward(q, k, v, *, causal: bool, scale: float, out=None, lse=None, variants
 # Backward
 
 def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk=None, dv=None,
-             variants: Variants | None = None):
+             variants: Variants | None = None, dbias=None):
     """Gradients of attention with respect to q, k and v (and the sinks), recomputing P from lse.
 
     Parameters
@@ -164,6 +166,8 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         The forward pass's log-sum-exp (-inf for queries that see no key and no sink).
     dq, dk, dv : numpy arrays shaped like q, k, v, q's dtype, optional
         Written in place and returned when given.
+    dbias : numpy array shaped like variants.bias, optional
+        Receives d loss / d bias (summed where bias broadcasts); only with a bias tensor.
 
     Returns
     -------
@@ -187,6 +191,8 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
     lse_log2 = np.where(lse_log2 == -np.inf, np.inf, lse_log2)
     dQ = np.zeros(Q.shape, acc)
     dk_bhsd, dv_bhsd = dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+    user = var.user_terms(batch, heads_kv, Q.shape[2])
+    dbias_acc = None if dbias is None else np.zeros(dbias.shape, acc)
     for j0 in range(0, seqlen_k, BLOCK_N):
         K_j, V_j = K[..., j0:j0 + BLOCK_N, :], V[..., j0:j0 + BLOCK_N, :]
         j1 = j0 + K_j.shape[-2]
@@ -198,13 +204,18 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         Q_i, dO_i = Q[..., i0:i1, :], dO[..., i0:i1, :]
         i, j = np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]
         S = (Q_i @ K_j.swapaxes(-1, -2)) * scale  # at most seqlen_q x BLOCK_N per head
-        P = np.exp2(var.logits(S, i, j, seqlen_q, seqlen_k, slopes) * LOG2E - lse_log2[..., i0:i1, None])
+        P = np.exp2(var.logits(S, i, j, seqlen_q, seqlen_k, slopes, user) * LOG2E - lse_log2[..., i0:i1, None])
         dv_bhsd[:, :, j0:j1] = (P.swapaxes(-1, -2) @ dO_i).sum(axis=2)  # summed over the group
         dP = dO_i @ V_j.swapaxes(-1, -2)
-        dS = P * (dP - D[..., i0:i1, None]) * var.softcap_grad(S)  # d loss / d scaled score
+        dL = P * (dP - D[..., i0:i1, None])  # d loss / d logit
+        if dbias_acc is not None:
+            user.add_dbias(dbias_acc, dL, i, j)
+        dS = dL * var.softcap_grad(S)  # d loss / d scaled score
         dk_bhsd[:, :, j0:j1] = scale * (dS.swapaxes(-1, -2) @ Q_i).sum(axis=2)
         dQ[..., i0:i1, :] += scale * (dS @ K_j)
     dq.transpose(0, 2, 1, 3)[...] = dQ.reshape(batch, heads, seqlen_q, q.shape[3])
+    if dbias is not None:
+        dbias[...] = dbias_acc
     if var.sinks is None:
         return dq, dk, dv
     # d loss / d sink_h = -sum over rows of P_sink * D, P_sink = exp(sink_h - lse)

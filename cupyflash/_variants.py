@@ -8,7 +8,10 @@ For query i and key j, with o = seqlen_k - seqlen_q (bottom-right alignment, as 
 - logit: s = scale * q_i . k_j; s = softcap * tanh(s / softcap) when softcap > 0; then
   s -= slope_h * |i + o - j| when ALiBi slopes are given;
 - softmax over the visible keys, whose denominator also counts exp(sinks[h]) when sinks are
-  given: lse = log(sum_j exp(s_ij) + exp(sinks[h])), and the sink adds nothing to the output.
+  given: lse = log(sum_j exp(s_ij) + exp(sinks[h])), and the sink adds nothing to the output;
+- the user's terms (issue 19): the logit gains bias_mod(b, h, i, j) (a C++ expression, _expr.py)
+  and bias[b, h, i, j] (a dense tensor broadcast to (B, H_q, Sq, Sk)), after the softcap and
+  ALiBi; a key is visible only where mask_mod(b, h, i, j) and mask[b, h, i, j] are true too.
 
 The NumPy backend (the executable spec of the kernels) uses this module; the float64
 reference (reference.py) spells the same formulas out on the whole score matrix.
@@ -30,11 +33,26 @@ class Variants:
     softcap: float = 0.0
     alibi_slopes: object = None  # float array (H_q,) or (B, H_q)
     sinks: object = None         # float array (H_q,)
+    mask_mod: object = None      # _expr.Expr of b, h, q_idx, kv_idx and aux: keep the key where true
+    bias_mod: object = None      # _expr.Expr: added to the logit
+    aux: tuple = ()              # ((name, array), ...) that the expressions read
+    bias: object = None          # float array broadcastable to (B, H_q, Sq, Sk), added to the logit
+    mask: object = None          # bool array broadcastable to (B, H_q, Sq, Sk): keep where true
 
     @property
     def dense(self) -> bool:
         return (self.window == (UNBOUNDED, UNBOUNDED) and self.softcap == 0.0 and self.alibi_slopes is None
-                and self.sinks is None)
+                and self.sinks is None and not self.user)
+
+    @property
+    def user(self) -> bool:
+        """Does the call carry the user's terms (mask_mod, bias_mod, bias, mask)?"""
+        return any(t is not None for t in (self.mask_mod, self.bias_mod, self.bias, self.mask))
+
+    def user_terms(self, batch: int, heads_kv: int, group: int, b0: int = 0):
+        """The user's terms on the NumPy backend's (batch, H_kv, G, rows, cols) grid, None without
+        them; ``b0``: the first batch index (a packed sequence's)."""
+        return UserTerms(self, batch, heads_kv, group, b0) if self.user else None
 
     @staticmethod
     def of(causal: bool, window_size=(UNBOUNDED, UNBOUNDED), softcap: float = 0.0, alibi_slopes=None, sinks=None):
@@ -74,14 +92,19 @@ class Variants:
 
     # ---- the score transform and its derivative ----
 
-    def logits(self, S, i, j, seqlen_q: int, seqlen_k: int, slopes):
+    def logits(self, S, i, j, seqlen_q: int, seqlen_k: int, slopes, user=None):
         """Scaled scores S (natural-log units) -> logits: softcap, then ALiBi (``slopes``
-        broadcast against S's leading axes, None without ALiBi); masked keys are -inf."""
+        broadcast against S's leading axes, None without ALiBi), then the user's bias terms
+        (``user``: user_terms); masked keys are -inf."""
         if self.softcap > 0:
             S = self.softcap * np.tanh(S / self.softcap)
         if slopes is not None:
             S = S - slopes * np.abs(i + (seqlen_k - seqlen_q) - j)
-        return np.where(self.visible(i, j, seqlen_q, seqlen_k), S, -np.inf)
+        visible = self.visible(i, j, seqlen_q, seqlen_k)
+        if user is not None:
+            S = S + user.bias_at(i, j)
+            visible = visible & user.keep_at(i, j)
+        return np.where(visible, S, -np.inf)
 
     def softcap_grad(self, S):
         """d logit / d scaled score at the scaled scores S (1 without softcap)."""
@@ -89,3 +112,44 @@ class Variants:
             return 1.0
         t = np.tanh(S / self.softcap)
         return 1.0 - t * t
+
+
+class UserTerms:
+    """A call's mask_mod, bias_mod, bias and mask evaluated on the NumPy backend's grouped grid
+    (batch, H_kv, G, rows, cols): query head h = kv head * G + g, batch b = b0 + its index."""
+
+    def __init__(self, var: Variants, batch: int, heads_kv: int, group: int, b0: int = 0):
+        self.var = var
+        self.b = (b0 + np.arange(batch)).reshape(-1, 1, 1, 1, 1)
+        self.h = np.arange(heads_kv * group).reshape(1, heads_kv, group, 1, 1)
+
+    def _env(self, i, j) -> dict:
+        return {"b": self.b, "h": self.h, "q_idx": i, "kv_idx": j, **dict(self.var.aux)}
+
+    def _dense(self, t, i, j):
+        """Tensor t (broadcastable to (B, H_q, Sq, Sk)) at the grid's (b, h, i, j): size-1 axes broadcast."""
+        return t[self.b % t.shape[0], self.h % t.shape[1], i % t.shape[2], j % t.shape[3]]
+
+    def bias_at(self, i, j):
+        """The additive terms at queries i, keys j (0 without them)."""
+        out = 0.0
+        if self.var.bias_mod is not None:
+            out = out + np.asarray(self.var.bias_mod.evaluate(self._env(i, j))[0], np.float64)
+        if self.var.bias is not None:
+            out = out + self._dense(self.var.bias, i, j)
+        return out
+
+    def keep_at(self, i, j):
+        """Where the user's masks keep the key (True without them)."""
+        keep = np.bool_(True)
+        if self.var.mask_mod is not None:
+            keep = keep & (self.var.mask_mod.evaluate(self._env(i, j))[0] != 0)
+        if self.var.mask is not None:
+            keep = keep & self._dense(self.var.mask, i, j)
+        return keep
+
+    def add_dbias(self, dbias, dL, i, j) -> None:
+        """dbias (bias's shape) += dL (d loss / d logit on the grid), summed where bias broadcasts."""
+        t = self.var.bias
+        index = (self.b % t.shape[0], self.h % t.shape[1], i % t.shape[2], j % t.shape[3])
+        np.add.at(dbias, tuple(np.broadcast_to(x, dL.shape) for x in index), dL)

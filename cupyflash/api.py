@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Union
 
+import numpy as np
+
 from . import _checks, _plans
 from ._dtypes import lse_dtype
 from ._variants import NO_WINDOW
@@ -32,7 +34,9 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
                     softmax_scale: float | None = None, window_size: tuple[int, int] = NO_WINDOW,
                     softcap: float = 0.0, alibi_slopes: ArrayInput | None = None, sinks: ArrayInput | None = None,
                     return_lse: bool = False, out: ArrayInput | None = None,
-                    lse: ArrayInput | None = None) -> Array | tuple[Array, Array]:
+                    lse: ArrayInput | None = None, mask_mod: str | None = None, bias_mod: str | None = None,
+                    aux: dict | None = None, bias: ArrayInput | None = None,
+                    mask: ArrayInput | None = None) -> Array | tuple[Array, Array]:
     """Exact attention ``softmax(q @ k^T * softmax_scale) @ v``, computed tile by tile.
 
     Parameters
@@ -64,6 +68,24 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         float32 (heads,): each row's softmax denominator gains exp(sinks[h]); lse includes it.
         Every variant composes with the others and runs on every path (the CUDA kernels
         compile each combination a call uses, at first use).
+    mask_mod, bias_mod : str, optional
+        Masks and biases nobody ships as a flag (FlexAttention's mask_mod and score_mod): C++
+        expressions of ``b``, ``h`` (query head), ``q_idx``, ``kv_idx`` (positions in the
+        sequence) and the ``aux`` arrays, in the subset cupyflash._expr documents, e.g.
+        ``"q_idx >= kv_idx && doc[q_idx] == doc[kv_idx]"`` (document masking) or
+        ``"-0.5 * abs(q_idx - kv_idx)"``. A key is visible only where mask_mod is true;
+        bias_mod is added to the logit (after softcap and ALiBi). No gradient reaches aux.
+    aux : dict of str -> array, optional
+        The arrays the expressions read by name (ints, floats or bools).
+    bias : array, optional
+        A float tensor broadcastable to (batch, heads, seqlen_q, seqlen_k) (size-1 or missing
+        leading axes broadcast) added to the logit; its gradient comes from
+        :func:`flash_attention_backward` with ``return_dbias=True``. O(S^2) memory by the
+        caller's choice: mask_mod and bias_mod are the O(S) way.
+    mask : array, optional
+        A bool tensor of the same broadcast shape: True keeps the key.
+        mask_mod, bias_mod, aux, bias and mask run on the NumPy backend so far (issue 19: the
+        kernels are next); a GPU call with them raises a ValueError.
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
@@ -94,8 +116,8 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
     # a call with the layouts of an earlier one reuses its checked plan (_plans)
-    key = _plans.forward_key(q, k, v, out, lse, causal, softmax_scale, return_lse, window_size, softcap,
-                             alibi_slopes, sinks)
+    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask) else _plans.forward_key(
+        q, k, v, out, lse, causal, softmax_scale, return_lse, window_size, softcap, alibi_slopes, sinks)
     plan = _plans.FORWARD.get(key)
     if plan is not None:
         result = plan(q, k, v, out, lse, alibi_slopes, sinks)
@@ -111,6 +133,7 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
+    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask)
     return_lse = _checks.check_bool("return_lse", return_lse)
     if out is not None:
         out = _checks.check_output_buffer("out", out, q.shape, dtype, dev)
@@ -137,7 +160,10 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
                              dk: ArrayInput | None = None, dv: ArrayInput | None = None,
                              dsinks: ArrayInput | None = None,
                              workspace: tuple[Array, Array] | None = None,
-                             deterministic: bool = False) -> tuple[Array, ...]:
+                             deterministic: bool = False, mask_mod: str | None = None,
+                             bias_mod: str | None = None, aux: dict | None = None,
+                             bias: ArrayInput | None = None, mask: ArrayInput | None = None,
+                             dbias: ArrayInput | None = None, return_dbias: bool = False) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
 
     Recomputes the attention tile by tile from ``lse``; nothing of size
@@ -158,7 +184,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         As in the forward call.
     softmax_scale : float, optional
         As in the forward call (default 1 / sqrt(head_dim)).
-    window_size, softcap, alibi_slopes, sinks
+    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask
         As in the forward call.
     dq, dk, dv : arrays, optional
         Preallocated gradients shaped and typed like q, k, v, with the same rules as
@@ -177,6 +203,9 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         accumulated with atomic adds whose order varies from run to run; dK and dV are
         reproducible either way. It costs time (the pass recomputes S and dP) and needs no
         fp32 dQ accumulator. The NumPy path is always deterministic.
+    return_dbias : bool
+        With ``bias``: also return d loss / d bias, shaped and typed like bias (summed over the
+        axes where bias broadcasts). ``dbias``: a preallocated buffer for it, written in place.
 
     Returns
     -------
@@ -186,14 +215,17 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         over its group of query heads.
     dsinks : array
         Only when ``sinks`` is given: float32 (heads,), the gradient with respect to sinks.
+    dbias : array
+        Last, only with ``return_dbias``.
 
     Raises
     ------
     TypeError, ValueError
         As for :func:`flash_attention`, naming the argument.
     """
-    key = _plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic,
-                              window_size, softcap, alibi_slopes, sinks, dsinks)
+    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask) or return_dbias else _plans.backward_key(
+        dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic, window_size, softcap,
+        alibi_slopes, sinks, dsinks)
     plan = _plans.BACKWARD.get(key)
     if plan is not None:
         result = plan(dout, q, k, v, out, lse, dq, dk, dv, workspace, alibi_slopes, sinks, dsinks)
@@ -214,6 +246,8 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     deterministic = _checks.check_bool("deterministic", deterministic)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
+    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask)
+    dbias = _checks.check_dbias(variants, bias, dbias, return_dbias, dtype, dev)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         grads[name] = None if buf is None else _checks.check_output_buffer(name, buf, like.shape, dtype, dev)
@@ -236,12 +270,21 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
                                                          **extra, variants=variants, dsinks=dsinks)
         _plans.BACKWARD.put(key, plan)
         return result
+    dbias_4d = None if dbias is None else np.empty(variants.bias.shape, dbias.dtype)  # bias's axes, 4-D
     result = _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
-                                     causal=causal, scale=scale, **grads, **extra, variants=variants)
+                                     causal=causal, scale=scale, **grads, **extra, variants=variants, dbias=dbias_4d)
     if dsinks is not None:
         dsinks[...] = result[3]
         result = (*result[:3], dsinks)
-    return result
+    if dbias is None:
+        return result
+    dbias[...] = dbias_4d.reshape(dbias.shape)
+    return (*result, dbias)
+
+
+def _user_terms_given(*terms) -> bool:
+    """Any of mask_mod, bias_mod, aux, bias, mask (such calls take the checked path every time)."""
+    return any(t is not None for t in terms)
 
 
 def _variant_arrays(variants) -> dict:

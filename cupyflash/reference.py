@@ -97,6 +97,32 @@ def _per_head(xp, values, dtype):
     return v.reshape(*((1,) if v.ndim == 1 else ()), *v.shape, 1, 1)
 
 
+def _user_terms(xp, v: dict, shape: tuple, dtype):
+    """(additive term, keep mask) of the user's terms on the full (B, H, Sq, Sk) grid: bias_mod and
+    mask_mod evaluated on index arrays (cupyflash._expr, C++'s rules), the dense bias and mask
+    broadcast; (0, None) without them."""
+    from . import _expr
+    B, H, Sq, Sk = shape
+    env = {"b": np.arange(B).reshape(-1, 1, 1, 1), "h": np.arange(H).reshape(1, -1, 1, 1),
+           "q_idx": np.arange(Sq).reshape(-1, 1), "kv_idx": np.arange(Sk).reshape(1, -1),
+           **{n: _host(a) for n, a in (v.get("aux") or {}).items()}}
+    add, keep = 0.0, None
+    if v.get("bias_mod") is not None:
+        add = xp.asarray(np.asarray(_expr.parse("bias_mod", v["bias_mod"]).evaluate(env)[0], np.float64)).astype(dtype)
+    if v.get("bias") is not None:
+        add = add + xp.asarray(v["bias"]).astype(dtype)
+    if v.get("mask_mod") is not None:
+        keep = xp.asarray(_expr.parse("mask_mod", v["mask_mod"]).evaluate(env)[0] != 0)
+    if v.get("mask") is not None:
+        m = xp.asarray(v["mask"]).astype(bool)
+        keep = m if keep is None else keep & m
+    return add, keep
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
 def _probabilities(xp, Q, K, scale, causal, prec, variants=None):
     """P = softmax row by row, and lse, with the variants applied (module docstring of
     cupyflash._variants): scaled scores S = Q K^T * scale, softcap, ALiBi, the mask, and the
@@ -114,6 +140,10 @@ def _probabilities(xp, Q, K, scale, causal, prec, variants=None):
     allowed, distance = _allowed(xp, seqlen_q, seqlen_k, causal, window)
     if v.get("alibi_slopes") is not None:
         S = S - _per_head(xp, v["alibi_slopes"], prec.compute) * distance
+    add, keep = _user_terms(xp, v, S.shape, prec.compute)
+    S = S + add
+    if keep is not None:
+        allowed = allowed & keep
     S = xp.where(allowed, S, -xp.inf)
     sinks = v.get("sinks")
     if sinks is not None:  # one more column, the sink's logit, that no value goes with
@@ -142,7 +172,7 @@ def _default_scale(scale, head_dim):
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
               upcast: bool = True, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-              sinks=None):
+              sinks=None, mask_mod=None, bias_mod=None, aux=None, bias=None, mask=None):
     """Naive attention ``softmax(q @ k^T * softmax_scale) @ v`` with the score matrix in memory.
 
     Parameters
@@ -157,8 +187,9 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     upcast : bool
         True: compute in float64 and return float64. False: compute as naive attention
         would in the input precision (see the module docstring).
-    window_size, softcap, alibi_slopes, sinks
-        The variants, as cupyflash.flash_attention takes them (cupyflash._variants).
+    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask
+        The variants and the user's terms, as cupyflash.flash_attention takes them
+        (cupyflash._variants; the expressions evaluated on the whole grid).
 
     Returns
     -------
@@ -172,7 +203,8 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     heads = q.shape[2]
     Q, K, V = (_bhsd(x, prec.compute) for x in (q, k, v))
     K, V = _repeat_kv(K, heads), _repeat_kv(V, heads)
-    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                    mask_mod=mask_mod, bias_mod=bias_mod, aux=aux, bias=bias, mask=mask)
     P, lse, _, _ = _probabilities(xp, Q, K, scale, causal, prec, variants)
     O = prec.round(P @ V)
     return _bshd(xp, O, prec.output), lse.astype(FLOAT64 if upcast else prec.compute)
@@ -180,7 +212,8 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
 
 def attention_backward(dout, q, k, v, *, causal: bool = False,
                        softmax_scale: float | None = None, upcast: bool = True, window_size=(-1, -1),
-                       softcap: float = 0.0, alibi_slopes=None, sinks=None):
+                       softcap: float = 0.0, alibi_slopes=None, sinks=None, mask_mod=None, bias_mod=None,
+                       aux=None, bias=None, mask=None, return_dbias: bool = False):
     """Analytic gradients of :func:`attention` with respect to q, k and v (and the sinks).
 
     With P = softmax(L), L the logits of S = Q K^T * scale, and O = P V:
@@ -192,13 +225,17 @@ def attention_backward(dout, q, k, v, *, causal: bool = False,
     ----------
     dout : array, shape of q
         Gradient of the loss with respect to the attention output.
-    q, k, v, causal, softmax_scale, upcast, window_size, softcap, alibi_slopes, sinks
+    q, k, v, causal, softmax_scale, upcast, window_size, softcap, alibi_slopes, sinks, mask_mod,
+    bias_mod, aux, bias, mask
         As for :func:`attention`.
+    return_dbias : bool
+        Also return d loss / d bias (bias's shape: summed where it broadcasts) = dL.
 
     Returns
     -------
     (dq, dk, dv) : arrays shaped like q, k, v; float64 if ``upcast`` else q's dtype; with
-    sinks also dsinks, shaped like sinks (float64 if ``upcast`` else float32).
+    sinks also dsinks, shaped like sinks (float64 if ``upcast`` else float32); with
+    ``return_dbias`` dbias last.
     """
     xp = _array_module(q)
     prec = _Precision(q.dtype, upcast)
@@ -206,12 +243,21 @@ def attention_backward(dout, q, k, v, *, causal: bool = False,
     heads, heads_kv = q.shape[2], k.shape[2]
     Q, K, V, dO = (_bhsd(x, prec.compute) for x in (q, k, v, dout))
     K, V = _repeat_kv(K, heads), _repeat_kv(V, heads)
-    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+                    mask_mod=mask_mod, bias_mod=bias_mod, aux=aux, bias=bias, mask=mask)
     P, _, S0, p_sink = _probabilities(xp, Q, K, scale, causal, prec, variants)
     dV = prec.round(P.swapaxes(-1, -2) @ dO)
     dP = prec.round(dO @ V.swapaxes(-1, -2))
     D = (dP * P).sum(axis=-1, keepdims=True)  # softmax backward: rowsum(dP * P) = rowsum(dO * O)
-    dS = P * (dP - D)
+    dS = P * (dP - D)  # d loss / d logit
+    extra = ()
+    if return_dbias:  # dS summed over the axes where bias broadcasts (missing leading axes too)
+        shape = tuple(np.shape(bias))
+        dbias = dS
+        for axis, n in enumerate((1,) * (4 - len(shape)) + shape):
+            if n == 1 and dbias.shape[axis] != 1:
+                dbias = dbias.sum(axis=axis, keepdims=True)
+        extra = (dbias.reshape(shape).astype(FLOAT64 if upcast else FLOAT32),)
     if softcap > 0:
         dS = dS * (1 - xp.tanh(S0 / softcap) ** 2)
     dS = prec.round(dS)
@@ -221,6 +267,6 @@ def attention_backward(dout, q, k, v, *, causal: bool = False,
         dK, dV = (g.reshape(g.shape[0], heads_kv, heads // heads_kv, *g.shape[2:]).sum(axis=2) for g in (dK, dV))
     grads = tuple(_bshd(xp, g, prec.output) for g in (dQ, dK, dV))
     if sinks is None:
-        return grads
+        return (*grads, *extra)
     dsinks = -(p_sink * D[..., 0]).sum(axis=(0, 2))
-    return (*grads, dsinks.astype(FLOAT64 if upcast else FLOAT32))
+    return (*grads, dsinks.astype(FLOAT64 if upcast else FLOAT32), *extra)

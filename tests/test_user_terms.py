@@ -1,0 +1,219 @@
+"""The user's masks and biases (issue 19) on the NumPy backend, the spec the kernels will be held to.
+As specifications:
+
+- mask_mod and bias_mod are C++ expressions of b, h, q_idx, kv_idx and aux arrays, evaluated with
+  C++'s rules (precedence, int division truncating toward zero, % with the dividend's sign, ?:);
+  what they mean is fixed here case by case against hand-computed values;
+- a key is visible only where mask_mod and mask are true; bias_mod and bias add to the logit after
+  the softcap and ALiBi; every variant and GQA compose with them;
+- forward and backward match the float64 reference within flash-attn's 2x-naive bound, dbias
+  included (summed over the axes where bias broadcasts);
+- a bad expression or tensor is a ValueError or TypeError that names it, an expression's error
+  shown with a caret under the place.
+"""
+import numpy as np
+import pytest
+
+import cupyflash
+from cupyflash import _expr, reference
+from cupyflash._dtypes import BFLOAT16, FLOAT32, FLOAT64
+
+from test_numpy_backend import assert_within_naive_bound
+
+ENV = dict(b=np.int64(1), h=np.int64(3), q_idx=np.arange(-3, 4)[:, None], kv_idx=np.arange(5)[None, :],
+           doc=np.array([0, 0, 1, 1, 2], np.int32), table=np.arange(12, dtype=np.float32).reshape(3, 4),
+           flags=np.array([True, False, True, False, True]))
+
+# expression -> the value it must have on ENV's grid, written out with Python's own arithmetic
+VALUES = {
+    "7 / 2": lambda e: 3,
+    "-7 / 2": lambda e: -3,           # C++: toward zero (Python's // gives -4)
+    "7 / -2": lambda e: -3,
+    "-7 % 3": lambda e: -1,           # C++: the dividend's sign (Python's % gives 2)
+    "7 % -3": lambda e: 1,
+    "7.0 / 2": lambda e: 3.5,
+    "1 + 2 * 3 - 4": lambda e: 3,
+    "2 - 1 - 1": lambda e: 0,         # left-associative
+    "1 < 2 == 1": lambda e: True,     # relational binds tighter than equality
+    "1 || 0 && 0": lambda e: True,    # && binds tighter than ||
+    "!0 + 1": lambda e: 2,            # unary before binary, a bool promoted to int
+    "-q_idx": lambda e: -e["q_idx"],
+    "q_idx > 0 ? 1.5 : -1": lambda e: np.where(e["q_idx"] > 0, 1.5, -1.0),
+    "q_idx < 0 ? -1 : q_idx > 0 ? 1 : 0": lambda e: np.sign(e["q_idx"]),  # right-associative ?:
+    "min(q_idx, kv_idx) + max(b, h)": lambda e: np.minimum(e["q_idx"], e["kv_idx"]) + 3,
+    "abs(q_idx - kv_idx)": lambda e: np.abs(e["q_idx"] - e["kv_idx"]),
+    "exp(0.0) + sqrt(4) + floor(2.5f) + tanh(0)": lambda e: 1.0 + 2.0 + 2.0 + 0.0,
+    "doc[kv_idx] == doc[abs(q_idx)]": lambda e: e["doc"][e["kv_idx"]] == e["doc"][np.abs(e["q_idx"])],
+    "table[h - 1][kv_idx % 4] * 0.5": lambda e: e["table"][2, e["kv_idx"] % 4] * 0.5,
+    "flags[kv_idx] && q_idx >= kv_idx": lambda e: e["flags"][e["kv_idx"]] & (e["q_idx"] >= e["kv_idx"]),
+    "true && !false": lambda e: True,
+    "1e-3 * 2e3": lambda e: 2.0,
+}
+
+
+@pytest.mark.parametrize("text", sorted(VALUES))
+def test_an_expression_means_what_it_means_in_cpp(text):
+    got, _ = _expr.parse("bias_mod", text).evaluate(ENV)
+    want = VALUES[text](ENV)
+    assert np.array_equal(np.broadcast_to(got, np.broadcast_shapes(np.shape(got), np.shape(want))),
+                          np.broadcast_to(want, np.broadcast_shapes(np.shape(got), np.shape(want)))), (text, got, want)
+
+
+BAD_EXPRESSIONS = {
+    "q_idx & kv_idx": (r"unexpected character '&' \(bitwise operators are not in the subset: && is\)", 6),
+    "q_idx = kv_idx": (r"assignments are not in the subset", 6),
+    "q_idx >": (r"unexpected 'end of the expression'", 7),
+    "(q_idx": (r"expected '\)'", 6),
+    "foo(q_idx)": (r"unknown function 'foo'", 0),
+    "min(q_idx)": (r"min takes 2 argument\(s\), got 1", 0),
+    "doc[q_idx + 10] > 0": (r"index 13 out of bounds for axis 0 of aux array 'doc' \(size 5\)", 4),
+    "table[b] > 0": (r"aux array 'table' has 2 axes: index every one", 0),
+    "1.5 % 2": (r"% takes ints", 4),
+    "q_idx / 0": (r"integer / by zero", 6),
+    "doc[0.5]": (r"an index of 'doc' must be an int, got a float", 4),
+}
+
+
+@pytest.mark.parametrize("text", sorted(BAD_EXPRESSIONS))
+def test_a_bad_expression_is_a_value_error_with_a_caret_at_the_place(text):
+    pattern, column = BAD_EXPRESSIONS[text]
+    with pytest.raises(ValueError, match=pattern) as info:
+        _expr.parse("mask_mod", text).evaluate(ENV)
+    caret_line = str(info.value).splitlines()[-1]
+    assert caret_line.index("^") - 4 == column, str(info.value)
+
+
+def _inputs(rng, dtype, B=2, S=150, H=4, H_kv=2, D=32):
+    q = rng.standard_normal((B, S, H, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, S, H_kv, D)).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal((B, S, H, D)).astype(dtype)
+    return q, k, v, dout
+
+
+def _documents(rng, B, S, n=5):
+    """Document ids of packed sequences: random document lengths, per batch row."""
+    ids = np.zeros((B, S), np.int32)
+    for b in range(B):
+        cuts = np.sort(rng.choice(np.arange(1, S), n - 1, replace=False))
+        ids[b] = np.searchsorted(cuts, np.arange(S), side="right")
+    return ids
+
+
+def _cases(rng, S, B, H):
+    """name -> keywords of flash_attention: the FlexAttention recipes and the dense tensors."""
+    docs = _documents(rng, B, S)
+    return {
+        "document-mask": dict(mask_mod="q_idx >= kv_idx && doc[b][q_idx] == doc[b][kv_idx]", aux={"doc": docs}),
+        "prefix-lm": dict(mask_mod="kv_idx < prefix[b] || q_idx >= kv_idx",
+                          aux={"prefix": rng.integers(1, S, B).astype(np.int32)}),
+        "t5-buckets": dict(bias_mod="rel[h][min(abs(q_idx - kv_idx), 31)]", causal=True,
+                           aux={"rel": rng.standard_normal((H, 32)).astype(np.float32)}),
+        "alibi-as-bias-mod": dict(bias_mod="-slope[h] * abs(q_idx - kv_idx)",
+                                  aux={"slope": (2.0 ** -np.arange(1, H + 1)).astype(np.float32)}),
+        "bias-per-head": dict(bias=rng.standard_normal((1, H, S, S)).astype(np.float32), softcap=5.0),
+        "bias-2d-mask-2d": dict(bias=rng.standard_normal((S, S)).astype(np.float32),
+                                mask=rng.random((S, S)) > 0.2, window_size=(60, 10)),
+        "bias-per-batch-key": dict(bias=rng.standard_normal((B, 1, 1, S)).astype(np.float32),
+                                   sinks=rng.uniform(-1, 2, H).astype(np.float32)),
+    }
+
+
+CASE_NAMES = ["document-mask", "prefix-lm", "t5-buckets", "alibi-as-bias-mod", "bias-per-head", "bias-2d-mask-2d",
+              "bias-per-batch-key"]
+
+
+@pytest.mark.parametrize("dtype", [FLOAT64, FLOAT32, BFLOAT16], ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_forward_and_backward_match_the_reference(rng, case, dtype):
+    q, k, v, dout = _inputs(rng, dtype)
+    kw = _cases(rng, q.shape[1], q.shape[0], q.shape[2])[case]
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, **kw)
+    ref = reference.attention(q, k, v, **kw)
+    naive = reference.attention(q, k, v, upcast=False, **kw)
+    assert_within_naive_bound(f"out [{case}]", o, ref[0], naive[0], dtype)
+    assert_within_naive_bound(f"lse [{case}]", lse, ref[1], naive[1], FLOAT64 if dtype == FLOAT64 else FLOAT32)
+    with_dbias = "bias" in kw
+    grads = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, return_dbias=with_dbias, **kw)
+    ref_g = reference.attention_backward(dout, q, k, v, return_dbias=with_dbias, **kw)
+    naive_g = reference.attention_backward(dout, q, k, v, upcast=False, return_dbias=with_dbias, **kw)
+    names = ["dq", "dk", "dv"] + (["dsinks"] if "sinks" in kw else []) + (["dbias"] if with_dbias else [])
+    for name, got, want, nv in zip(names, grads, ref_g, naive_g):
+        stored = dtype if name in ("dq", "dk", "dv") else (FLOAT64 if dtype == FLOAT64 else FLOAT32)
+        assert_within_naive_bound(f"{name} [{case}]", got, want, nv, stored)
+    if with_dbias:
+        assert grads[-1].shape == np.shape(kw["bias"])
+
+
+def test_the_causal_mask_as_a_mask_mod_is_causal(rng):
+    q, k, v, _ = _inputs(rng, FLOAT64, S=130)
+    a = cupyflash.flash_attention(q, k, v, causal=True)
+    b = cupyflash.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
+    assert np.allclose(a, b, atol=1e-13, rtol=0)
+
+
+def test_a_row_the_mask_empties_gets_zero_and_minus_infinity(rng):
+    q, k, v, dout = _inputs(rng, FLOAT64, S=70)
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, mask_mod="q_idx != 5 && q_idx != 69")
+    assert np.all(o[:, [5, 69]] == 0) and np.all(np.isneginf(lse[:, :, [5, 69]]))
+    dq, dk, dv = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, mask_mod="q_idx != 5 && q_idx != 69")
+    assert np.all(dq[:, [5, 69]] == 0) and np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
+
+
+def test_dbias_lands_in_the_callers_buffer(rng):
+    q, k, v, dout = _inputs(rng, FLOAT64, S=40)
+    bias = rng.standard_normal((1, 1, 40, 40))
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, bias=bias)
+    buf = np.full(bias.shape, np.nan)
+    *_, dbias = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=bias, return_dbias=True, dbias=buf)
+    assert dbias is buf and np.all(np.isfinite(buf))
+    want = reference.attention_backward(dout, q, k, v, bias=bias, return_dbias=True)[-1]
+    assert np.allclose(buf, want, atol=1e-12, rtol=0)
+
+
+def _good(rng):
+    q, k, v, _ = _inputs(rng, FLOAT32, S=20)
+    return dict(q=q, k=k, v=v)
+
+
+BAD_CALLS = {
+    "mask-mod-type": (dict(mask_mod=3), TypeError, r"mask_mod must be a string"),
+    "mask-mod-float": (dict(mask_mod="q_idx * 0.5"), ValueError, r"mask_mod must be a bool \(or int\) expression"),
+    "unknown-name": (dict(mask_mod="doc[q_idx] > 0"), ValueError,
+                     r"mask_mod reads 'doc', which is neither an index \(b, h, q_idx, kv_idx\) nor an aux array"),
+    "aux-type": (dict(mask_mod="q_idx > 0", aux=[1]), TypeError, r"aux must be a dict of name -> array"),
+    "aux-name": (dict(mask_mod="q_idx > 0", aux={"q_idx": np.zeros(3, np.int32)}), ValueError,
+                 r"aux name 'q_idx' must be an identifier other than b, h, q_idx, kv_idx"),
+    "aux-dtype": (dict(bias_mod="x[q_idx]", aux={"x": np.zeros(20, np.complex64)}), ValueError,
+                  r"aux\['x'\] must be an array of at least one axis of ints, floats or bools"),
+    "bias-shape": (dict(bias=np.zeros((20, 21), np.float32)), ValueError,
+                   r"bias must broadcast to \(batch, heads, seqlen_q, seqlen_k\) = \(2, 4, 20, 20\)"),
+    "bias-dtype": (dict(bias=np.zeros((20, 20), np.int32)), ValueError, r"bias must be a float array"),
+    "mask-dtype": (dict(mask=np.zeros((20, 20), np.float32)), ValueError, r"mask must have dtype bool"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_CALLS))
+def test_bad_user_terms_name_the_argument_and_the_rule(rng, bad):
+    kw, error, pattern = BAD_CALLS[bad]
+    with pytest.raises(error, match=pattern):
+        cupyflash.flash_attention(**_good(rng), **kw)
+
+
+def test_dbias_needs_a_bias(rng):
+    q, k, v, dout = _inputs(rng, FLOAT32, S=20)
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"return_dbias=True needs the bias tensor"):
+        cupyflash.flash_attention_backward(dout, q, k, v, o, lse, return_dbias=True)
+    with pytest.raises(ValueError, match=r"dbias receives the gradient of bias: pass it with return_dbias=True"):
+        cupyflash.flash_attention_backward(dout, q, k, v, o, lse, dbias=np.zeros((20, 20), np.float32))
+
+
+def test_on_the_gpu_the_user_terms_are_a_clear_error_until_the_kernels_have_them(rng):
+    cp = pytest.importorskip("cupy")
+    try:
+        cp.cuda.runtime.getDeviceCount()
+    except Exception:
+        pytest.skip("no GPU")
+    q, k, v = (cp.asarray(x) for x in _inputs(rng, FLOAT32, S=20)[:3])
+    with pytest.raises(ValueError, match=r"run on the NumPy backend so far"):
+        cupyflash.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
