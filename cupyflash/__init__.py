@@ -6,9 +6,10 @@ from .api import backward_workspace, flash_attention, flash_attention_backward
 from .varlen import flash_attention_varlen, flash_attention_varlen_backward
 from .kvcache import flash_attention_with_kvcache, kvcache_workspace
 from . import autodiff, optim, reference
+from .blockmask import BlockMask, block_mask
 from .tune import tune
 
 __all__ = ["flash_attention", "flash_attention_backward", "flash_attention_varlen", "flash_attention_varlen_backward",
-           "flash_attention_with_kvcache", "tune",
+           "flash_attention_with_kvcache", "tune", "block_mask", "BlockMask",
            "backward_workspace", "kvcache_workspace", "autodiff", "optim",
            "reference", "__version__"]

@@ -463,16 +463,26 @@ def check_variants(shape: AttentionShape, dtype, device, causal: bool, window_si
     return Variants.of(causal, (left, right), float(softcap), alibi_slopes, sinks)
 
 
-def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, bias_mod, aux, bias, mask):
-    """mask_mod, bias_mod (C++ expression strings, cupyflash._expr), their aux arrays, and the dense
-    bias and mask tensors (broadcastable to (B, H_q, Sq, Sk)) -> the Variants with them."""
+def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, bias_mod, aux, bias, mask,
+                     block_mask=None):
+    """mask_mod, bias_mod (C++ expression strings, cupyflash._expr), their aux arrays, the dense
+    bias and mask tensors (broadcastable to (B, H_q, Sq, Sk)) and a block mask -> the Variants with them."""
     from dataclasses import replace
     from . import _expr
-    if mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None:
+    if mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None and block_mask is None:
         return variants
     if device != "cpu":
-        raise ValueError("mask_mod, bias_mod, bias and mask run on the NumPy backend so far: the GPU kernels for "
-                         "them are issue 19's next part")
+        raise ValueError("mask_mod, bias_mod, bias, mask and block_mask run on the NumPy backend so far: the GPU "
+                         "kernels for them are issue 19's next part")
+    if block_mask is not None:
+        from .blockmask import BlockMask
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a cupyflash.BlockMask (from cupyflash.block_mask), got "
+                            f"{type(block_mask).__name__}")
+        want = (shape.batch, shape.heads, shape.seqlen_q, shape.seqlen_k)
+        if tuple(block_mask.shape) != want:
+            raise ValueError(f"block_mask was made for (batch, heads, seqlen_q, seqlen_k) = {tuple(block_mask.shape)} "
+                             f"but the call is {want}")
     aux_arrays = _check_aux(aux, device)
     kinds = {n: _aux_kind(a) for n, a in aux_arrays}
     exprs = {}
@@ -505,7 +515,7 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
             raise ValueError(f"bias must be a float array, got {dtype_name(t.dtype)}")
         tensors[name] = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
     return replace(variants, mask_mod=exprs.get("mask_mod"), bias_mod=exprs.get("bias_mod"), aux=aux_arrays,
-                   bias=tensors.get("bias"), mask=tensors.get("mask"))
+                   bias=tensors.get("bias"), mask=tensors.get("mask"), block_mask=block_mask)
 
 
 def check_dbias(variants, bias, dbias, return_dbias, dtype, device):

@@ -88,6 +88,8 @@ def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_lo
     if keys is not None:
         first, end = max(first, keys[0]), min(end, keys[1])
     for j0 in _tiles(first, end, BLOCK_N):
+        if user is not None and not user.visits(i0, i0 + rows, j0, min(j0 + BLOCK_N, seqlen_k)):
+            continue  # a block-sparse mask skips the tile: no score of it is computed
         K_j, V_j = K[..., j0:j0 + BLOCK_N, :], V[..., j0:j0 + BLOCK_N, :]
         j = np.arange(j0, j0 + K_j.shape[-2])[None, :]
         X = var.logits((Q_i @ K_j.swapaxes(-1, -2)) * scale, i, j, seqlen_q, seqlen_k, slopes, user) * LOG2E

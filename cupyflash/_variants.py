@@ -38,6 +38,7 @@ class Variants:
     aux: tuple = ()              # ((name, array), ...) that the expressions read
     bias: object = None          # float array broadcastable to (B, H_q, Sq, Sk), added to the logit
     mask: object = None          # bool array broadcastable to (B, H_q, Sq, Sk): keep where true
+    block_mask: object = None    # cupyflash.blockmask.BlockMask: only its kept blocks are visited
 
     @property
     def dense(self) -> bool:
@@ -47,7 +48,7 @@ class Variants:
     @property
     def user(self) -> bool:
         """Does the call carry the user's terms (mask_mod, bias_mod, bias, mask)?"""
-        return any(t is not None for t in (self.mask_mod, self.bias_mod, self.bias, self.mask))
+        return any(t is not None for t in (self.mask_mod, self.bias_mod, self.bias, self.mask, self.block_mask))
 
     def user_terms(self, batch: int, heads_kv: int, group: int, b0: int = 0):
         """The user's terms on the NumPy backend's (batch, H_kv, G, rows, cols) grid, None without
@@ -146,7 +147,17 @@ class UserTerms:
             keep = keep & (self.var.mask_mod.evaluate(self._env(i, j))[0] != 0)
         if self.var.mask is not None:
             keep = keep & self._dense(self.var.mask, i, j)
+        if self.var.block_mask is not None:
+            keep = keep & self.var.block_mask.keep(self.b, self.h, i, j)
         return keep
+
+    def visits(self, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """Does the block mask keep any block of queries [i0, i1) x keys [j0, j1) (True without one)?"""
+        bm = self.var.block_mask
+        if bm is None:
+            return True
+        (br, bc), kinds = bm.block, bm.kinds
+        return bool(kinds[..., i0 // br:(i1 - 1) // br + 1, j0 // bc:(j1 - 1) // bc + 1].any())
 
     def add_dbias(self, dbias, dL, i, j) -> None:
         """dbias (bias's shape) += dL (d loss / d logit on the grid), summed where bias broadcasts."""

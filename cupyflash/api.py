@@ -36,7 +36,7 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
                     return_lse: bool = False, out: ArrayInput | None = None,
                     lse: ArrayInput | None = None, mask_mod: str | None = None, bias_mod: str | None = None,
                     aux: dict | None = None, bias: ArrayInput | None = None,
-                    mask: ArrayInput | None = None) -> Array | tuple[Array, Array]:
+                    mask: ArrayInput | None = None, block_mask=None) -> Array | tuple[Array, Array]:
     """Exact attention ``softmax(q @ k^T * softmax_scale) @ v``, computed tile by tile.
 
     Parameters
@@ -84,8 +84,12 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         caller's choice: mask_mod and bias_mod are the O(S) way.
     mask : array, optional
         A bool tensor of the same broadcast shape: True keeps the key.
-        mask_mod, bias_mod, aux, bias and mask run on the NumPy backend so far (issue 19: the
-        kernels are next); a GPU call with them raises a ValueError.
+    block_mask : cupyflash.BlockMask, optional
+        Block-sparse attention (:func:`cupyflash.block_mask`): only the key blocks it lists
+        are visited, its partial blocks masked element by element by the mask_mod it was
+        made from.
+        mask_mod, bias_mod, aux, bias, mask and block_mask run on the NumPy backend so far
+        (issue 19: the kernels are next); a GPU call with them raises a ValueError.
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
@@ -116,7 +120,7 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
     # a call with the layouts of an earlier one reuses its checked plan (_plans)
-    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask) else _plans.forward_key(
+    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask) else _plans.forward_key(
         q, k, v, out, lse, causal, softmax_scale, return_lse, window_size, softcap, alibi_slopes, sinks)
     plan = _plans.FORWARD.get(key)
     if plan is not None:
@@ -133,7 +137,7 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
-    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask)
+    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask)
     return_lse = _checks.check_bool("return_lse", return_lse)
     if out is not None:
         out = _checks.check_output_buffer("out", out, q.shape, dtype, dev)
@@ -162,7 +166,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
                              workspace: tuple[Array, Array] | None = None,
                              deterministic: bool = False, mask_mod: str | None = None,
                              bias_mod: str | None = None, aux: dict | None = None,
-                             bias: ArrayInput | None = None, mask: ArrayInput | None = None,
+                             bias: ArrayInput | None = None, mask: ArrayInput | None = None, block_mask=None,
                              dbias: ArrayInput | None = None, return_dbias: bool = False) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
 
@@ -184,7 +188,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         As in the forward call.
     softmax_scale : float, optional
         As in the forward call (default 1 / sqrt(head_dim)).
-    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask
+    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask, block_mask
         As in the forward call.
     dq, dk, dv : arrays, optional
         Preallocated gradients shaped and typed like q, k, v, with the same rules as
@@ -223,9 +227,10 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     TypeError, ValueError
         As for :func:`flash_attention`, naming the argument.
     """
-    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask) or return_dbias else _plans.backward_key(
-        dout, q, k, v, out, lse, dq, dk, dv, workspace, causal, softmax_scale, deterministic, window_size, softcap,
-        alibi_slopes, sinks, dsinks)
+    checked_only = _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask) or return_dbias
+    key = None if checked_only else _plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal,
+                                                        softmax_scale, deterministic, window_size, softcap,
+                                                        alibi_slopes, sinks, dsinks)
     plan = _plans.BACKWARD.get(key)
     if plan is not None:
         result = plan(dout, q, k, v, out, lse, dq, dk, dv, workspace, alibi_slopes, sinks, dsinks)
@@ -246,7 +251,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     deterministic = _checks.check_bool("deterministic", deterministic)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
-    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask)
+    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask)
     dbias = _checks.check_dbias(variants, bias, dbias, return_dbias, dtype, dev)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
@@ -283,7 +288,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
 
 
 def _user_terms_given(*terms) -> bool:
-    """Any of mask_mod, bias_mod, aux, bias, mask (such calls take the checked path every time)."""
+    """Any of mask_mod, bias_mod, aux, bias, mask, block_mask (such calls take the checked path every time)."""
     return any(t is not None for t in terms)
 
 

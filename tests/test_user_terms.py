@@ -217,3 +217,84 @@ def test_on_the_gpu_the_user_terms_are_a_clear_error_until_the_kernels_have_them
     q, k, v = (cp.asarray(x) for x in _inputs(rng, FLOAT32, S=20)[:3])
     with pytest.raises(ValueError, match=r"run on the NumPy backend so far"):
         cupyflash.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
+
+
+# ---- block-sparse masks (cupyflash.block_mask) ----
+
+def test_a_block_mask_sorts_blocks_into_full_partial_and_skipped():
+    bm = cupyflash.block_mask("q_idx >= kv_idx", 3, 2, 100, 100, block=(32, 32))
+    assert bm.kinds.shape == (1, 1, 4, 4)  # reads neither b nor h: one pattern for all
+    qb, kb = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    want = np.where(kb < qb, bm.FULL, np.where(kb == qb, bm.PARTIAL, bm.SKIP))
+    assert np.array_equal(bm.kinds[0, 0], want)
+    assert bm.mask_mod is not None and bm.density == pytest.approx(10 / 16)
+    full, n_full = bm.indices(bm.FULL)
+    assert n_full[0, 0].tolist() == [0, 1, 2, 3] and full[0, 0, 3, :3].tolist() == [0, 1, 2]
+
+
+def _block_cases(rng, B, H, S):
+    docs = _documents(rng, B, S)
+    prefix = rng.integers(1, S, B).astype(np.int32)
+    blocks = rng.random((B, 1, -(-S // 32), -(-S // 64)))
+    return {
+        "document-expression": (cupyflash.block_mask("q_idx >= kv_idx && doc[b][q_idx] == doc[b][kv_idx]", B, H, S, S,
+                                                     block=(32, 64), aux={"doc": docs}), {}),
+        # a callable classifies the blocks; the call's own mask_mod masks inside the partial ones
+        "prefix-callable": (cupyflash.block_mask(lambda b, h, i, j: (j < prefix[b]) | (i >= j), B, H, S, S,
+                                                 block=(32, 32)),
+                            dict(mask_mod="kv_idx < prefix[b] || q_idx >= kv_idx", aux={"prefix": prefix})),
+        **{f"blocks-{int(100 * d)}%": (cupyflash.block_mask(blocks < d, B, H, S, S, block=(32, 64)), {})
+           for d in (0.1, 0.5, 1.0)},
+    }
+
+
+@pytest.mark.parametrize("case", ["document-expression", "prefix-callable", "blocks-10%", "blocks-50%", "blocks-100%"])
+def test_block_sparse_attention_is_attention_under_the_mask_it_means(rng, case):
+    q, k, v, dout = _inputs(rng, FLOAT32, S=200)
+    B, S, H = q.shape[:3]
+    bm, kw = _block_cases(rng, B, H, S)[case]
+    dense = bm.to_dense()
+    if "mask_mod" in kw:  # the callable's partial blocks are kept whole by the block mask itself
+        dense = dense & reference._user_terms(np, kw, (B, H, S, S), np.float64)[1]
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, block_mask=bm, **kw)
+    ref = reference.attention(q, k, v, mask=dense)
+    naive = reference.attention(q, k, v, upcast=False, mask=dense)
+    assert_within_naive_bound(f"out [{case}]", o, ref[0], naive[0], FLOAT32)
+    assert_within_naive_bound(f"lse [{case}]", lse, ref[1], naive[1], FLOAT32)
+    grads = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, block_mask=bm, **kw)
+    ref_g = reference.attention_backward(dout, q, k, v, mask=dense)
+    naive_g = reference.attention_backward(dout, q, k, v, upcast=False, mask=dense)
+    for name, got, want, nv in zip(("dq", "dk", "dv"), grads, ref_g, naive_g):
+        assert_within_naive_bound(f"{name} [{case}]", got, want, nv, FLOAT32)
+
+
+def test_block_mask_density_follows_the_blocks_kept(rng):
+    blocks = rng.random((1, 1, 8, 8)) < 0.25
+    bm = cupyflash.block_mask(blocks, 1, 1, 256, 512, block=(32, 64))
+    assert bm.density == pytest.approx(blocks.mean()) and bm.mask_mod is None
+
+
+BAD_BLOCK_MASKS = {
+    "block-size": (lambda: cupyflash.block_mask("q_idx >= kv_idx", 1, 1, 64, 64, block=(24, 32)), ValueError,
+                   r"block sizes must be positive multiples of 16"),
+    "array-shape": (lambda: cupyflash.block_mask(np.ones((1, 1, 3, 3), bool), 1, 1, 64, 64, block=(32, 32)), ValueError,
+                    r"a block mask array must be bool \(batch or 1, heads or 1, 2, 2\)"),
+    "unknown-name": (lambda: cupyflash.block_mask("doc[q_idx] > 0", 1, 1, 64, 64), ValueError,
+                     r"mask reads 'doc', which is neither an index nor an aux array"),
+    "negative": (lambda: cupyflash.block_mask("q_idx >= kv_idx", 1, -1, 64, 64), ValueError, r"must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_BLOCK_MASKS))
+def test_bad_block_masks_name_the_rule(bad):
+    make, error, pattern = BAD_BLOCK_MASKS[bad]
+    with pytest.raises(error, match=pattern):
+        make()
+
+
+def test_a_block_mask_for_other_sizes_is_refused(rng):
+    bm = cupyflash.block_mask("q_idx >= kv_idx", 2, 4, 64, 64)
+    with pytest.raises(ValueError, match=r"block_mask was made for .* = \(2, 4, 64, 64\) but the call is \(2, 4, 20, 20\)"):
+        cupyflash.flash_attention(**_good(rng), block_mask=bm)
+    with pytest.raises(TypeError, match=r"block_mask must be a cupyflash.BlockMask"):
+        cupyflash.flash_attention(**_good(rng), block_mask=np.ones((1, 1, 1, 1), bool))
