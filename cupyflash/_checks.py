@@ -464,16 +464,19 @@ def check_variants(shape: AttentionShape, dtype, device, causal: bool, window_si
 
 
 def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, bias_mod, aux, bias, mask,
-                     block_mask=None):
+                     block_mask=None, dropout_p=0.0, seed=None):
     """mask_mod, bias_mod (C++ expression strings, cupyflash._expr), their aux arrays, the dense
-    bias and mask tensors (broadcastable to (B, H_q, Sq, Sk)) and a block mask -> the Variants with them."""
+    bias and mask tensors (broadcastable to (B, H_q, Sq, Sk)), a block mask and dropout -> the
+    Variants with them."""
     from dataclasses import replace
     from . import _expr
-    if mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None and block_mask is None:
+    dropout_p, seed = check_dropout(dropout_p, seed)
+    if (mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None and block_mask is None
+            and dropout_p == 0):
         return variants
     if device != "cpu":
-        raise ValueError("mask_mod, bias_mod, bias, mask and block_mask run on the NumPy backend so far: the GPU "
-                         "kernels for them are issue 19's next part")
+        raise ValueError("mask_mod, bias_mod, bias, mask, block_mask and dropout run on the NumPy backend so far: "
+                         "the GPU kernels for them are issue 19's next part")
     if block_mask is not None:
         from .blockmask import BlockMask
         if not isinstance(block_mask, BlockMask):
@@ -515,7 +518,25 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
             raise ValueError(f"bias must be a float array, got {dtype_name(t.dtype)}")
         tensors[name] = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
     return replace(variants, mask_mod=exprs.get("mask_mod"), bias_mod=exprs.get("bias_mod"), aux=aux_arrays,
-                   bias=tensors.get("bias"), mask=tensors.get("mask"), block_mask=block_mask)
+                   bias=tensors.get("bias"), mask=tensors.get("mask"), block_mask=block_mask, dropout_p=dropout_p,
+                   seed=seed)
+
+
+def check_dropout(dropout_p, seed) -> tuple[float, int]:
+    """dropout_p in [0, 1) and, with dropout, a seed in [0, 2^64) -> (p, seed) (seed 0 without dropout)."""
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if not 0 <= float(dropout_p) < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p == 0:
+        return 0.0, 0
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs seed= (an int): the backward pass regenerates the mask from it, and "
+                         "the same seed gives the same result")
+    seed = _check_int("seed", seed)
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    return float(dropout_p), seed
 
 
 def check_dbias(variants, bias, dbias, return_dbias, dtype, device):

@@ -99,8 +99,9 @@ def _forward_query_block(Q_i, K, V, i0, *, scale, var, seqlen_q, slopes, sink_lo
         shift = np.where(m_new == -np.inf, 0, m_new)
         alpha = np.exp2(m - shift)  # rescales what was summed under the old max
         P = np.exp2(X - shift[..., None])
-        l = alpha * l + P.sum(axis=-1)
-        O = alpha[..., None] * O + P @ V_j
+        l = alpha * l + P.sum(axis=-1)  # the undropped softmax's sum: lse is dropout's too
+        Z = None if user is None else user.dropout_at(i, j)
+        O = alpha[..., None] * O + (P if Z is None else P * Z) @ V_j
         m = m_new
     # Rows that saw no key and no sink (l = 0): out 0, lse -inf.
     l_safe = np.where(l == 0, 1, l)
@@ -207,8 +208,11 @@ def backward(dout, q, k, v, out, lse, *, causal: bool, scale: float, dq=None, dk
         i, j = np.arange(i0, i1)[:, None], np.arange(j0, j1)[None, :]
         S = (Q_i @ K_j.swapaxes(-1, -2)) * scale  # at most seqlen_q x BLOCK_N per head
         P = np.exp2(var.logits(S, i, j, seqlen_q, seqlen_k, slopes, user) * LOG2E - lse_log2[..., i0:i1, None])
-        dv_bhsd[:, :, j0:j1] = (P.swapaxes(-1, -2) @ dO_i).sum(axis=2)  # summed over the group
+        Z = None if user is None else user.dropout_at(i, j)  # the forward's dropout, regenerated
+        dv_bhsd[:, :, j0:j1] = ((P if Z is None else P * Z).swapaxes(-1, -2) @ dO_i).sum(axis=2)  # over the group
         dP = dO_i @ V_j.swapaxes(-1, -2)
+        if Z is not None:
+            dP = dP * Z
         dL = P * (dP - D[..., i0:i1, None])  # d loss / d logit
         if dbias_acc is not None:
             user.add_dbias(dbias_acc, dL, i, j)

@@ -39,6 +39,8 @@ class Variants:
     bias: object = None          # float array broadcastable to (B, H_q, Sq, Sk), added to the logit
     mask: object = None          # bool array broadcastable to (B, H_q, Sq, Sk): keep where true
     block_mask: object = None    # cupyflash.blockmask.BlockMask: only its kept blocks are visited
+    dropout_p: float = 0.0       # dropout on the probabilities (_dropout.py: regenerated from the seed)
+    seed: int = 0
 
     @property
     def dense(self) -> bool:
@@ -48,7 +50,8 @@ class Variants:
     @property
     def user(self) -> bool:
         """Does the call carry the user's terms (mask_mod, bias_mod, bias, mask)?"""
-        return any(t is not None for t in (self.mask_mod, self.bias_mod, self.bias, self.mask, self.block_mask))
+        return (any(t is not None for t in (self.mask_mod, self.bias_mod, self.bias, self.mask, self.block_mask))
+                or self.dropout_p > 0)
 
     def user_terms(self, batch: int, heads_kv: int, group: int, b0: int = 0):
         """The user's terms on the NumPy backend's (batch, H_kv, G, rows, cols) grid, None without
@@ -150,6 +153,14 @@ class UserTerms:
         if self.var.block_mask is not None:
             keep = keep & self.var.block_mask.keep(self.b, self.h, i, j)
         return keep
+
+    def dropout_at(self, i, j):
+        """The dropout factor on the probabilities at queries i, keys j (1 / (1 - p) kept, 0 dropped),
+        or None without dropout."""
+        if self.var.dropout_p <= 0:
+            return None
+        from ._dropout import scale
+        return scale(self.var.seed, self.var.dropout_p, self.b, self.h, i, j)
 
     def visits(self, i0: int, i1: int, j0: int, j1: int) -> bool:
         """Does the block mask keep any block of queries [i0, i1) x keys [j0, j1) (True without one)?"""

@@ -13,6 +13,8 @@ if TYPE_CHECKING:  # for type checkers only: cupyflash imports cupy lazily
     import cupy
     import numpy
 
+    from .blockmask import BlockMask
+
 #: What cupyflash returns: numpy arrays for CPU inputs, cupy arrays for GPU inputs.
 Array = Union["numpy.ndarray", "cupy.ndarray"]
 #: What cupyflash takes: numpy or cupy arrays, or any object exposing ``__dlpack__`` (JAX,
@@ -36,7 +38,8 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
                     return_lse: bool = False, out: ArrayInput | None = None,
                     lse: ArrayInput | None = None, mask_mod: str | None = None, bias_mod: str | None = None,
                     aux: dict | None = None, bias: ArrayInput | None = None,
-                    mask: ArrayInput | None = None, block_mask=None) -> Array | tuple[Array, Array]:
+                    mask: ArrayInput | None = None, block_mask: BlockMask | None = None,
+                    dropout_p: float = 0.0, seed: int | None = None) -> Array | tuple[Array, Array]:
     """Exact attention ``softmax(q @ k^T * softmax_scale) @ v``, computed tile by tile.
 
     Parameters
@@ -88,8 +91,13 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         Block-sparse attention (:func:`cupyflash.block_mask`): only the key blocks it lists
         are visited, its partial blocks masked element by element by the mask_mod it was
         made from.
-        mask_mod, bias_mod, aux, bias, mask and block_mask run on the NumPy backend so far
-        (issue 19: the kernels are next); a GPU call with them raises a ValueError.
+    dropout_p, seed : float, int
+        Dropout on the attention probabilities (kept ones scaled by 1 / (1 - dropout_p), lse
+        that of the undropped softmax), regenerated from ``seed`` by a counter-based generator
+        (Philox4x32-10, cupyflash._dropout) in the backward: pass the same seed there. The same
+        seed gives the same result; :func:`cupyflash.dropout_mask` shows the mask.
+        mask_mod, bias_mod, aux, bias, mask, block_mask and dropout run on the NumPy backend so
+        far (issue 19: the kernels are next); a GPU call with them raises a ValueError.
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
@@ -120,7 +128,7 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         Shapes, dtypes, devices or layouts that do not fit, naming the argument.
     """
     # a call with the layouts of an earlier one reuses its checked plan (_plans)
-    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask) else _plans.forward_key(
+    key = None if _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask, dropout_p) else _plans.forward_key(
         q, k, v, out, lse, causal, softmax_scale, return_lse, window_size, softcap, alibi_slopes, sinks)
     plan = _plans.FORWARD.get(key)
     if plan is not None:
@@ -137,7 +145,8 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
     causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
-    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask)
+    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask,
+                                        dropout_p, seed)
     return_lse = _checks.check_bool("return_lse", return_lse)
     if out is not None:
         out = _checks.check_output_buffer("out", out, q.shape, dtype, dev)
@@ -166,8 +175,10 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
                              workspace: tuple[Array, Array] | None = None,
                              deterministic: bool = False, mask_mod: str | None = None,
                              bias_mod: str | None = None, aux: dict | None = None,
-                             bias: ArrayInput | None = None, mask: ArrayInput | None = None, block_mask=None,
-                             dbias: ArrayInput | None = None, return_dbias: bool = False) -> tuple[Array, ...]:
+                             bias: ArrayInput | None = None, mask: ArrayInput | None = None,
+                             block_mask: BlockMask | None = None, dropout_p: float = 0.0,
+                             seed: int | None = None, dbias: ArrayInput | None = None,
+                             return_dbias: bool = False) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention` with respect to q, k and v.
 
     Recomputes the attention tile by tile from ``lse``; nothing of size
@@ -188,8 +199,9 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         As in the forward call.
     softmax_scale : float, optional
         As in the forward call (default 1 / sqrt(head_dim)).
-    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask, block_mask
-        As in the forward call.
+    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask, block_mask,
+    dropout_p, seed
+        As in the forward call (the same seed: the dropout mask is regenerated from it).
     dq, dk, dv : arrays, optional
         Preallocated gradients shaped and typed like q, k, v, with the same rules as
         ``out`` of :func:`flash_attention`.
@@ -227,7 +239,7 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     TypeError, ValueError
         As for :func:`flash_attention`, naming the argument.
     """
-    checked_only = _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask) or return_dbias
+    checked_only = _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask, dropout_p) or return_dbias
     key = None if checked_only else _plans.backward_key(dout, q, k, v, out, lse, dq, dk, dv, workspace, causal,
                                                         softmax_scale, deterministic, window_size, softcap,
                                                         alibi_slopes, sinks, dsinks)
@@ -251,7 +263,8 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     deterministic = _checks.check_bool("deterministic", deterministic)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
-    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask)
+    variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask,
+                                        dropout_p, seed)
     dbias = _checks.check_dbias(variants, bias, dbias, return_dbias, dtype, dev)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
@@ -287,9 +300,22 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     return (*result, dbias)
 
 
-def _user_terms_given(*terms) -> bool:
-    """Any of mask_mod, bias_mod, aux, bias, mask, block_mask (such calls take the checked path every time)."""
-    return any(t is not None for t in terms)
+def _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask, dropout_p) -> bool:
+    """Any of mask_mod, bias_mod, aux, bias, mask, block_mask or dropout (such calls take the checked
+    path every time)."""
+    return any(t is not None for t in (mask_mod, bias_mod, aux, bias, mask, block_mask)) or dropout_p != 0
+
+
+def dropout_mask(seed: int, dropout_p: float, batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> "numpy.ndarray":
+    """The dropout mask a call with ``dropout_p`` and ``seed`` applies: bool (batch, heads, seqlen_q,
+    seqlen_k), True where a probability is kept (and scaled by 1 / (1 - dropout_p))."""
+    from . import _dropout
+    p, seed = _checks.check_dropout(dropout_p, seed)
+    sizes = [_checks._check_int(n, x) for n, x in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q),
+                                                    ("seqlen_k", seqlen_k))]
+    B, H, Sq, Sk = sizes
+    return np.broadcast_to(_dropout.keep(seed, p, np.arange(B).reshape(-1, 1, 1, 1), np.arange(H).reshape(1, -1, 1, 1),
+                                         np.arange(Sq).reshape(-1, 1), np.arange(Sk).reshape(1, -1)), (B, H, Sq, Sk))
 
 
 def _variant_arrays(variants) -> dict:

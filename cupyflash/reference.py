@@ -166,13 +166,26 @@ def _probabilities(xp, Q, K, scale, causal, prec, variants=None):
     return prec.round(P), lse, S0, p_sink
 
 
+def _dropped(xp, X, p: float, seed: int):
+    """X (B, H, Sq, Sk) times the dropout factor of each entry (cupyflash._dropout: 1 / (1 - p) kept,
+    0 dropped); X itself without dropout."""
+    if p <= 0:
+        return X
+    from ._dropout import scale
+    B, H, Sq, Sk = X.shape
+    Z = scale(seed, p, np.arange(B).reshape(-1, 1, 1, 1), np.arange(H).reshape(1, -1, 1, 1),
+              np.arange(Sq).reshape(-1, 1), np.arange(Sk).reshape(1, -1))
+    return X * xp.asarray(Z).astype(X.dtype)
+
+
 def _default_scale(scale, head_dim):
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
               upcast: bool = True, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-              sinks=None, mask_mod=None, bias_mod=None, aux=None, bias=None, mask=None):
+              sinks=None, mask_mod=None, bias_mod=None, aux=None, bias=None, mask=None, dropout_p: float = 0.0,
+              seed: int = 0):
     """Naive attention ``softmax(q @ k^T * softmax_scale) @ v`` with the score matrix in memory.
 
     Parameters
@@ -187,9 +200,10 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     upcast : bool
         True: compute in float64 and return float64. False: compute as naive attention
         would in the input precision (see the module docstring).
-    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask
-        The variants and the user's terms, as cupyflash.flash_attention takes them
-        (cupyflash._variants; the expressions evaluated on the whole grid).
+    window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, bias, mask, dropout_p, seed
+        The variants, the user's terms and dropout, as cupyflash.flash_attention takes them
+        (cupyflash._variants; the expressions evaluated on the whole grid; the dropout mask
+        regenerated from the seed, cupyflash._dropout).
 
     Returns
     -------
@@ -206,14 +220,15 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                     mask_mod=mask_mod, bias_mod=bias_mod, aux=aux, bias=bias, mask=mask)
     P, lse, _, _ = _probabilities(xp, Q, K, scale, causal, prec, variants)
-    O = prec.round(P @ V)
+    O = prec.round(_dropped(xp, P, dropout_p, seed) @ V)
     return _bshd(xp, O, prec.output), lse.astype(FLOAT64 if upcast else prec.compute)
 
 
 def attention_backward(dout, q, k, v, *, causal: bool = False,
                        softmax_scale: float | None = None, upcast: bool = True, window_size=(-1, -1),
                        softcap: float = 0.0, alibi_slopes=None, sinks=None, mask_mod=None, bias_mod=None,
-                       aux=None, bias=None, mask=None, return_dbias: bool = False):
+                       aux=None, bias=None, mask=None, dropout_p: float = 0.0, seed: int = 0,
+                       return_dbias: bool = False):
     """Analytic gradients of :func:`attention` with respect to q, k and v (and the sinks).
 
     With P = softmax(L), L the logits of S = Q K^T * scale, and O = P V:
@@ -226,7 +241,7 @@ def attention_backward(dout, q, k, v, *, causal: bool = False,
     dout : array, shape of q
         Gradient of the loss with respect to the attention output.
     q, k, v, causal, softmax_scale, upcast, window_size, softcap, alibi_slopes, sinks, mask_mod,
-    bias_mod, aux, bias, mask
+    bias_mod, aux, bias, mask, dropout_p, seed
         As for :func:`attention`.
     return_dbias : bool
         Also return d loss / d bias (bias's shape: summed where it broadcasts) = dL.
@@ -246,8 +261,8 @@ def attention_backward(dout, q, k, v, *, causal: bool = False,
     variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                     mask_mod=mask_mod, bias_mod=bias_mod, aux=aux, bias=bias, mask=mask)
     P, _, S0, p_sink = _probabilities(xp, Q, K, scale, causal, prec, variants)
-    dV = prec.round(P.swapaxes(-1, -2) @ dO)
-    dP = prec.round(dO @ V.swapaxes(-1, -2))
+    dV = prec.round(_dropped(xp, P, dropout_p, seed).swapaxes(-1, -2) @ dO)
+    dP = _dropped(xp, prec.round(dO @ V.swapaxes(-1, -2)), dropout_p, seed)  # through the same dropout
     D = (dP * P).sum(axis=-1, keepdims=True)  # softmax backward: rowsum(dP * P) = rowsum(dO * O)
     dS = P * (dP - D)  # d loss / d logit
     extra = ()

@@ -298,3 +298,63 @@ def test_a_block_mask_for_other_sizes_is_refused(rng):
         cupyflash.flash_attention(**_good(rng), block_mask=bm)
     with pytest.raises(TypeError, match=r"block_mask must be a cupyflash.BlockMask"):
         cupyflash.flash_attention(**_good(rng), block_mask=np.ones((1, 1, 1, 1), bool))
+
+
+# ---- dropout (regenerated from the seed: cupyflash._dropout) ----
+
+@pytest.mark.parametrize("counter,key,want", [
+    ((0, 0, 0, 0), (0, 0), "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
+    ((0xffffffff,) * 4, (0xffffffff,) * 2, "408f276d 41c83b0e a20bc7c6 6d5451fd"),
+    ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0), "d16cfe09 94fdcceb 5001e420 24126ea1"),
+], ids=["zeros", "ones", "pi"])
+def test_the_generator_is_philox4x32_10(counter, key, want):
+    """Random123's known-answer vectors (tests/kat_vectors of its distribution)."""
+    from cupyflash._dropout import philox4x32
+    assert " ".join(f"{int(w):08x}" for w in philox4x32(counter, key)) == want
+
+
+def test_dropout_keeps_each_probability_with_probability_one_minus_p():
+    keep = cupyflash.dropout_mask(7, 0.3, 2, 4, 256, 256)
+    assert abs(keep.mean() - 0.7) < 0.005
+    assert abs(keep[..., 0::4].mean() - keep[..., 3::4].mean()) < 0.01  # every word of a counter alike
+    assert not np.array_equal(keep, cupyflash.dropout_mask(8, 0.3, 2, 4, 256, 256))
+
+
+@pytest.mark.parametrize("dtype", [FLOAT64, BFLOAT16], ids=["float64", "bfloat16"])
+def test_dropout_forward_and_backward_match_the_reference_with_the_same_mask(rng, dtype):
+    q, k, v, dout = _inputs(rng, dtype, S=140)
+    kw = dict(dropout_p=0.25, seed=1234, causal=True, sinks=rng.uniform(-1, 1, q.shape[2]).astype(np.float32))
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, **kw)
+    ref, naive = reference.attention(q, k, v, **kw), reference.attention(q, k, v, upcast=False, **kw)
+    assert_within_naive_bound("out [dropout]", o, ref[0], naive[0], dtype)
+    assert_within_naive_bound("lse [dropout]", lse, ref[1], naive[1], FLOAT64 if dtype == FLOAT64 else FLOAT32)
+    grads = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, **kw)
+    ref_g = reference.attention_backward(dout, q, k, v, **kw)
+    naive_g = reference.attention_backward(dout, q, k, v, upcast=False, **kw)
+    for name, got, want, nv in zip(("dq", "dk", "dv", "dsinks"), grads, ref_g, naive_g):
+        stored = dtype if name != "dsinks" else (FLOAT64 if dtype == FLOAT64 else FLOAT32)
+        assert_within_naive_bound(f"{name} [dropout]", got, want, nv, stored)
+
+
+def test_dropout_is_reproducible_per_seed_and_unbiased_over_seeds(rng):
+    q, k, v, _ = _inputs(rng, FLOAT64, B=1, S=64, H=2, H_kv=2, D=16)
+    plain = cupyflash.flash_attention(q, k, v)
+    one = cupyflash.flash_attention(q, k, v, dropout_p=0.2, seed=3)
+    assert np.array_equal(one, cupyflash.flash_attention(q, k, v, dropout_p=0.2, seed=3))
+    assert np.array_equal(plain, cupyflash.flash_attention(q, k, v, dropout_p=0.0, seed=3))
+    mean = np.mean([cupyflash.flash_attention(q, k, v, dropout_p=0.2, seed=s) for s in range(64)], axis=0)
+    # E[out] is the undropped output: 64 seeds shrink the deviation about 8x
+    assert np.abs(mean - plain).mean() < np.abs(one - plain).mean() / 4
+
+
+@pytest.mark.parametrize("kw,error,pattern", [
+    (dict(dropout_p=1.0, seed=1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=-0.1, seed=1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=True, seed=1), TypeError, r"dropout_p must be a real number"),
+    (dict(dropout_p=0.1), ValueError, r"dropout_p > 0 needs seed="),
+    (dict(dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\^64\)"),
+    (dict(dropout_p=0.1, seed=1.5), TypeError, r"seed must be an int"),
+], ids=["p-one", "p-negative", "p-bool", "no-seed", "seed-negative", "seed-float"])
+def test_bad_dropout_arguments_name_the_rule(rng, kw, error, pattern):
+    with pytest.raises(error, match=pattern):
+        cupyflash.flash_attention(**_good(rng), **kw)
