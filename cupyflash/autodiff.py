@@ -998,9 +998,21 @@ def dropout(a, p: float, *, rng, training: bool = True) -> Tensor:
 
 # --------------------------------------------------------------------------- attention
 
+_DROPOUT_SEEDS = np.random.default_rng()
+
+
+def dropout_seed(seed: int) -> None:
+    """Seed the generator that draws the tape's dropout seeds (flash_attention with dropout_p and no
+    seed): a training run then drops the same entries when run again."""
+    global _DROPOUT_SEEDS
+    _DROPOUT_SEEDS = np.random.default_rng(seed)
+
+
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
                     window_size: tuple = (-1, -1), softcap: float = 0.0, alibi_slopes=None, sinks=None,
-                    deterministic: bool = False) -> Tensor:
+                    deterministic: bool = False, mask_mod: str | None = None, bias_mod: str | None = None,
+                    aux: dict | None = None, bias=None, mask=None, block_mask=None, dropout_p: float = 0.0,
+                    seed: int | None = None) -> Tensor:
     """:func:`cupyflash.flash_attention` on the tape.
 
     q (batch, seqlen_q, heads, head_dim), k and v (batch, seqlen_k, heads_kv, head_dim). The
@@ -1008,8 +1020,11 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     :func:`cupyflash.flash_attention_backward`, which recomputes the attention tile by
     tile. Nothing of size seqlen_q x seqlen_k is kept. ``deterministic=True`` makes that
     backward call bitwise reproducible (see :func:`cupyflash.flash_attention_backward`).
-    window_size, softcap, alibi_slopes (an array: no gradient) and sinks as in
-    :func:`cupyflash.flash_attention`; sinks may be a Tensor, which then receives dsinks.
+    window_size, softcap, alibi_slopes (an array: no gradient), sinks, mask_mod, bias_mod, aux,
+    bias, mask and block_mask as in :func:`cupyflash.flash_attention`; sinks and bias may be
+    Tensors, which then receive dsinks and dbias. With ``dropout_p`` > 0 and no ``seed`` each
+    call draws a fresh seed (numpy's default generator, seeded by :func:`dropout_seed`), which
+    its backward reuses.
     """
     from . import api, _checks
     deterministic = _checks.check_bool("deterministic", deterministic)
@@ -1017,16 +1032,23 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     xp = qt.xp
     qd, kd, vd = (xp.ascontiguousarray(t.data) for t in (qt, kt, vt))
     sink_data = None if sinks is None else _as_tensor(sinks).data
-    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sink_data)
+    bias_data = None if bias is None else _as_tensor(bias).data
+    if dropout_p and seed is None:
+        seed = int(_DROPOUT_SEEDS.integers(2 ** 63))
+    variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sink_data,
+                    mask_mod=mask_mod, bias_mod=bias_mod, aux=aux, bias=bias_data, mask=mask, block_mask=block_mask,
+                    dropout_p=dropout_p, seed=seed)
     out, lse = api.flash_attention(qd, kd, vd, causal=causal, softmax_scale=softmax_scale,
                                    return_lse=True, **variants)
 
     def backward(g, qd, kd, vd, out, lse):
         g = _xp(g).ascontiguousarray(g.astype(out.dtype, copy=False))
         grads = api.flash_attention_backward(g, qd, kd, vd, out, lse, causal=causal, softmax_scale=softmax_scale,
-                                             deterministic=deterministic, **variants)
-        return grads if sinks is None else (*grads[:3], grads[3].astype(sink_data.dtype, copy=False))
-    inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+                                             deterministic=deterministic, return_dbias=bias is not None, **variants)
+        if sinks is not None:
+            grads = (*grads[:3], grads[3].astype(sink_data.dtype, copy=False), *grads[4:])
+        return grads
+    inputs = (q, k, v) + ((sinks,) if sinks is not None else ()) + ((bias,) if bias is not None else ())
     return record(out, inputs, backward, saved=(qd, kd, vd, out, lse), op="flash_attention")
 
 

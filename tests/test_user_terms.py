@@ -358,3 +358,36 @@ def test_dropout_is_reproducible_per_seed_and_unbiased_over_seeds(rng):
 def test_bad_dropout_arguments_name_the_rule(rng, kw, error, pattern):
     with pytest.raises(error, match=pattern):
         cupyflash.flash_attention(**_good(rng), **kw)
+
+
+# ---- on the tape ----
+
+def test_the_tape_differentiates_through_the_user_terms_bias_and_dropout(rng):
+    """ad.flash_attention with a mask_mod, a bias Tensor and dropout: the gradients of q, k, v and
+    bias are the API backward's with the same seed, and match finite differences of the loss."""
+    from cupyflash import autodiff as ad
+    q, k, v, dout = _inputs(rng, FLOAT64, B=1, S=24, H=2, H_kv=1, D=8)
+    bias0 = rng.standard_normal((2, 24, 24))
+    kw = dict(mask_mod="kv_idx < 4 || q_idx >= kv_idx", dropout_p=0.2, seed=99)
+    tq, tk, tv, tb = (ad.Tensor(a, requires_grad=True) for a in (q, k, v, bias0))
+    out = ad.flash_attention(tq, tk, tv, bias=tb, **kw)
+    out.backward(dout)
+    o, lse = cupyflash.flash_attention(q, k, v, bias=bias0, return_lse=True, **kw)
+    want = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=bias0, return_dbias=True, **kw)
+    for name, got, w in zip(("dq", "dk", "dv", "dbias"), (tq.grad, tk.grad, tv.grad, tb.grad), want):
+        assert np.allclose(got.data if isinstance(got, ad.Tensor) else got, w, atol=1e-12), name
+    # finite differences of sum(out * dout) in one entry of bias: the analytic dbias (dropout fixed by the seed)
+    loss = lambda b: float((cupyflash.flash_attention(q, k, v, bias=b, **kw) * dout).sum())  # noqa: E731
+    e = np.zeros_like(bias0)
+    e[1, 10, 3] = 1e-6
+    assert abs((loss(bias0 + e) - loss(bias0 - e)) / 2e-6 - want[3][1, 10, 3]) < 1e-6
+
+
+def test_the_tape_draws_a_dropout_seed_per_call_and_reuses_it_in_backward(rng):
+    from cupyflash import autodiff as ad
+    q, k, v, dout = _inputs(rng, FLOAT64, B=1, S=16, H=1, H_kv=1, D=8)
+    ad.dropout_seed(5)
+    a = ad.flash_attention(q, k, v, dropout_p=0.5).data
+    b = ad.flash_attention(q, k, v, dropout_p=0.5).data
+    ad.dropout_seed(5)
+    assert np.array_equal(a, ad.flash_attention(q, k, v, dropout_p=0.5).data) and not np.array_equal(a, b)
