@@ -243,10 +243,10 @@ def _sequences(packing):
 
 
 def _sequence_variants(var: Variants, b: int) -> Variants:
-    """Sequence b's variants: its row of (batch, H) ALiBi slopes."""
+    """Sequence b's variants: its row of (batch, H) ALiBi slopes, and b for the user terms."""
     if var.alibi_slopes is not None and np.ndim(var.alibi_slopes) == 2:
-        return replace(var, alibi_slopes=var.alibi_slopes[b])
-    return var
+        var = replace(var, alibi_slopes=var.alibi_slopes[b])
+    return replace(var, batch_offset=b) if var.user else var
 
 
 def forward_varlen(q, k, v, packing, *, scale: float, variants: Variants, out=None, lse=None):

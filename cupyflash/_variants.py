@@ -41,6 +41,7 @@ class Variants:
     block_mask: object = None    # cupyflash.blockmask.BlockMask: only its kept blocks are visited
     dropout_p: float = 0.0       # dropout on the probabilities (_dropout.py: regenerated from the seed)
     seed: int = 0
+    batch_offset: int = 0        # the user terms' b of batch row 0 (a packed sequence's index)
 
     @property
     def dense(self) -> bool:
@@ -53,10 +54,10 @@ class Variants:
         return (any(t is not None for t in (self.mask_mod, self.bias_mod, self.bias, self.mask, self.block_mask))
                 or self.dropout_p > 0)
 
-    def user_terms(self, batch: int, heads_kv: int, group: int, b0: int = 0):
+    def user_terms(self, batch: int, heads_kv: int, group: int):
         """The user's terms on the NumPy backend's (batch, H_kv, G, rows, cols) grid, None without
-        them; ``b0``: the first batch index (a packed sequence's)."""
-        return UserTerms(self, batch, heads_kv, group, b0) if self.user else None
+        them; batch row 0 is b = batch_offset."""
+        return UserTerms(self, batch, heads_kv, group, self.batch_offset) if self.user else None
 
     @staticmethod
     def of(causal: bool, window_size=(UNBOUNDED, UNBOUNDED), softcap: float = 0.0, alibi_slopes=None, sinks=None):

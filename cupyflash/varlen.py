@@ -17,9 +17,9 @@ from .api import Array, ArrayInput, _cpu_backend, _gpu_backend, _variant_arrays
 
 
 def _checked_inputs(arrays: dict, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                    window_size, softcap, alibi_slopes, sinks):
+                    window_size, softcap, alibi_slopes, sinks, user: dict):
     """The checks both passes make: arrays (q, k, v first) -> (arrays, device, dtype, shape, packing,
-    causal, scale, variants)."""
+    causal, scale, variants); ``user``: mask_mod, bias_mod, aux, dropout_p, seed."""
     arrays = {n: _checks.as_array(a, n) for n, a in arrays.items()}
     dev = _checks.check_same_backend(arrays)
     dtype = _checks.check_dtype(arrays, dev != "cpu")
@@ -27,8 +27,10 @@ def _checked_inputs(arrays: dict, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     causal = _checks.check_bool("causal", causal)
     scale = _checks.check_scale(softmax_scale, shape.head_dim)
     packing = _checks.check_packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, shape, dev)
-    variants = _checks.check_variants(replace(shape, batch=packing.batch), dtype, dev, causal, window_size, softcap,
-                                      alibi_slopes, sinks)
+    per_sequence = replace(shape, batch=packing.batch)
+    variants = _checks.check_variants(per_sequence, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
+    variants = _checks.check_user_terms(variants, per_sequence, dtype, dev, user["mask_mod"], user["bias_mod"],
+                                        user["aux"], None, None, None, user["dropout_p"], user["seed"])
     return arrays, dev, dtype, shape, packing, causal, scale, variants
 
 
@@ -38,7 +40,9 @@ def flash_attention_varlen(q: ArrayInput, k: ArrayInput, v: ArrayInput, cu_seqle
                            window_size: tuple[int, int] = NO_WINDOW, softcap: float = 0.0,
                            alibi_slopes: ArrayInput | None = None, sinks: ArrayInput | None = None,
                            return_lse: bool = False, out: ArrayInput | None = None,
-                           lse: ArrayInput | None = None) -> Array | tuple[Array, Array]:
+                           lse: ArrayInput | None = None, mask_mod: str | None = None, bias_mod: str | None = None,
+                           aux: dict | None = None, dropout_p: float = 0.0,
+                           seed: int | None = None) -> Array | tuple[Array, Array]:
     """Attention of each packed sequence over its own keys.
 
     Parameters
@@ -62,6 +66,9 @@ def flash_attention_varlen(q: ArrayInput, k: ArrayInput, v: ArrayInput, cu_seqle
         As for :func:`cupyflash.flash_attention`, per sequence: the causal and window masks are
         aligned bottom-right within each sequence (o = its key length - its query length).
         alibi_slopes may be (heads,) or (batch, heads), one row per sequence.
+    mask_mod, bias_mod, aux, dropout_p, seed
+        As for :func:`cupyflash.flash_attention`, per sequence: ``b`` is the sequence's index,
+        ``q_idx`` and ``kv_idx`` positions within it (NumPy backend so far, issue 19).
     return_lse : bool
         Also return the log-sum-exp, float32 (heads, total_q) (flash-attn's varlen layout;
         float64 for float64 inputs).
@@ -90,7 +97,8 @@ def flash_attention_varlen(q: ArrayInput, k: ArrayInput, v: ArrayInput, cu_seqle
     """
     arrays, dev, dtype, shape, packing, causal, scale, variants = _checked_inputs(
         {"q": q, "k": k, "v": v}, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-        window_size, softcap, alibi_slopes, sinks)
+        window_size, softcap, alibi_slopes, sinks, dict(mask_mod=mask_mod, bias_mod=bias_mod, aux=aux,
+                                                        dropout_p=dropout_p, seed=seed))
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     return_lse = _checks.check_bool("return_lse", return_lse)
     if out is not None:
@@ -120,7 +128,9 @@ def flash_attention_varlen_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInp
                                     dq: ArrayInput | None = None, dk: ArrayInput | None = None,
                                     dv: ArrayInput | None = None, dsinks: ArrayInput | None = None,
                                     workspace: tuple[Array, Array] | None = None,
-                                    deterministic: bool = False) -> tuple[Array, ...]:
+                                    deterministic: bool = False, mask_mod: str | None = None,
+                                    bias_mod: str | None = None, aux: dict | None = None, dropout_p: float = 0.0,
+                                    seed: int | None = None) -> tuple[Array, ...]:
     """Gradients of :func:`flash_attention_varlen` with respect to q, k and v (and sinks).
 
     Parameters
@@ -132,7 +142,7 @@ def flash_attention_varlen_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInp
         The forward output.
     lse : array, shape (heads, total_q)
         The forward log-sum-exp, ``flash_attention_varlen(..., return_lse=True)[1]``.
-    causal, softmax_scale, window_size, softcap, alibi_slopes, sinks
+    causal, softmax_scale, window_size, softcap, alibi_slopes, sinks, mask_mod, bias_mod, aux, dropout_p, seed
         As in the forward call.
     dq, dk, dv, dsinks, deterministic
         As for :func:`cupyflash.flash_attention_backward`.
@@ -151,7 +161,8 @@ def flash_attention_varlen_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInp
     """
     arrays, dev, dtype, shape, packing, causal, scale, variants = _checked_inputs(
         {"q": q, "k": k, "v": v, "dout": dout, "out": out}, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal, softmax_scale, window_size, softcap, alibi_slopes, sinks)
+        causal, softmax_scale, window_size, softcap, alibi_slopes, sinks,
+        dict(mask_mod=mask_mod, bias_mod=bias_mod, aux=aux, dropout_p=dropout_p, seed=seed))
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     _checks.check_like("dout", arrays["dout"], q.shape, dtype, "the gradient of out, shaped like q")
     _checks.check_like("out", arrays["out"], q.shape, dtype, "the forward output, shaped like q")

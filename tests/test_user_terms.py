@@ -391,3 +391,27 @@ def test_the_tape_draws_a_dropout_seed_per_call_and_reuses_it_in_backward(rng):
     b = ad.flash_attention(q, k, v, dropout_p=0.5).data
     ad.dropout_seed(5)
     assert np.array_equal(a, ad.flash_attention(q, k, v, dropout_p=0.5).data) and not np.array_equal(a, b)
+
+
+def test_packed_sequences_see_their_own_index_and_positions(rng):
+    """flash_attention_varlen with a mask_mod, bias_mod and dropout: each sequence as the dense call on
+    it alone, with b = its index (the expressions' positions and the dropout stream count from the
+    sequence's start)."""
+    lens = [37, 0, 64, 5]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    H, D = 2, 16
+    q, k, v, dout = (rng.standard_normal((cu[-1], H, D)) for _ in range(4))
+    kw = dict(mask_mod="q_idx >= kv_idx || kv_idx < 3", bias_mod="-w[b] * abs(q_idx - kv_idx)",
+              aux={"w": rng.uniform(0.1, 1.0, len(lens)).astype(np.float32)}, dropout_p=0.1, seed=17)
+    o, lse = cupyflash.flash_attention_varlen(q, k, v, cu, cu, return_lse=True, **kw)
+    grads = cupyflash.flash_attention_varlen_backward(dout, q, k, v, o, lse, cu, cu, **kw)
+    for b, (s0, s1) in enumerate(zip(cu[:-1], cu[1:])):
+        if s0 == s1:
+            continue
+        # sequence b as batch row b of a dense call (the rows before it zeros, their results unused)
+        as_row_b = lambda x: np.concatenate([np.zeros((b, s1 - s0) + x.shape[1:]), x[None, s0:s1]])  # noqa: E731
+        ref_o, ref_l = reference.attention(as_row_b(q), as_row_b(k), as_row_b(v), **kw)
+        assert np.allclose(o[s0:s1], ref_o[b], atol=1e-12) and np.allclose(lse[:, s0:s1], ref_l[b], atol=1e-12)
+        ref_g = reference.attention_backward(as_row_b(dout), as_row_b(q), as_row_b(k), as_row_b(v), **kw)
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref_g):
+            assert np.allclose(got[s0:s1], want[b], atol=1e-12), f"{name} of sequence {b}"
