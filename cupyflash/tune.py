@@ -18,6 +18,7 @@ Only this module reads or writes tables; ``_config.kernel_set`` takes the lookup
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -300,26 +301,28 @@ def tune(dtypes=(BFLOAT16, FLOAT16), head_dims=(64, 128), causal=(False, True), 
     Each candidate must compile without spills (offline report) and match float64 attention
     within flash-attn's bound on a small problem before it is timed; the built-in choice is
     timed too, and a candidate replaces it only when faster at every timed shape's sum.
-    ``budget`` (seconds) stops the run early; the entries measured so far are written.
+    ``budget`` (seconds) stops the run early: no candidate starts that would end past it at the
+    pace of the slowest so far (_Budget); the entries measured so far are written.
     ``progress(done, total, key)`` is called after each entry. Returns one TuneRow per entry.
     """
     import cupy
     device = DeviceInfo.of(device_id)
-    started = time.monotonic()
+    clock = _Budget(budget)
     entries, rows = {}, []
     todo = plan(dtypes, head_dims, causal, passes, device)
     old = load_table(device, warn=False) or {}
     with cupy.cuda.Device(device_id):
         for done, (key, pass_, dtype, cls, c, length, cands) in enumerate(todo, 1):
-            if budget is not None and time.monotonic() - started > budget:
+            if not clock.allows():
                 break
             builtin = cands[0]
             timed = {}
             for cfg in spill_free(cands, pass_, dtype, cls, c, device.cc, report):
-                if budget is not None and time.monotonic() - started > budget:
+                if not clock.allows():
                     break
-                if _accurate(cfg, pass_, dtype, cls, c):
-                    timed[cfg] = _time_config(cfg, pass_, dtype, cls, c, length)
+                with clock.step():
+                    if _accurate(cfg, pass_, dtype, cls, c):
+                        timed[cfg] = _time_config(cfg, pass_, dtype, cls, c, length)
             if timed:
                 chosen = min(timed, key=timed.get)
                 entries[key] = {"config": chosen, "ms": timed[chosen], "builtin_ms": timed.get(builtin),
@@ -332,6 +335,27 @@ def tune(dtypes=(BFLOAT16, FLOAT16), head_dims=(64, 128), causal=(False, True), 
         save_table(device, {**previous, **entries})
         clear_cache()
     return rows
+
+
+class _Budget:
+    """The tuner's time budget: a step (one candidate's compile, check and timing) starts only when
+    the slowest step so far would still end within it (None: no budget)."""
+
+    def __init__(self, seconds: float | None, clock=time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.started = clock()
+        self.longest = 0.0
+
+    def allows(self) -> bool:
+        return self.seconds is None or self.clock() - self.started + self.longest <= self.seconds
+
+    @contextlib.contextmanager
+    def step(self):
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.longest = max(self.longest, self.clock() - t0)
 
 
 def _inputs(dtype, cls: int, batch: int, seqlen: int):

@@ -145,3 +145,18 @@ def test_dry_run_lists_the_candidates_without_a_gpu(monkeypatch):
     lines = result.output.splitlines()
     assert lines[0].startswith("NVIDIA GeForce RTX 3090 (sm_86, 99 KB shared memory per block): 3 entries")
     assert lines[1].startswith("bfloat16/d128/full/fwd/short: ") and "wgmma" not in result.output
+
+
+def test_the_budget_starts_no_candidate_that_would_end_past_it():
+    """A candidate (compile, check, timing) starts only when the slowest so far would still end within
+    the budget: `cupyflash tune --budget 120` ends within its 120 s (the first run on a lent H200 took
+    126 s when the budget was only checked between candidates)."""
+    now = [0.0]
+    budget = tuning._Budget(120.0, clock=lambda: now[0])
+    steps = 0
+    while budget.allows():
+        with budget.step():
+            now[0] += 25.0  # each candidate takes 25 s
+        steps += 1
+    assert steps == 4 and now[0] == 100.0  # a fifth would have ended at 125 s
+    assert tuning._Budget(None).allows()
