@@ -206,3 +206,31 @@ def test_split_keys_merged_by_their_lse_are_the_unsplit_call(rng, case, num_spli
         assert np.array_equal(np.isneginf(a), np.isneginf(b)), name
         fin = np.isfinite(a)
         assert np.allclose(a[fin], b[fin], atol=1e-12), f"{name}: {np.abs(a[fin] - b[fin]).max()}"
+
+
+# ---- the GPU path's split-KV rule (pure host arithmetic: tested without a GPU) ----
+
+@pytest.mark.parametrize("blocks,key_tiles,requested,want", [
+    (256, 128, 0, 1),     # B 32 x 8 kv heads on 264 slots (132 SMs x 2): a full wave unsplit
+    (8, 2048, 0, 33),     # B 1 x 8 kv heads: 33 splits fill all 264 slots in one wave
+    (32, 2048, 0, 8),     # 256 of 264 slots in one wave
+    (100, 2048, 0, 13),   # no one-wave split fills 90%: the fewest whose waves fill 97%
+    (8, 5, 0, 5),         # never more splits than key tiles
+    (1, 4096, 0, 128),    # at most MAX_SPLITS
+    (8, 2048, 3, 3),      # num_splits as asked
+    (8, 2, 3, 2),         # ...but at most one per key tile
+])
+def test_split_kv_fills_the_gpus_slots(blocks, key_tiles, requested, want):
+    _decode = pytest.importorskip("cupyflash._decode")
+    assert _decode.choose_splits(blocks, key_tiles, 264, requested) == want
+
+
+def test_the_workspace_holds_each_splits_lse_then_its_output():
+    _decode = pytest.importorskip("cupyflash._decode")
+    assert _decode.workspace_floats(1, 32, 1, 32, 128) == 0
+    rows = 3 * 2 * 1 * 5
+    assert _decode.workspace_floats(3, 2, 1, 5, 128) == 32 + rows * 128  # lse padded to 16 bytes (30 -> 32)
+    assert _decode.takes_decode_kernel(BFLOAT16, (4, 1, 32, 128), 8, paged=False)          # 4 rows per kv head
+    assert not _decode.takes_decode_kernel(BFLOAT16, (4, 128, 32, 128), 8, paged=False)    # 512: prefill kernels
+    assert _decode.takes_decode_kernel(BFLOAT16, (4, 128, 32, 128), 8, paged=True)         # paged: always
+    assert not _decode.takes_decode_kernel(FLOAT32, (4, 1, 32, 128), 8, paged=False)       # fp32: prefill kernels
