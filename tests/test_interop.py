@@ -637,6 +637,19 @@ def test_numba_example_runs_between_numba_kernels():
     assert result["ok"], result
 
 
+@pytest.mark.gpu
+def test_the_generate_example_replays_its_decode_loop_as_a_cuda_graph():
+    """examples/generate.py, small: the CUDA-graph decode loop gives the eager loop's tokens."""
+    import subprocess
+    import sys
+    args = ["--batch", "2", "--prompt", "16", "--steps", "6", "--layers", "2", "--d-model", "256", "--heads", "4",
+            "--heads-kv", "2", "--vocab", "512"]
+    run = subprocess.run([sys.executable, str(EXAMPLES / "generate.py"), *args], capture_output=True, text=True,
+                         timeout=600, cwd=EXAMPLES.parent)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "graph tokens equal the eager tokens: True" in run.stdout, run.stdout
+
+
 # ---- several GPUs ---------------------------------------------------------------------------
 
 @pytest.mark.gpu
