@@ -88,10 +88,8 @@ class DecodePlan:
             cfg = dataclasses.replace(cfg, loads="cp.async")  # a view TMA cannot describe
         variant = _config.variant_bits(variants, kv_lengths=cache_seqlens is not None)
         self.kernels = ks = _config.DecodeSet(q.dtype, cls, cfg, variant, self.paged)
-        row_tiles = -(-rows // cfg.rows)
+        row_tiles, self.splits = _grid_and_splits(q.shape, q.dtype, H_kv, self.paged, layout.capacity, cfg, num_splits)
         decode = _launch.PreparedLaunch(ks, ks.decode_name(), (row_tiles, H_kv, B), ks.threads(), ks.smem())
-        self.splits = choose_splits(row_tiles * H_kv * B, -(-layout.capacity // cfg.block_n), _slots(ks, decode),
-                                    num_splits)
         self.workspace_size = workspace_floats(self.splits, B, Sq, H, D)
         self.lse_floats = self.workspace_size - self.splits * B * Sq * H * D
         decode.grid = (row_tiles * self.splits, H_kv, B)
@@ -219,25 +217,29 @@ def _gathered_pages(k_cache, v_cache, layout):
 
 def plan_splits(q_shape: tuple, dtype, k_cache_shape: tuple, page_table_shape: tuple | None, num_splits: int) -> int:
     """The splits a call of these shapes takes on the current device (kvcache_workspace)."""
-    B, Sq, H, D = q_shape
     H_kv = k_cache_shape[2]
     paged = page_table_shape is not None
     if not takes_decode_kernel(dtype, q_shape, H_kv, paged):
         return 1
     capacity = page_table_shape[1] * k_cache_shape[1] if paged else k_cache_shape[1]
-    rows = decode_rows(q_shape, H_kv)
-    cls = _config.head_dim_class(D)
-    cfg = _config.decode_config(cls, rows, np.dtype(dtype).itemsize, _cc())
-    ks = _config.DecodeSet(np.dtype(dtype), cls, cfg, 0, paged)
-    decode = _launch.PreparedLaunch(ks, ks.decode_name(), (1, 1, 1), ks.threads(), ks.smem())
-    row_tiles = -(-rows // cfg.rows)
-    return choose_splits(row_tiles * H_kv * B, -(-capacity // cfg.block_n), _slots(ks, decode), num_splits)
+    cfg = _config.decode_config(_config.head_dim_class(q_shape[3]), decode_rows(q_shape, H_kv), np.dtype(dtype).itemsize,
+                                _cc())
+    return _grid_and_splits(q_shape, dtype, H_kv, paged, capacity, cfg, num_splits)[1]
 
 
-def _slots(ks: _config.DecodeSet, decode: _launch.PreparedLaunch) -> int:
-    """Decode blocks the current device runs at once: SMs x resident blocks per SM."""
+def _grid_and_splits(q_shape: tuple, dtype, heads_kv: int, paged: bool, capacity: int, cfg: _config.DecodeConfig,
+                     num_splits: int) -> tuple[int, int]:
+    """(row tiles, split-KV chunks) of a decode call. The GPU's slots are counted with the tile's
+    instantiation without variants: the splits, and so the workspace, must not depend on the
+    variants, which kvcache_workspace does not know."""
+    B, _, _, D = q_shape
+    plain = _config.DecodeSet(np.dtype(dtype), _config.head_dim_class(D), cfg, _config.MASK_NONE, paged)
+    decode = _launch.PreparedLaunch(plain, plain.decode_name(), (1, 1, 1), plain.threads(), plain.smem())
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-    return sms * max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(decode.function, ks.threads(), ks.smem()))
+    slots = sms * max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(decode.function, plain.threads(),
+                                                                          plain.smem()))
+    row_tiles = -(-decode_rows(q_shape, heads_kv) // cfg.rows)
+    return row_tiles, choose_splits(row_tiles * heads_kv * B, -(-capacity // cfg.block_n), slots, num_splits)
 
 
 def forward_kvcache(q, k_cache, v_cache, cache_seqlens, layout, *, k_new=None, v_new=None, scale: float, variants,

@@ -131,9 +131,12 @@ class UserTerms:
     def _env(self, i, j) -> dict:
         return {"b": self.b, "h": self.h, "q_idx": i, "kv_idx": j, **dict(self.var.aux)}
 
+    def _index(self, t, i, j) -> tuple:
+        """Where the grid's (b, h, i, j) fall in tensor t (4-D, broadcastable to (B, H_q, Sq, Sk)): size-1 axes broadcast."""
+        return self.b % t.shape[0], self.h % t.shape[1], i % t.shape[2], j % t.shape[3]
+
     def _dense(self, t, i, j):
-        """Tensor t (broadcastable to (B, H_q, Sq, Sk)) at the grid's (b, h, i, j): size-1 axes broadcast."""
-        return t[self.b % t.shape[0], self.h % t.shape[1], i % t.shape[2], j % t.shape[3]]
+        return t[self._index(t, i, j)]
 
     def bias_at(self, i, j):
         """The additive terms at queries i, keys j (0 without them)."""
@@ -173,6 +176,5 @@ class UserTerms:
 
     def add_dbias(self, dbias, dL, i, j) -> None:
         """dbias (bias's shape) += dL (d loss / d logit on the grid), summed where bias broadcasts."""
-        t = self.var.bias
-        index = (self.b % t.shape[0], self.h % t.shape[1], i % t.shape[2], j % t.shape[3])
+        index = self._index(self.var.bias, i, j)
         np.add.at(dbias, tuple(np.broadcast_to(x, dL.shape) for x in index), dL)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks, _expr
+from .reference import _host
 
 DEFAULT_BLOCK = (128, 128)
 
@@ -112,8 +113,7 @@ def block_mask(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, bl
         return BlockMask(sizes, block, kinds, expr if (kinds == BlockMask.PARTIAL).any() else None, aux_arrays)
     if callable(mask):
         return BlockMask(sizes, block, _classify(mask, {"b", "h"}, B, H, Sq, Sk, block))
-    blocks = _checks.as_array(mask, "mask")
-    blocks = blocks.get() if hasattr(blocks, "get") and not isinstance(blocks, np.ndarray) else np.asarray(blocks)
+    blocks = _host(_checks.as_array(mask, "mask"))
     if blocks.dtype != np.bool_ or blocks.ndim != 4 or blocks.shape[2:] != (nq, nk) or blocks.shape[0] not in (1, B) \
             or blocks.shape[1] not in (1, H):
         raise ValueError(f"a block mask array must be bool (batch or 1, heads or 1, {nq}, {nk}) (query blocks, key "

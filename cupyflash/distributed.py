@@ -25,14 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import api
-
-
-def _xp(x):
-    try:
-        import cupy
-        return cupy.get_array_module(x)
-    except Exception:  # no cupy: numpy
-        return np
+from .reference import _array_module as _xp  # numpy or cupy, by the array
 
 
 def chunk_ids(rank: int, world_size: int, causal: bool) -> tuple[int, ...]:

@@ -208,3 +208,20 @@ def test_tma_loads_give_the_reference(rng, monkeypatch, case, num_splits, D, pag
     _plans.clear()
     check_kvcache(o, l, k_after, v_after, inputs[1], inputs[2], inputs, layout, kw,
                   _within(f"TMA {case} splits={num_splits} D{D} page_size={page_size}"))
+
+
+def test_the_workspace_for_these_shapes_serves_a_call_with_any_variant(rng):
+    """kvcache_workspace knows no variants: the splits (and so the workspace) it sizes for must be the
+    call's own with softcap, ALiBi and sinks too (the GPU's slots are counted without variants)."""
+    cp = pytest.importorskip("cupy")
+    inputs = cache_inputs(rng, BFLOAT16, [3000], 1, 1, None, 2, H=8, D=128, capacity=4096)
+    q, kc, vc, kn, vn, lengths, _ = (None if x is None else to_gpu(x) for x in inputs)
+    ws = cupyflash.kvcache_workspace(q, kc)
+    assert ws.size > 0  # batch 1: split
+    kw = case_keywords(rng, "softcap-alibi-sinks", 1, 8)
+    kw = {n: (to_gpu(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+    out = cp.empty_like(q)
+    lse = cp.empty((1, 8, 1), cp.float32)
+    cupyflash.flash_attention_with_kvcache(q, kc, vc, k=kn, v=vn, cache_seqlens=lengths, out=out, lse=lse,
+                                           workspace=ws, **kw)
+    assert bool(cp.isfinite(out).all())
