@@ -9,7 +9,8 @@
 #                                              bench/kvcache.py, bench/variants.py, bench/host_path.py;
 #                                              generate: examples/generate.py; decode: the KV-cache
 #                                              GPU tests (TMA loads included) and bench/kvcache.py with
-#                                              the cp.async and TMA decode tiles; tune: `cupyflash tune
+#                                              the cp.async and TMA decode tiles (decode-bench: the
+#                                              latter alone); tune: `cupyflash tune
 #                                              --budget 120` into $OUT/tune, then a second process's
 #                                              `cupyflash info` and the forward/backward GPU tests
 #                                              with that table (issue 21)
@@ -54,6 +55,7 @@ bench)
         decode)
             step decode-tests python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_gpu_kvcache.py
             step decode-bench python bench/kvcache.py --out-dir "$OUT" --tiles 4x3t,4x4t,8x2t,8x3t ;;
+        decode-bench) step decode-bench python bench/kvcache.py --out-dir "$OUT" --tiles 4x3t,4x4t,8x2t,8x3t ;;
         tune)
             export CUPYFLASH_TUNE_DIR=$OUT/tune
             step tune bash -c 'start=$(date +%s); python -m cupyflash tune --budget 120; echo "tune took $(( $(date +%s) - start )) s"'

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 from . import _config
@@ -132,10 +131,9 @@ def _kernel_sets(arch: str, dtypes=None, head_dims=None):
                   for dt in dtypes for hd in head_dims for causal in (False, True) for det in (False, True)
                   for sk in (None, short))
     variant_dims = [hd for hd in head_dims if hd in VARIANT_HEAD_DIMS] or head_dims[:1]
-    configs = [(hd, _config.decode_config(hd, rows, dt.itemsize, cc), dt) for dt in dtypes if dt != FLOAT32
-               for hd in head_dims for rows in (16, 32)]
-    if cc == 90:  # the TMA loads too (not yet the default: bench/NOTES.md, session 11)
-        configs += [(hd, replace(cfg, loads="tma"), dt) for hd, cfg, dt in configs if hd % 64 == 0]
+    # on sm_90 both loaders: TMA (the default) and cp.async (DECODE_TMA off, every other GPU's)
+    configs = [(hd, _config.decode_config(hd, rows, dt.itemsize, cc, tma=tma), dt) for dt in dtypes if dt != FLOAT32
+               for hd in head_dims for rows in (16, 32) for tma in ((False, True) if cc == 90 else (False,))]
     decode = tuple(_config.DecodeSet(dt, hd, cfg, bits, paged) for hd, cfg, dt in configs
                    for bits in DECODE_VARIANTS for paged in (False, True))
     return dense + tuple(_config.kernel_set(dt, hd, False, cc, seqlen_k=sk, variant=bits)

@@ -246,9 +246,12 @@ class DecodeConfig:
         # Q, the stages of K and V (padded rows, or swizzled tiles after the alignment slack), one
         # 8-byte mbarrier per stage
         q = self.rows * _padded(head_dim_cls) * itemsize
-        if self.loads == "tma":
-            return self.ALIGN + self.stages * 2 * self.block_n * head_dim_cls * itemsize + q + 8 * self.stages
-        return q + self.stages * 2 * self.block_n * _padded(head_dim_cls) * itemsize + 8 * self.stages
+        slack = self.ALIGN if self.loads == "tma" else 0
+        return slack + self.stages * self.stage_bytes(head_dim_cls, itemsize) + q + 8 * self.stages
+
+    def stage_bytes(self, head_dim_cls: int, itemsize: int) -> int:
+        """One stage: K_j and V_j, swizzled tiles (TMA) or padded rows (cp.async)."""
+        return 2 * self.block_n * (head_dim_cls if self.loads == "tma" else _padded(head_dim_cls)) * itemsize
 
     def merge_bytes(self, head_dim_cls: int) -> int:
         """The warps' partials at the end (fp32 O rows of head_dim + 4 and an lse each), in the stages."""
@@ -336,18 +339,27 @@ DECODE_TILES = {32: (4, 4), 64: (4, 4), 96: (4, 3), 128: (4, 3), 160: (4, 2), 19
 #: query rows per decode block beyond which a KV-cache call runs the prefill kernels instead
 #: (dense caches; a paged cache always takes the decode kernel, in row tiles of decode_rows)
 DECODE_MAX_ROWS = 64
-#: the decode kernel's TMA loads on sm_90 (head dims a multiple of 64); off until measured (bench/NOTES.md, session 11)
-DECODE_TMA = False
+#: the decode kernel's TMA loads on sm_90 (head dims a multiple of 64): 1.07x the cp.async loads at
+#: head_dim 128, level with cuDNN and FA4 (bench/NOTES.md, session 12)
+DECODE_TMA = True
+#: (warps, stages) with TMA loads: 8 warps x 2 stages (128-key tiles, one block per SM) was the
+#: fastest of 4x3, 4x4, 8x2 and 8x3 at head_dim 128 with 16-row blocks on an H100, by 0-1% (the others
+#: ties); the other head dims take the same tile (not measured), 32-row blocks DECODE_TILES' (the
+#: 8 warps' merge does not fit in two stages); shrunk to fit like the cp.async tiles
+DECODE_TILE_TMA = (8, 2)
 
 
-def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int) -> DecodeConfig:
+def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int, tma: bool | None = None) -> DecodeConfig:
     """The decode tile for ``rows`` query rows per kv head (group x new tokens): 32-row blocks where
-    more than 16 rows and head_dim <= 128 (O's registers), else 16; TMA loads where DECODE_TMA
-    allows; until it fits the device's shared memory, stages dropped (to 2), then warps halved
+    more than 16 rows and head_dim <= 128 (O's registers), else 16; TMA loads on sm_90 where ``tma``
+    (default: DECODE_TMA) allows; until it fits the device's shared memory, stages dropped (to 2), then warps halved
     (64-key tiles to 32: head_dim 192 and 256 on sm_86 and sm_89)."""
-    warps, stages = DECODE_TILES[head_dim_cls]
-    loads = "tma" if DECODE_TMA and cc == 90 and head_dim_cls % 64 == 0 else "cp.async"
-    cfg = DecodeConfig(32 if rows > 16 and head_dim_cls <= 128 else 16, warps, stages, loads)
+    loads = "tma" if (DECODE_TMA if tma is None else tma) and cc == 90 and head_dim_cls % 64 == 0 else "cp.async"
+    block_rows = 32 if rows > 16 and head_dim_cls <= 128 else 16
+    cfg = DecodeConfig(block_rows, *DECODE_TILES[head_dim_cls], loads)
+    if loads == "tma":  # DECODE_TILE_TMA where the warps' merge fits in its stages (16-row blocks)
+        wide = DecodeConfig(block_rows, *DECODE_TILE_TMA, loads)
+        cfg = wide if wide.merge_bytes(head_dim_cls) <= wide.stages * wide.stage_bytes(head_dim_cls, itemsize) else cfg
     while cfg.smem_bytes(head_dim_cls, itemsize) > smem_optin(cc) and (cfg.stages > 2 or cfg.num_warps > 1):
         cfg = replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else replace(cfg, num_warps=cfg.num_warps // 2)
     return cfg

@@ -584,7 +584,8 @@ def _tile_text(cfg) -> str:
 @click.option("--causal", type=click.Choice(["no", "yes", "both"]), default="both", show_default=True)
 @click.option("--mode", "modes", type=CommaChoice(("fwd", "bwd"), extra={"all": ("fwd", "bwd")}), multiple=True,
               help="Passes [default: fwd,bwd].")
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True),
+              help="Stop within this many seconds of the command's start.")
 @click.option("--dry-run", is_flag=True, help="List the candidate tiles of each entry; time nothing.")
 @click.option("--device", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
 def tune_command(dtypes, head_dims, causal, modes, budget, dry_run, device_id):
@@ -612,7 +613,7 @@ def tune_command(dtypes, head_dims, causal, modes, budget, dry_run, device_id):
     todo = len(tuning.plan(dts, hds, masks, passes, device))
     with click.progressbar(length=todo, label=f"tuning {device.name}", file=sys.stderr) as bar:
         rows = tuning.tune(dts, hds, masks, passes, budget=budget, device_id=device_id,
-                           progress=lambda done, total, key: bar.update(1))
+                           progress=lambda done, total, key: bar.update(1), started=tuning.process_started())
     cells = [[r.key, _tile_text(r.builtin), _tile_text(r.chosen), f"{r.chosen_ms:.3f}",
               f"{r.speedup:.2f}x" if r.speedup else "-"] for r in rows]
     click.echo(bench.format_grid(["entry", "before", "tuned", "ms", "speed-up"], cells))

@@ -295,19 +295,22 @@ def plan(dtypes=(BFLOAT16, FLOAT16), head_dims=(64, 128), causal=(False, True), 
 
 
 def tune(dtypes=(BFLOAT16, FLOAT16), head_dims=(64, 128), causal=(False, True), passes=PASSES,
-         budget: float | None = None, device_id: int = 0, progress=None, report=None) -> list[TuneRow]:
+         budget: float | None = None, device_id: int = 0, progress=None, report=None,
+         started: float | None = None) -> list[TuneRow]:
     """Time the candidate tiles on GPU ``device_id`` and write the winners to its table.
 
     Each candidate must compile without spills (offline report) and match float64 attention
     within flash-attn's bound on a small problem before it is timed; the built-in choice is
     timed too, and a candidate replaces it only when faster at every timed shape's sum.
     ``budget`` (seconds) stops the run early: no candidate starts that would end past it at the
-    pace of the slowest so far (_Budget); the entries measured so far are written.
+    pace of the slowest so far (_Budget); the entries measured so far are written. The budget
+    counts from ``started`` (a ``time.monotonic()`` value; default: this call), so that a command
+    line can count its own start-up (process_started()).
     ``progress(done, total, key)`` is called after each entry. Returns one TuneRow per entry.
     """
     import cupy
     device = DeviceInfo.of(device_id)
-    clock = _Budget(budget)
+    clock = _Budget(budget, started=started)
     entries, rows = {}, []
     todo = plan(dtypes, head_dims, causal, passes, device)
     old = load_table(device, warn=False) or {}
@@ -341,9 +344,9 @@ class _Budget:
     """The tuner's time budget: a step (one candidate's compile, check and timing) starts only when
     the slowest step so far would still end within it (None: no budget)."""
 
-    def __init__(self, seconds: float | None, clock=time.monotonic):
+    def __init__(self, seconds: float | None, clock=time.monotonic, started: float | None = None):
         self.seconds, self.clock = seconds, clock
-        self.started = clock()
+        self.started = clock() if started is None else started
         self.longest = 0.0
 
     def allows(self) -> bool:
@@ -356,6 +359,18 @@ class _Budget:
             yield
         finally:
             self.longest = max(self.longest, self.clock() - t0)
+
+
+def process_started(clock=time.monotonic) -> float:
+    """When this process started, on ``clock``'s scale: its age from /proc/self/stat (start time in
+    clock ticks since boot) against CLOCK_BOOTTIME; now where that is unavailable (not Linux)."""
+    try:
+        with open("/proc/self/stat") as f:
+            after_name = f.read().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(after_name[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        age = 0.0
+    return clock() - max(age, 0.0)
 
 
 def _inputs(dtype, cls: int, batch: int, seqlen: int):

@@ -131,8 +131,10 @@ __device__ __forceinline__ void store_decode(float* sMerge, const DecodeParams& 
     }
 }
 
+// The TMA tiles hold one block per SM (128-key stages): saying so lets ptxas use the registers
+// (NVRTC 13.5 otherwise capped the 8-warp tile at 128 and spilled); the cp.async tiles keep ptxas's own choice.
 template <typename T, int HEAD_DIM, int ROWS, int NUM_WARPS, int STAGES, int LOADS, int VARIANT, bool PAGED>
-__global__ void __launch_bounds__(NUM_WARPS * 32)
+__global__ void __launch_bounds__(NUM_WARPS * 32, LOADS == LOAD_TMA ? 1 : 0)
 flash_decode_kernel(const __grid_constant__ DecodeMaps maps) {  // in parameter space: the tensor maps stay there
     using Tr = DecodeTraits<T, HEAD_DIM, ROWS, NUM_WARPS, STAGES, LOADS>;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, BLOCK_N = Tr::BLOCK_N;

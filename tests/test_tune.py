@@ -160,3 +160,19 @@ def test_the_budget_starts_no_candidate_that_would_end_past_it():
         steps += 1
     assert steps == 4 and now[0] == 100.0  # a fifth would have ended at 125 s
     assert tuning._Budget(None).allows()
+
+
+def test_the_command_line_budget_counts_the_process_start_up():
+    """`cupyflash tune --budget 120` took 122 s of wall time on an H100 (session 12): the budget
+    counted from the tune() call, after the interpreter, the imports and the CUDA context. The
+    command now counts from its process's start (process_started), checked here in a child process
+    that sleeps before asking."""
+    import subprocess
+    import sys
+    code = ("import time; time.sleep(0.5); import importlib; t = importlib.import_module(\"cupyflash.tune\"); "
+            "print(time.monotonic() - t.process_started())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= age < 60.0, f"the child's age at its question: {age:.2f} s"
+    started = 100.0
+    budget = tuning._Budget(120.0, clock=lambda: 221.0, started=started)
+    assert not budget.allows(), "121 s after the process started, a 120 s budget allows nothing"
