@@ -2,6 +2,7 @@
 # One call on the lent GPU (the device tool), from the repository root, logs under $OUT:
 #   bash bench/lent_gpu.sh tests [pytest args]  the GPU test suite (every test marked gpu), then with
 #                                              TUNE_SHORT=1 the head_dim 128 short-key forward tiles
+#   bash bench/lent_gpu.sh parallel "FILES" ... groups of GPU test files, one pytest process each, at once
 #   bash bench/lent_gpu.sh bench [STEP...]     FlashAttention-4 installed from .whl-fa4 (see
 #                                              ../shared/tools/fa4-wheels.sh; part_aa copied to
 #                                              /root/fa4 by an earlier call), then the steps named
@@ -38,6 +39,23 @@ tests)
     [ -n "${TUNE_SHORT:-}" ] && step tune-short-d128 python bench/tune.py --short --fwd-only --seqlens 128,256 \
         --head-dims 128 --json "$OUT/tune-short-d128.json"
     ;;
+parallel)
+    # bash bench/lent_gpu.sh parallel "FILES..." "FILES..." ...: each group of GPU test files in its own
+    # pytest process, all at once (NVRTC compiles on one core per process: with new kernels, compiling
+    # dominates); each group's log is $OUT/gpu-tests-N.log; a group still running at PARALLEL_LIMIT
+    # seconds (default 520) is stopped
+    shift
+    n=0
+    for group in "$@"; do
+        n=$((n + 1))
+        ( timeout "${PARALLEL_LIMIT:-520}" python -m pytest -q -m gpu -p no:cacheprovider -rfEs $group \
+            > "$OUT/gpu-tests-$n.log" 2>&1; echo "group $n ($group): exit $?" >> "$OUT/gpu-tests-summary.log" ) &
+    done
+    wait
+    for i in $(seq 1 $n); do echo "=== group $i"; tail -n 6 "$OUT/gpu-tests-$i.log"; done
+    cat "$OUT/gpu-tests-summary.log"
+    grep -q "exit [^0]" "$OUT/gpu-tests-summary.log" && status=1
+    ;;
 bench)
     if [ -f /root/fa4/part_aa ] && [ -f .whl-fa4/part_ab ]; then
         bash .whl-fa4/fa4-wheels.sh install && export PYTHONPATH=$PYTHONPATH:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
@@ -65,6 +83,6 @@ bench)
         *) echo "unknown bench step $s" ;;
         esac
     done ;;
-*) echo "usage: bench/lent_gpu.sh tests|bench"; exit 2 ;;
+*) echo "usage: bench/lent_gpu.sh tests|parallel|bench"; exit 2 ;;
 esac
 exit $status

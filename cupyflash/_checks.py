@@ -474,9 +474,9 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
     if (mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None and block_mask is None
             and dropout_p == 0):
         return variants
-    if device != "cpu":
-        raise ValueError("mask_mod, bias_mod, bias, mask, block_mask and dropout run on the NumPy backend so far: "
-                         "the GPU kernels for them are issue 19's next part")
+    if device != "cpu" and (bias is not None or mask is not None or block_mask is not None or dropout_p > 0):
+        raise ValueError("bias, mask, block_mask and dropout run on the NumPy backend so far (mask_mod, bias_mod and "
+                         "aux run on the GPU too): their GPU kernels are issue 19's next part")
     if block_mask is not None:
         from .blockmask import BlockMask
         if not isinstance(block_mask, BlockMask):
@@ -501,6 +501,8 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
         if what == "mask_mod" and kind == "float":
             raise ValueError(f"mask_mod must be a bool (or int) expression, got a float one: {text!r}")
         exprs[what] = e
+    if device != "cpu":
+        _check_aux_for_kernels(exprs.values(), dict(aux_arrays))
     full = (shape.batch, shape.heads, shape.seqlen_q, shape.seqlen_k)
     tensors = {}
     for name, t, want in (("bias", bias, "float"), ("mask", mask, "bool")):
@@ -578,6 +580,22 @@ def _check_aux(aux, device) -> tuple:
                              f"{dtype_name(a.dtype)} of shape {tuple(a.shape)}")
         out.append((name, a))
     return tuple(out)
+
+
+def _check_aux_for_kernels(exprs, aux: dict) -> None:
+    """The aux arrays that the GPU's expressions read: at most MAX_AUX of at most AUX_AXES axes each
+    (the kernels' UserParams), of a dtype the kernels read, each axis below 2^31."""
+    from . import _expr
+    from ._launch import AUX_AXES, MAX_AUX
+    read = [n for n in aux if any(n in e.names for e in exprs)]
+    if len(read) > MAX_AUX:
+        raise ValueError(f"mask_mod and bias_mod read {len(read)} aux arrays ({', '.join(read)}); the GPU kernels take "
+                         f"at most {MAX_AUX}")
+    for n in read:
+        a = aux[n]
+        if a.ndim > AUX_AXES or a.dtype.str not in _expr.CPP_TYPES or max(a.shape) >= 2 ** 31:
+            raise ValueError(f"aux[{n!r}] on the GPU must have at most {AUX_AXES} axes, each below 2^31, and a bool, "
+                             f"int or float dtype of 1-8 bytes; got {dtype_name(a.dtype)} of shape {tuple(a.shape)}")
 
 
 def _aux_kind(a) -> str:

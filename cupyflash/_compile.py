@@ -57,15 +57,16 @@ def _nvrtc():
     return nvrtc
 
 
-def compile_offline(name_expressions, arch: str, extra_options=()):
-    """Compile the kernel source for ``arch`` (e.g. 'sm_90'); returns (ptx, log, {name: lowered})."""
+def compile_offline(name_expressions, arch: str, extra_options=(), user: str = ""):
+    """Compile the kernel source for ``arch`` (e.g. 'sm_90'), after ``user`` (the source of a call's
+    mask_mod and bias_mod, _sources.user_terms); returns (ptx, log, {name: lowered})."""
     nvrtc = _nvrtc()
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise ValueError(f"arch must look like 'sm_90' or 'sm_90a', got {arch!r}")
     incs = cuda_include_dirs()
     if not incs:
         raise RuntimeError("CUDA headers not found: install 'cupyflash[cuda13]' (the NVIDIA wheels) or set CUDA_PATH")
-    prog = nvrtc.createProgram(kernel_source(), "cupyflash_kernels.cu", [], [])
+    prog = nvrtc.createProgram(user + kernel_source(), "cupyflash_kernels.cu", [], [])
     try:
         for n in name_expressions:
             nvrtc.addNameExpression(prog, n)

@@ -38,6 +38,9 @@ COMBINE_ROWS = 4
 # The VARIANT template parameter of every kernel: VariantBits in kernels_cu/variant.cuh.
 MASK_NONE, MASK_CAUSAL, MASK_WINDOW = 0, 1, 2
 VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN, VARIANT_KVLEN = 4, 8, 16, 32, 64
+VARIANT_USER_MASK, VARIANT_USER_BIAS = 128, 256  # the user's mask_mod and bias_mod (KernelSet.user)
+#: the bits that add work to every score (the register-hungry tiles avoid them)
+SCORE_WORK = VARIANT_SOFTCAP | VARIANT_ALIBI | VARIANT_USER_MASK | VARIANT_USER_BIAS
 
 
 def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> int:
@@ -54,6 +57,10 @@ def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> in
         bits |= VARIANT_ALIBI
     if variants.sinks is not None:
         bits |= VARIANT_SINKS
+    if getattr(variants, "mask_mod", None) is not None:
+        bits |= VARIANT_USER_MASK
+    if getattr(variants, "bias_mod", None) is not None:
+        bits |= VARIANT_USER_BIAS
     return bits
 
 
@@ -61,7 +68,8 @@ def variant_text(bits: int) -> str:
     """The switches in words ('dense', 'causal', 'window+softcap', ...)."""
     parts = [("", "causal", "window")[bits & 3]]
     parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"),
-                                     (VARIANT_VARLEN, "varlen"), (VARIANT_KVLEN, "kvlen")) if bits & bit]
+                                     (VARIANT_VARLEN, "varlen"), (VARIANT_KVLEN, "kvlen"),
+                                     (VARIANT_USER_MASK, "mask_mod"), (VARIANT_USER_BIAS, "bias_mod")) if bits & bit]
     return "+".join(p for p in parts if p) or "dense"
 
 
@@ -439,6 +447,9 @@ class KernelSet:
     #: the deterministic dQ pass, or None: dQ accumulated with atomics by the backward kernel
     dq: DqConfig | F32Config | None = None
     variant: int = -1
+    #: the source before kernel_source() that defines the call's mask_mod and bias_mod
+    #: (_sources.user_terms): its own module; "" for every other call
+    user: str = ""
 
     def __post_init__(self):
         if self.variant == -1:
@@ -605,12 +616,16 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
     if deterministic and cc == 90:
         table_bwd = DETERMINISTIC_BWD_SM90[(cls, causal)]
     if (isinstance(table_bwd, Sm90BwdConfig) and table_bwd.block_m == 128
-            and variant & (VARIANT_SOFTCAP | VARIANT_ALIBI)):
+            and variant & SCORE_WORK):
         # 128-query tiles leave no registers for the softcap or ALiBi element work (76-92 bytes
         # spilled with a mask); 64-query tiles with dQ by keys spill nothing (bench/NOTES.md, variants)
         table_bwd = Sm90BwdConfig(table_bwd.num_wg, "none" if deterministic else "keys", 64)
+    if isinstance(table_fwd, Sm90FwdConfig) and variant & VARIANT_USER_BIAS:
+        # a bias_mod's per-element work: a T5-style table lookup spilled 1-2 KB at BLOCK_N 128 (64 at
+        # head_dim 192) and nothing at half of it (offline, NVRTC 13.0; bench/NOTES.md, session 12)
+        table_fwd = replace(table_fwd, block_n=max(32, table_fwd.block_n // 32 * 16))
     if (isinstance(table_bwd, BwdConfig) and table_bwd.balanced and cls >= 192
-            and variant & (VARIANT_SOFTCAP | VARIANT_ALIBI)):
+            and variant & SCORE_WORK):
         # the mma.sync backward's balanced warp layout at 255 registers spilled 16-24 bytes with ALiBi
         # and a mask at head_dim 256 (NVRTC 13.5); row-first spills nothing (bench/NOTES.md, session 9)
         table_bwd = replace(table_bwd, balanced=False)

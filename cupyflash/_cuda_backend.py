@@ -126,7 +126,7 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seq
     kernels' raw score units, and the pointers of its slopes, sinks and dsinks (contiguous float32)
     and of packed sequences' offsets or a KV cache's key counts (``seqused``: its cache_seqlens,
     ``new_k``: the tokens this call appends). Returns (the struct's values in order, the arrays it
-    points to, kept alive by the caller). ``seqlen_k``: the keys a sequence may have, when not k's
+    points to, kept alive by the caller, the aux arrays of its mask_mod and bias_mod). ``seqlen_k``: the keys a sequence may have, when not k's
     seqlen (a paged cache's capacity)."""
     from ._variants import UNBOUNDED, Variants
     var = variants or Variants()
@@ -134,6 +134,7 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seq
     Sk, group = k.shape[1] if seqlen_k is None else seqlen_k, H // k.shape[2]
     unbounded = Sq + Sk  # wider than any band: the kernels need no "unbounded" test
     left, right = (unbounded if w == UNBOUNDED else min(w, unbounded) for w in var.window)
+    user, user_arrays = _user_fields(var)
     alibi = None if var.alibi_slopes is None else cupy.ascontiguousarray(var.alibi_slopes, dtype=_F32)
     sinks = None if var.sinks is None else cupy.ascontiguousarray(var.sinks, dtype=_F32)
     softcap = float(var.softcap)
@@ -141,8 +142,31 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seq
               np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
               np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
               np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(new_k),
-              *(np.uint64(p) for p in _packing_pointers(packing)), np.uint64(_ptr(seqused)))
-    return values, (alibi, sinks)
+              *(np.uint64(p) for p in _packing_pointers(packing)), np.uint64(_ptr(seqused)), user)
+    return values, (alibi, sinks), user_arrays
+
+
+def _user_fields(var) -> tuple:
+    """UserParams (kernels_cu/params.cuh) of a call: the pointers and extents (leading axes 1) of the
+    aux arrays its mask_mod and bias_mod read (made C-contiguous where they are not: a copy, kept
+    alive by the caller until the launch): (the struct's values, the arrays)."""
+    from ._sources import user_terms
+    arrays = [cupy.ascontiguousarray(a) for _, a in (user_terms(var)[1] if getattr(var, "aux", ()) else ())]
+    pointers = [np.uint64(_ptr(a)) for a in arrays] + [np.uint64(0)] * (_launch.MAX_AUX - len(arrays))
+    extents = []
+    for a in arrays + [None] * (_launch.MAX_AUX - len(arrays)):
+        shape = () if a is None else a.shape
+        extents += [np.int32(n) for n in (1,) * (_launch.AUX_AXES - len(shape)) + tuple(shape)]
+    return (*pointers, *extents), arrays
+
+
+def _with_user_terms(ks: _config.KernelSet, variants) -> _config.KernelSet:
+    """The kernel set in the module of the call's mask_mod and bias_mod, if it has them. Such calls
+    take the checked path each time (no plan: the aux pointers are not among a plan's slots)."""
+    from dataclasses import replace
+    from ._sources import user_terms
+    source = user_terms(variants)[0] if variants is not None else ""
+    return replace(ks, user=source) if source else ks
 
 
 def _reads_in_place(variant_arrays: tuple, variants) -> bool:
@@ -160,7 +184,8 @@ class ForwardPlan:
         self.device = q.data.device_id
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (B, H, Sq)
         self.allocates_out, self.allocates_lse = allocates  # (out, lse) were not given: allocate them
-        var, self.variant_arrays = _variant_fields(variants, q, k, scale, packing=packing, seqused=seqused, new_k=new_k)
+        var, self.variant_arrays, self.user_arrays = _variant_fields(variants, q, k, scale, packing=packing,
+                                                                     seqused=seqused, new_k=new_k)
         grid_b, grid_q = (packing.batch, packing.max_q) if packing is not None else (B, Sq)  # sequences, longest
         fields = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
                       o=_launch.tensor_ref(o), lse=np.uint64(lse.data.ptr), batch=np.int32(grid_b), heads=np.int32(H),
@@ -235,14 +260,15 @@ def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None
             return o, l, None
         variant = (_config.variant_bits(variants, packing is not None, seqused is not None) if variants is not None
                    else None)
-        ks = _config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant, tuned=_tuned(),
-                                seqlen_k=Sk if packing is None else packing.max_k)
+        ks = _with_user_terms(_config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant,
+                                                 tuned=_tuned(), seqlen_k=Sk if packing is None else packing.max_k),
+                              variants)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
         plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants,
                            packing=packing, seqused=seqused, new_k=new_k)
         plan.launch(*ready, o, l, cupy.cuda.get_current_stream().ptr, *plan.variant_arrays, packing, seqused)
         reusable = (o_user is None and all(a is b for a, b in zip(ready, (q, k, v)))
-                    and _reads_in_place(plan.variant_arrays, variants))
+                    and _reads_in_place(plan.variant_arrays, variants) and not ks.user)
         if o_user is not None:
             o_user[...] = o
             o = o_user
@@ -278,7 +304,7 @@ class BackwardPlan:
         self.dsum_bytes_padded = -(-self.dsum_bytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
         self.accum_bytes = 0 if ks.deterministic else B * H * Sq * D * 4  # the dQ pass needs no accumulator
         dq, dk, dv = grads
-        var, self.variant_arrays = _variant_fields(variants, q, k, scale, dsinks, packing)
+        var, self.variant_arrays, self.user_arrays = _variant_fields(variants, q, k, scale, dsinks, packing)
         fields = dict(
             q=_launch.tensor_ref(q), k=_launch.tensor_ref(k), v=_launch.tensor_ref(v),
             o=_launch.tensor_ref(out), dout=_launch.tensor_ref(dout), dq=_launch.tensor_ref(dq),
@@ -386,10 +412,11 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
                 g.fill(0)
         else:
             variant = _config.variant_bits(variants, packing is not None) if variants is not None else None
-            ks = _config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config, deterministic=deterministic,
-                                    tuned=_tuned(),
-                                    seqlen_k=Sk if packing is None else packing.max_k,
-                                    variant=variant)  # the forward's kernel set too: one module per problem
+            ks = _with_user_terms(_config.kernel_set(q.dtype, D, causal, _cc(), bwd=bwd_config,
+                                                     deterministic=deterministic, tuned=_tuned(),
+                                                     seqlen_k=Sk if packing is None else packing.max_k,
+                                                     variant=variant),  # the forward's set: one module
+                                  variants)
             ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)
             lse_ready = cupy.ascontiguousarray(lse)
             plan = BackwardPlan(ks, *ready, lse_ready, tuple(staged), scale, variants=variants, dsinks=dsinks,
@@ -404,7 +431,7 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
             inputs = (dout, q, k, v, out, lse)
             if not (all(a is b for a, b in zip((*ready, lse_ready), inputs))
                     and all(user is None for _, user in grads) and (dq is None) == (dk is None) == (dv is None)
-                    and _reads_in_place(plan.variant_arrays, variants)):
+                    and _reads_in_place(plan.variant_arrays, variants) and not ks.user):
                 plan = None
         result = []
         for g, user in grads:

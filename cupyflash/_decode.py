@@ -94,7 +94,7 @@ class DecodePlan:
         self.lse_floats = self.workspace_size - self.splits * B * Sq * H * D
         decode.grid = (row_tiles * self.splits, H_kv, B)
         self.decode = decode
-        var, self.variant_arrays = _variant_fields(variants, q, k_cache, scale, seqused=cache_seqlens,
+        var, self.variant_arrays, _ = _variant_fields(variants, q, k_cache, scale, seqused=cache_seqlens,
                                                    new_k=layout.new_tokens, seqlen_k=layout.capacity)
         table = layout.page_table
         fwd = dict(q=_launch.tensor_ref(q), k=_launch.tensor_ref(k_cache), v=_launch.tensor_ref(v_cache),

@@ -358,3 +358,63 @@ def kind_of(expr: Expr, aux_kinds: dict) -> str:
             return "float" if any(kind(a) == "float" for a in node[3]) else "int"
         raise AssertionError(node)
     return kind(expr.tree)
+
+
+# ---- the same expression in CUDA C++ (compiled into the kernels: kernels_cu/variant.cuh, UserTerms) ----
+
+#: C++ element types of the aux dtypes the kernels read (numpy dtype str -> type)
+CPP_TYPES = {"|b1": "bool", "|i1": "signed char", "|u1": "unsigned char", "<i2": "short", "<u2": "unsigned short",
+             "<i4": "int", "<u4": "unsigned int", "<i8": "long long", "<u8": "unsigned long long", "<f2": "__half",
+             "<f4": "float", "<f8": "double"}
+#: how an aux value enters the expression: ints as 64-bit, floats as float, bools as bool
+_READ_AS = {"int": "long long", "float": "float", "bool": "bool"}
+_CPP_FUNCTIONS = {"exp": "expf", "log": "logf", "log2": "log2f", "sqrt": "sqrtf", "tanh": "tanhf", "floor": "floorf",
+                  "ceil": "ceilf", "min": "user_min", "max": "user_max", "abs": "user_abs"}
+
+
+def to_cpp(expr: Expr, aux: dict) -> str:
+    """The expression as one C++ expression over b, h, q_idx, kv_idx (ints), with aux array ``name``
+    read through ``aux[name] = (slot, C++ element type, kind, axes)`` as aux_read (variant.cuh) and int
+    / and % through user_div, user_mod: C++'s rules, as evaluate() applies them, except that
+    floats are 32-bit (float) in the kernels where NumPy computes in float64, and that an index out
+    of bounds or a zero divisor sets ``bad`` (the kernels make the logit NaN) instead of raising."""
+    def go(node) -> str:
+        tag = node[0]
+        if tag == "int":
+            return str(node[2]) if node[2] < 2 ** 31 else f"{node[2]}LL"
+        if tag == "float":
+            text = repr(float(node[2]))
+            return f"{text}f" if any(c in text for c in ".e") else f"{text}.0f"
+        if tag == "bool":
+            return "true" if node[2] else "false"
+        if tag == "name":
+            if node[2] in INDEX_NAMES:
+                return node[2]
+            raise ExprError(expr.what, expr.text, node[1], f"aux array {node[2]!r} must be indexed")
+        if tag == "index":
+            base, indices = node, []
+            while base[0] == "index":
+                indices.insert(0, go(base[3]))
+                base = base[2]
+            slot, ctype, kind, ndim = aux[base[2]]
+            if len(indices) != ndim:
+                raise ExprError(expr.what, expr.text, base[1], f"aux array {base[2]!r} has {ndim} axes, indexed "
+                                f"with {len(indices)}: index every one")
+            return f"static_cast<{_READ_AS[kind]}>(aux_read<{ctype}>(u, {slot}, bad, {', '.join(indices)}))"
+        if tag == "un":
+            return f"({node[2]}{go(node[3])})"
+        if tag == "bin":
+            op = node[2]
+            if op in ("/", "%") and kind_of(Expr(expr.what, expr.text, node, expr.names), kinds) == "int":
+                return f"{'user_div' if op == '/' else 'user_mod'}({go(node[3])}, {go(node[4])}, bad)"
+            return f"({go(node[3])} {op} {go(node[4])})"
+        if tag == "?":
+            return f"({go(node[2])} ? {go(node[3])} : {go(node[4])})"
+        if tag == "call":
+            name, args = node[2], [go(a) for a in node[3]]
+            if name in _FLOAT_FUNCTIONS:
+                return f"{_CPP_FUNCTIONS[name]}(float({args[0]}))"
+            return f"{_CPP_FUNCTIONS[name]}({', '.join(args)})"
+        raise AssertionError(node)
+    kinds = {name: kind for name, (_, _, kind, _) in aux.items()}
+    return go(expr.tree)

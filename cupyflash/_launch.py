@@ -24,11 +24,15 @@ _TENSOR_REF = np.dtype({"names": ["ptr", "stride_b", "stride_s", "stride_h"],
                         "formats": [np.uint64, np.int64, np.int64, np.int64]}, align=True)
 _COMMON = [("batch", np.int32), ("heads", np.int32), ("seqlen_q", np.int32), ("seqlen_k", np.int32),
            ("head_dim", np.int32)]
+#: UserParams: the aux arrays of mask_mod and bias_mod (MAX_AUX pointers, AUX_AXES extents each)
+MAX_AUX, AUX_AXES = 4, 4
+USER_PARAMS = np.dtype([*((f"aux{a}", np.uint64) for a in range(MAX_AUX)),
+                        *((f"extent{a}_{x}", np.int32) for a in range(MAX_AUX) for x in range(AUX_AXES))], align=True)
 VARIANT_PARAMS = np.dtype([("alibi", np.uint64), ("sinks", np.uint64), ("dsinks", np.uint64), ("alibi_stride_b", np.int64),
                            ("group_mul", np.uint32), ("group", np.int32), ("window_left", np.int32),
                            ("window_right", np.int32), ("softcap_in", np.float32), ("softcap_out", np.float32),
                            ("inv_scale", np.float32), ("new_k", np.int32), ("cu_seqlens_q", np.uint64),
-                           ("cu_seqlens_k", np.uint64), ("seqused_k", np.uint64)], align=True)
+                           ("cu_seqlens_k", np.uint64), ("seqused_k", np.uint64), ("user", USER_PARAMS)], align=True)
 FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
 BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
@@ -48,20 +52,20 @@ DECODE_PARAMS = np.dtype([("fwd", FWD_PARAMS), ("page_table", np.uint64), ("o_pa
 
 # DecodeParams and the TMA tensor maps of the K and V caches
 DECODE_MAPS = np.dtype({"names": ["dec", "k", "v"], "formats": [DECODE_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 2,
-                        "offsets": [0, 320, 448], "itemsize": 576})
+                        "offsets": [0, 448, 576], "itemsize": 704})
 
 # FwdParams and the TMA tensor maps of q, k, v (TmaDesc: 128 bytes, 64-byte aligned)
 FWD_SM90_PARAMS = np.dtype({"names": ["fwd", "q", "k", "v"], "formats": [FWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 3,
-                            "offsets": [0, 256, 384, 512], "itemsize": 640})
+                            "offsets": [0, 384, 512, 640], "itemsize": 768})
 
 # BwdParams and the tensor maps of q, k, v, dout
 BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": [BWD_PARAMS] + [f"V{_tma.DESC_BYTES}"] * 4,
-                            "offsets": [0, 448, 576, 704, 832], "itemsize": 960})
+                            "offsets": [0, 512, 640, 768, 896], "itemsize": 1024})
 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
 assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
          FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize, DECODE_PARAMS.itemsize,
-         DECODE_MAPS.itemsize) == (32, 88, 248, 400, 640, 960, 176, 296, 576))
+         DECODE_MAPS.itemsize, USER_PARAMS.itemsize) == (32, 184, 344, 496, 768, 1024, 176, 392, 704, 96))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535
@@ -150,15 +154,16 @@ def _flatten(dtype: np.dtype, value: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(names: tuple, cc: int) -> cupy.RawModule:
-    # One module per set of instantiations and architecture; CuPy compiles it lazily and caches it
-    # on disk. sm_90 builds for sm_90a (wgmma); CuPy's own -arch=sm_90 keeps the suffix.
+def _module(names: tuple, cc: int, user: str = "") -> cupy.RawModule:
+    # One module per set of instantiations, architecture and user expressions (``user``: their
+    # source, before the kernels'); CuPy compiles it lazily and caches it on disk. sm_90 builds
+    # for sm_90a (wgmma); CuPy's own -arch=sm_90 keeps the suffix.
     options = (*NVRTC_OPTIONS, f"-arch={nvrtc_arch(cc)}") if cc == 90 else NVRTC_OPTIONS
-    return cupy.RawModule(code=kernel_source(), options=options, name_expressions=list(names))
+    return cupy.RawModule(code=user + kernel_source(), options=options, name_expressions=list(names))
 
 
 def _device_module(ks: KernelSet | DecodeSet) -> cupy.RawModule:
-    return _module(ks.name_expressions(), int(cupy.cuda.Device().compute_capability))
+    return _module(ks.name_expressions(), int(cupy.cuda.Device().compute_capability), getattr(ks, "user", ""))
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,11 +172,11 @@ def _smem_optin(device_id: int) -> int:
 
 
 def _kernel(ks: KernelSet | DecodeSet, name: str, smem: int):
-    return _device_kernel(ks.name_expressions(), name, smem, cupy.cuda.Device().id)
+    return _device_kernel(ks.name_expressions(), name, smem, cupy.cuda.Device().id, getattr(ks, "user", ""))
 
 
 @functools.lru_cache(maxsize=None)
-def _device_kernel(names: tuple, name: str, smem: int, dev: int):
+def _device_kernel(names: tuple, name: str, smem: int, dev: int, user: str = ""):
     # Cached per device: the lookup and the shared-memory attribute are set once, not per launch
     # (host time of short calls). Errors are not cached: a call that raises raises every time.
     limit = _smem_optin(dev)
@@ -179,7 +184,12 @@ def _device_kernel(names: tuple, name: str, smem: int, dev: int):
         raise ValueError(
             f"{name} needs {smem} bytes of shared memory per block but GPU {dev} allows {limit}; "
             f"use a smaller head_dim or a GPU with more shared memory (sm_80 and newer have >= 99 KB)")
-    fn = _module(names, int(cupy.cuda.Device(dev).compute_capability)).get_function(name)
+    try:
+        fn = _module(names, int(cupy.cuda.Device(dev).compute_capability), user).get_function(name)
+    except cupy.cuda.compiler.CompileException as e:
+        if not user:
+            raise
+        raise ValueError(f"mask_mod / bias_mod did not compile:\n{user}NVRTC: {e}") from None
     if smem > DEFAULT_SMEM:
         fn.max_dynamic_shared_size_bytes = smem
     return fn

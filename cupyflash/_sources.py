@@ -54,3 +54,20 @@ def kernel_source() -> str:
         seen.add(path)
         lines.extend(_inline(path, seen))
     return "\n".join(lines) + "\n"
+
+
+def user_terms(variants) -> tuple[str, tuple]:
+    """The source that comes before kernel_source() in a module with the call's mask_mod and
+    bias_mod (variant.cuh's CUPYFLASH_USER_KEEP and CUPYFLASH_USER_BIAS, translated by
+    _expr.to_cpp), and the aux arrays they read, in the order of their UserParams slots; ("", ())
+    without user expressions."""
+    from . import _expr
+    exprs = [(macro, e) for macro, e in (("CUPYFLASH_USER_KEEP", variants.mask_mod),
+                                         ("CUPYFLASH_USER_BIAS", variants.bias_mod)) if e is not None]
+    if not exprs:
+        return "", ()
+    read = tuple((n, a) for n, a in variants.aux if any(n in e.names for _, e in exprs))
+    slots = {n: (slot, _expr.CPP_TYPES[a.dtype.str], "bool" if a.dtype == bool else "float" if a.dtype.kind == "f"
+                 else "int", a.ndim) for slot, (n, a) in enumerate(read)}
+    lines = [f"// {e.what}: {' '.join(e.text.split())}\n#define {macro} ({_expr.to_cpp(e, slots)})" for macro, e in exprs]
+    return "\n".join(lines) + "\n", read

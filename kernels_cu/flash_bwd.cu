@@ -53,8 +53,9 @@ __device__ __forceinline__ void recompute_p_ds(const BwdParams& p, const Pol& po
                     // test before the exponential: computed everywhere and then selected, as the Hopper
                     // backward does, it made ptxas spill this kernel at 255 registers.
                     float grad;
-                    const float x = pol.capped(s[mt][nt][2 * hh + c], grad);
-                    pv[c] = pol.visible_col(row, col)
+                    float x = pol.capped(s[mt][nt][2 * hh + c], grad);
+                    const bool keep = pol.user_at(x, j0 + dj, d0 + dj - col);  // mask_mod, bias_mod
+                    pv[c] = (pol.visible_col(row, col) && keep)
                                 ? pol.probability_of_capped(x, fd0 + float(dj - col), sLse[qc], p.scale_log2)
                                 : 0.f;
                     dsv[c] = Pol::score_grad(pv[c], dp[mt][nt][2 * hh + c], sD[qc], grad);

@@ -14,6 +14,14 @@ struct TensorRef {
     i64 stride_h;  // elements between heads
 };
 
+// The user's aux arrays (mask_mod, bias_mod: UserTerms in variant.cuh): up to MAX_AUX C-contiguous
+// arrays of up to AUX_AXES axes each (the extents of missing leading axes are 1), null where unused.
+constexpr int MAX_AUX = 4, AUX_AXES = 4;
+struct UserParams {
+    const void* aux[MAX_AUX];
+    int extent[MAX_AUX][AUX_AXES];
+};
+
 // The run-time values of the attention variants (variant.cuh; the compile-time switches are the
 // kernels' VARIANT template parameter). Scores are in raw units s = q . k throughout the kernels,
 // so the host expresses the softcap, the ALiBi slopes and the sinks in those units.
@@ -34,6 +42,7 @@ struct VariantParams {
     const int* cu_seqlens_k;       // sequence's queries and keys; null for dense (B, S, H, D) tensors
     const int* seqused_k;          // (B,) VARIANT_KVLEN: a KV cache's tokens before this call's append;
                                    // sequence b uses min(max(seqused_k[b], 0) + new_k, seqlen_k) keys
+    UserParams user;               // VARIANT_USER_MASK, VARIANT_USER_BIAS: the aux arrays the expressions read
 };
 
 struct FwdParams {
@@ -115,15 +124,15 @@ struct DecodeMaps {
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
-static_assert(sizeof(VariantParams) == 88, "VariantParams layout is mirrored in _launch.py");
-static_assert(sizeof(FwdParams) == 248, "FwdParams layout is mirrored in _launch.py");
-static_assert(sizeof(BwdParams) == 400, "BwdParams layout is mirrored in _launch.py");
-static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 640,  // q, k, v at 256, 384, 512
+static_assert(sizeof(VariantParams) == 184, "VariantParams layout is mirrored in _launch.py");
+static_assert(sizeof(FwdParams) == 344, "FwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(BwdParams) == 496, "BwdParams layout is mirrored in _launch.py");
+static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 768,  // q, k, v at 384, 512, 640
               "FwdSm90Params layout is mirrored in _launch.py");
 static_assert(sizeof(AppendParams) == 176, "AppendParams layout is mirrored in _launch.py");
-static_assert(sizeof(BwdSm90Params) == 960, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 448
-static_assert(sizeof(DecodeParams) == 296, "DecodeParams layout is mirrored in _launch.py");
-static_assert(sizeof(DecodeMaps) == 576, "DecodeMaps layout is mirrored in _launch.py");  // maps at 320, 448
+static_assert(sizeof(BwdSm90Params) == 1024, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 512
+static_assert(sizeof(DecodeParams) == 392, "DecodeParams layout is mirrored in _launch.py");
+static_assert(sizeof(DecodeMaps) == 704, "DecodeMaps layout is mirrored in _launch.py");  // maps at 448, 576
 
 // Pointer to row s of head (b, h) of a tensor.
 template <typename T>

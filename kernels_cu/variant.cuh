@@ -13,7 +13,8 @@
 // For query i and key j, with o = seqlen_k - seqlen_q (bottom-right alignment, as flash-attn):
 //   visible:  j < seqlen_k, j <= i + o + right (causal: right = 0), j >= i + o - left (window);
 //   logit:    s -> softcap * tanh(s / softcap), then s -> s - slope_h |i + o - j|;
-//   softmax:  the denominator of row i also counts exp(sinks[h]).
+//   softmax:  the denominator of row i also counts exp(sinks[h]);
+//   user:     mask_mod(b, h, i, j) drops keys, bias_mod(b, h, i, j) adds to the scaled score (UserTerms).
 #pragma once
 #include "params.cuh"
 #include "tile.cuh"
@@ -28,7 +29,78 @@ enum VariantBits : int {
     VARIANT_SINKS = 16,                              // exp(sink_h) in each row's denominator
     VARIANT_VARLEN = 32,                             // packed sequences: cu_seqlens (Seq, params.cuh)
     VARIANT_KVLEN = 64,                              // each sequence's key count: seqused_k (a KV cache)
-    VARIANT_ALL = 127,
+    VARIANT_USER_MASK = 128,                         // the user's mask_mod (UserTerms::keep)
+    VARIANT_USER_BIAS = 256,                         // the user's bias_mod (UserTerms::bias)
+    VARIANT_ALL = 511,
+};
+
+// ---- the user's expressions (mask_mod, bias_mod) ----
+// cupyflash/_expr.py translates each expression into C++ over b, h, q_idx, kv_idx, in which aux
+// array `a` reads as aux_read<C type>(u, slot, bad, indices...), and defines CUPYFLASH_USER_KEEP
+// and CUPYFLASH_USER_BIAS before this header; modules without them never set the VARIANT_USER bits.
+// `bad` records an aux index out of bounds or an integer division by zero: the caller makes that
+// logit NaN (what the NumPy backend refuses with an error, the GPU shows in the output).
+template <typename C, typename... I>
+__device__ __forceinline__ C aux_read(const UserParams& u, int slot, bool& bad, I... index) {
+    constexpr int N = sizeof...(I);
+    static_assert(N >= 1 && N <= AUX_AXES, "an aux array has 1 to AUX_AXES axes");
+    const i64 at[N] = {i64(index)...};
+    i64 offset = 0;
+    bool inside = true;
+    #pragma unroll
+    for (int a = 0; a < N; ++a) {
+        const int extent = u.extent[slot][AUX_AXES - N + a];
+        inside = inside && at[a] >= 0 && at[a] < extent;
+        offset = offset * extent + at[a];
+    }
+    bad = bad || !inside;
+    return inside ? static_cast<const C*>(u.aux[slot])[offset] : C(0);
+}
+// C++'s int / and % with a zero divisor flagged (bad) instead of undefined
+template <typename A, typename B>
+__device__ __forceinline__ auto user_div(A a, B b, bool& bad) {
+    bad = bad || b == B(0);
+    return b == B(0) ? decltype(a / b)(0) : a / b;
+}
+template <typename A, typename B>
+__device__ __forceinline__ auto user_mod(A a, B b, bool& bad) {
+    bad = bad || b == B(0);
+    return b == B(0) ? decltype(a % b)(0) : a % b;
+}
+// min, max, abs with C++'s usual arithmetic conversions (an int and a float make a float)
+template <typename A, typename B>
+__device__ __forceinline__ auto user_min(A a, B b) {
+    using C = decltype(a + b);
+    return C(a) < C(b) ? C(a) : C(b);
+}
+template <typename A, typename B>
+__device__ __forceinline__ auto user_max(A a, B b) {
+    using C = decltype(a + b);
+    return C(a) < C(b) ? C(b) : C(a);
+}
+template <typename A>
+__device__ __forceinline__ auto user_abs(A a) {
+    using C = decltype(+a);
+    return C(a) < C(0) ? -C(a) : C(a);
+}
+
+struct UserTerms {
+    // Does mask_mod keep key kv_idx for query q_idx of (b, h)? (true without one)
+    __device__ __forceinline__ static bool keep(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
+#ifdef CUPYFLASH_USER_KEEP
+        return bool(CUPYFLASH_USER_KEEP);
+#else
+        return true;
+#endif
+    }
+    // bias_mod's term, in the scaled score's units (0 without one)
+    __device__ __forceinline__ static float bias(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
+#ifdef CUPYFLASH_USER_BIAS
+        return float(CUPYFLASH_USER_BIAS);
+#else
+        return 0.f;
+#endif
+    }
 };
 
 // tanh on the MUFU unit (relative error about 2^-11, below 16-bit rounding), or tanhf for the
@@ -69,7 +141,10 @@ struct Policy {
     static constexpr bool SOFTCAP = (VARIANT & VARIANT_SOFTCAP) != 0;
     static constexpr bool ALIBI = (VARIANT & VARIANT_ALIBI) != 0;
     static constexpr bool SINKS = (VARIANT & VARIANT_SINKS) != 0;
-    static constexpr bool TRANSFORMS = SOFTCAP || ALIBI;  // logits differ from scores on every tile
+    static constexpr bool USER_MASK = (VARIANT & VARIANT_USER_MASK) != 0;
+    static constexpr bool USER_BIAS = (VARIANT & VARIANT_USER_BIAS) != 0;
+    static constexpr bool USER = USER_MASK || USER_BIAS;
+    static constexpr bool TRANSFORMS = SOFTCAP || ALIBI || USER;  // logits differ from scores on every tile
     static constexpr bool PACKED = (VARIANT & VARIANT_VARLEN) != 0;
     static_assert(!(PACKED && (VARIANT & VARIANT_KVLEN)), "packed sequences carry their key counts in cu_seqlens_k");
     // where a sequence's rows live
@@ -82,14 +157,18 @@ struct Policy {
     float softcap_in, softcap_out;
     float slope;       // this (batch, head)'s ALiBi slope in raw units (0 without ALiBi)
     float slope_log2;  // the same in log2 units, slope * log2(e) (the backward's exponent)
+    int b, h;          // the sequence and query head (the user's expressions read them)
+    float inv_scale;   // 1 / softmax_scale: bias_mod's term in raw units
+    UserParams user;   // the user's aux arrays
 
     Policy() = default;  // an array of per-row policies (the decode kernel's rows differ in head)
     // sequence `seq`'s query head h (positions i, j within the sequence)
-    __device__ __forceinline__ Policy(const VariantParams& v, const Seq& seq, int h)
+    __device__ __forceinline__ Policy(const VariantParams& v, const Seq& seq, int h_)
         : seqlen_q(seq.len_q), seqlen_k(seq.len_k), window_left(v.window_left), window_right(v.window_right),
           softcap_in(v.softcap_in), softcap_out(v.softcap_out),
-          slope(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h] * v.inv_scale : 0.f),
-          slope_log2(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h] * LOG2E : 0.f) {}
+          slope(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h_] * v.inv_scale : 0.f),
+          slope_log2(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h_] * LOG2E : 0.f), b(seq.b), h(h_),
+          inv_scale(v.inv_scale), user(v.user) {}
 
     // ---- which keys: tile bounds ----
     __device__ __forceinline__ int diag(int i) const { return i + seqlen_k - seqlen_q; }  // query i's diagonal key
@@ -177,12 +256,36 @@ struct Policy {
         if constexpr (ALIBI) s = fmaf(-slope, fabsf(fd), s);
         return s;
     }
-    __device__ __forceinline__ float logit(float s, int i, int j) const { return logit_at(s, float(j - diag(i))); }
+    // The user's terms at key j and offset d = j - diag(i): logit x (raw units) gains bias_mod's term;
+    // false where mask_mod drops the key. Only inside the sequence (rows and keys past its end are
+    // the kernels' padding, which the other masks and the stores already discard); an aux index out
+    // of bounds or a division by zero makes the logit NaN and keeps it, so the row shows it.
+    __device__ __forceinline__ bool user_at(float& x, int j, int d) const {
+        if constexpr (!USER) {
+            return true;
+        } else {
+            const int i = j - d - (seqlen_k - seqlen_q);
+            if (i < 0 || i >= seqlen_q || j >= seqlen_k) return true;
+            bool bad = false;
+            const bool keep = !USER_MASK || UserTerms::keep(user, b, h, i, j, bad);
+            if constexpr (USER_BIAS) x = fmaf(UserTerms::bias(user, b, h, i, j, bad), inv_scale, x);
+            if (bad) x = __int_as_float(0x7fc00000);  // NaN
+            return keep || bad;
+        }
+    }
+    // The logit of query i and key j with the user's terms, -inf where mask_mod drops the key (the
+    // caller applies the other masks).
+    __device__ __forceinline__ float logit(float s, int i, int j) const {
+        const int d = j - diag(i);
+        float x = logit_at(s, float(d));
+        return user_at(x, j, d) ? x : -CUPYFLASH_INF;
+    }
     // The logit of query i and key j, or -inf where the key is not visible (element by element: the
     // decode kernel, whose rows are not consecutive queries of one head).
     __device__ __forceinline__ float masked_logit(float s, int i, int j) const {
         const int d = j - diag(i);
-        return visible_at(j, d) ? logit_at(s, float(d)) : -CUPYFLASH_INF;
+        float x = logit_at(s, float(d));
+        return visible_at(j, d) && user_at(x, j, d) ? x : -CUPYFLASH_INF;
     }
 
     // Offsets of mma accumulator fragments: element (mt, nt, r) of a tile whose rows start at
@@ -216,8 +319,9 @@ struct Policy {
                     for (int c = 0; c < 2; ++c) {
                         const int col = nt * 8 + c;
                         float& x = s[mt][nt][2 * hh + c];
-                        const float logit = logit_at(x, ALIBI ? fd0 + float(col - mt * 16 - hh * 8) : 0.f);
-                        x = (MASKED && (col > hi || (LEFT && col < lo))) ? -CUPYFLASH_INF : logit;
+                        float logit = logit_at(x, ALIBI ? fd0 + float(col - mt * 16 - hh * 8) : 0.f);
+                        const bool keep = user_at(logit, j0 + col, dr + col);
+                        x = ((MASKED && (col > hi || (LEFT && col < lo))) || !keep) ? -CUPYFLASH_INF : logit;
                     }
             }
     }
@@ -247,8 +351,10 @@ struct Policy {
     template <bool MASKED = true>
     __device__ __forceinline__ float probability_at(float s, int j, int d, float fd, float lse_log2, float scale_log2,
                                                     float& grad) const {
-        const float p = probability_of_capped(capped(s, grad), fd, lse_log2, scale_log2);
-        return (!MASKED || visible_at(j, d)) ? p : 0.f;
+        float x = capped(s, grad);
+        const bool keep = user_at(x, j, d);
+        const float p = probability_of_capped(x, fd, lse_log2, scale_log2);
+        return ((!MASKED || visible_at(j, d)) && keep) ? p : 0.f;
     }
     // The same from the softcapped score x = capped(s, grad), for a visible key.
     __device__ __forceinline__ float probability_of_capped(float x, float fd, float lse_log2, float scale_log2) const {

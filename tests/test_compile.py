@@ -222,9 +222,9 @@ def test_kernel_parameters_pack_every_field_at_its_offset():
     from cupyflash import _launch
     def value(i, t):  # typed, as the launchers pass them (a float where the C field is one)
         return t.type(i + 0.5) if t.kind == "f" else t.type(i + 1)
-    fields = {name: tuple(value(i + j, t) for j, t in enumerate(d for d, *_ in _launch.BWD_PARAMS[name].fields.values()))
-              if _launch.BWD_PARAMS[name].names else value(i, _launch.BWD_PARAMS[name])
-              for i, name in enumerate(_launch.BWD_PARAMS.names)}
+    def values(i, t):  # a nested struct (TensorRef, VariantParams and its UserParams) as a tuple of its fields
+        return tuple(values(i + j, d) for j, (d, *_) in enumerate(t.fields.values())) if t.names else value(i, t)
+    fields = {name: values(i, _launch.BWD_PARAMS[name]) for i, name in enumerate(_launch.BWD_PARAMS.names)}
     packed = _launch.pack(_launch.BWD_PARAMS, **fields)
     expected = np.zeros(1, dtype=_launch.BWD_PARAMS)
     for name, v in fields.items():
@@ -242,10 +242,10 @@ def test_hopper_forward_parameters_carry_three_tensor_maps_after_the_forward_par
     fwd = values(_launch.FWD_PARAMS)
     maps = [bytes([i]) * 128 for i in (1, 2, 3)]
     packed = _launch.pack(_launch.FWD_SM90_PARAMS, fwd=fwd, q=maps[0], k=maps[1], v=maps[2]).tobytes()
-    assert len(packed) == 640  # sizeof(FwdSm90Params), static_assert-ed in params.cuh
+    assert len(packed) == 768  # sizeof(FwdSm90Params), static_assert-ed in params.cuh
     size = _launch.FWD_PARAMS.itemsize
     assert packed[:size] == _launch.pack(_launch.FWD_PARAMS, **dict(zip(_launch.FWD_PARAMS.names, fwd))).tobytes()
-    assert [packed[o:o + 128] for o in (256, 384, 512)] == maps  # TmaDesc is 64-byte aligned
+    assert [packed[o:o + 128] for o in (384, 512, 640)] == maps  # TmaDesc is 64-byte aligned
 
 
 @pytest.mark.parametrize("strides,ok", [((3200, 320, 64), True), ((3200, -320, 64), False), ((3200, 0, 64), False),
@@ -255,3 +255,21 @@ def test_tensor_maps_describe_positive_16_byte_strides(strides, ok):
     stride of a one-element axis is never read."""
     from cupyflash import _tma
     assert _tma.encodable(1024, (1, 10, 5, 32), strides) is ok
+
+
+def test_every_expression_of_the_subset_compiles_into_the_kernels():
+    """The C++ that _expr.to_cpp writes for each construct of the subset (tests/test_user_terms.py's
+    VALUES: precedence, ?:, min/max/abs of ints and floats, the float functions, 1- and 2-axis aux
+    reads of ints, floats and bools) compiles into a kernel, as a mask_mod and as a bias_mod."""
+    import numpy as np
+    from test_user_terms import ENV, VALUES
+    from cupyflash import _expr, _sources, _variants
+    aux = tuple((n, np.asarray(ENV[n])) for n in ("doc", "table", "flags"))
+    terms = [f"({t})" for t in sorted(VALUES)]
+    v = _variants.Variants(mask_mod=_expr.parse("mask_mod", " != 0 && ".join(terms) + " != 0"),
+                           bias_mod=_expr.parse("bias_mod", " + ".join(terms)), aux=aux)
+    user, read = _sources.user_terms(v)
+    assert [n for n, _ in read] == ["doc", "table", "flags"] and "CUPYFLASH_USER_KEEP" in user
+    ks = _config.kernel_set(np.float32, 64, False, 80, variant=_config.VARIANT_USER_MASK | _config.VARIANT_USER_BIAS)
+    _, log, lowered = _compile.compile_offline([ks.fwd_name()], "sm_80", user=user)
+    assert lowered[ks.fwd_name()] in _compile._parse_ptxas(log)

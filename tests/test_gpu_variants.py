@@ -32,7 +32,10 @@ def _inputs(rng, dtype, B, Sq, Sk, H, H_kv, D):
 
 
 def _gpu_kw(kw):
-    return {n: (to_gpu(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+    """The keywords with their arrays (and aux's) on the GPU."""
+    def gpu(x):
+        return to_gpu(x) if isinstance(x, np.ndarray) else {n: gpu(a) for n, a in x.items()} if isinstance(x, dict) else x
+    return {n: gpu(x) for n, x in kw.items()}
 
 
 def _lse_slack(dtype, name, want, ref_lse) -> float:
@@ -58,10 +61,11 @@ def _scale(name, want) -> float:
     return max(1.0, float(np.abs(to_host64(want)).max())) if name == "dsinks" else 1.0
 
 
-def check_variant(rng, dtype, case, B, Sq, Sk, H, H_kv, D, backward=True, **extra):
-    """Forward (out, lse) and backward (dq, dk, dv, dsinks) of one variant case against float64."""
+def check_variant(rng, dtype, case, B, Sq, Sk, H, H_kv, D, backward=True, kw=None, **extra):
+    """Forward (out, lse) and backward (dq, dk, dv, dsinks) of one variant case against float64
+    (``kw``: the call's keywords, in place of the case's)."""
     q, k, v, dout = _inputs(rng, dtype, B, Sq, Sk, H, H_kv, D)
-    kw = _keywords(rng, case, B, H)
+    kw = _keywords(rng, case, B, H) if kw is None else kw
     gkw = _gpu_kw(kw)
     tag = f"{case} {np.dtype(dtype).name if dtype != BFLOAT16 else 'bf16'} B{B} Sq{Sq} Sk{Sk} H{H}/{H_kv} D{D} {extra or ''}"
     out, lse = nan_like(q.shape, q.dtype), nan_like((B, H, Sq), np.float32)

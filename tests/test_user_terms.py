@@ -208,7 +208,7 @@ def test_dbias_needs_a_bias(rng):
         cupyflash.flash_attention_backward(dout, q, k, v, o, lse, dbias=np.zeros((20, 20), np.float32))
 
 
-def test_on_the_gpu_the_user_terms_are_a_clear_error_until_the_kernels_have_them(rng):
+def test_on_the_gpu_the_dense_tensors_are_a_clear_error_until_the_kernels_have_them(rng):
     cp = pytest.importorskip("cupy")
     try:
         cp.cuda.runtime.getDeviceCount()
@@ -216,7 +216,20 @@ def test_on_the_gpu_the_user_terms_are_a_clear_error_until_the_kernels_have_them
         pytest.skip("no GPU")
     q, k, v = (cp.asarray(x) for x in _inputs(rng, FLOAT32, S=20)[:3])
     with pytest.raises(ValueError, match=r"run on the NumPy backend so far"):
-        cupyflash.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx")
+        cupyflash.flash_attention(q, k, v, mask=cp.ones((20, 20), bool))
+
+
+def test_the_kernels_take_at_most_four_aux_arrays_of_at_most_four_axes(monkeypatch, rng):
+    """The GPU's limits (UserParams), checked at the boundary whatever the device: here on the host
+    by asking the check as if the arrays were on a GPU."""
+    from cupyflash import _checks
+    many = {f"a{i}": np.zeros(3, np.int32) for i in range(5)}
+    with pytest.raises(ValueError, match=r"read 5 aux arrays \(a0, a1, a2, a3, a4\); the GPU kernels take at most 4"):
+        _checks._check_aux_for_kernels([_expr.parse("mask_mod", " + ".join(f"a{i}[0]" for i in range(5)))], many)
+    deep = {"t": np.zeros((1, 1, 1, 1, 2), np.int32)}
+    with pytest.raises(ValueError, match=r"aux\['t'\] on the GPU must have at most 4 axes"):
+        _checks._check_aux_for_kernels([_expr.parse("mask_mod", "t[0][0][0][0][1] > 0")], deep)
+    _checks._check_aux_for_kernels([_expr.parse("mask_mod", "q_idx > 0")], many)  # arrays not read: no limit
 
 
 # ---- block-sparse masks (cupyflash.block_mask) ----

@@ -1,0 +1,143 @@
+"""The user's mask_mod and bias_mod (issue 19) compiled into the CUDA kernels, held to the float64
+reference with flash-attn's rule (2x naive attention's error in the same precision, plus a small
+atol), outputs poisoned with NaN first. As specifications:
+
+- FlexAttention's recipes (a document mask with random document lengths, prefix-LM, T5 relative
+  buckets, ALiBi as a bias_mod) on every kernel family: the Hopper wgmma kernels (16-bit, head_dim
+  64/128), the mma.sync kernels (head_dims 96 and 256, short keys) and the fp32 kernels, forward and
+  backward, with grouped-query heads; deterministic=True too;
+- they compose with causal, windows, softcap, ALiBi and sinks, and with packed sequences (b is the
+  sequence's index, positions count from its start);
+- the causal mask written as a mask_mod is causal=True;
+- a row the mask empties gets out 0 and lse -inf, and dq 0;
+- an aux index out of bounds (which the NumPy backend refuses) makes exactly that row NaN on the
+  GPU, never a silent value; bias, mask, block_mask and dropout stay NumPy-only, a clear ValueError.
+"""
+import numpy as np
+import pytest
+
+import cupyflash
+from cupyflash import reference
+from cupyflash._dtypes import BFLOAT16, FLOAT16, FLOAT32
+
+from test_gpu_kernels import assert_within, to_gpu, to_host64
+from test_gpu_variants import _gpu_kw, check_variant
+from test_user_terms import _documents
+
+pytestmark = pytest.mark.gpu
+
+
+def _recipes(rng, S, B, H):
+    """name -> keywords: FlexAttention's recipes as mask_mod / bias_mod with their aux arrays."""
+    return {
+        "document-mask": dict(mask_mod="q_idx >= kv_idx && doc[b][q_idx] == doc[b][kv_idx]",
+                              aux={"doc": _documents(rng, B, S)}),
+        "prefix-lm": dict(mask_mod="kv_idx < prefix[b] || q_idx >= kv_idx",
+                          aux={"prefix": rng.integers(1, S, B).astype(np.int32)}),
+        "t5-buckets": dict(bias_mod="rel[h][min(abs(q_idx - kv_idx), 31)]", causal=True,
+                           aux={"rel": rng.standard_normal((H, 32)).astype(np.float32)}),
+        "alibi-as-bias-mod": dict(bias_mod="-slope[h] * abs(q_idx - kv_idx)",
+                                  aux={"slope": (2.0 ** -np.arange(1, H + 1)).astype(np.float32)}),
+        "mask-and-bias": dict(mask_mod="doc[b][q_idx] == doc[b][kv_idx]", bias_mod="0.25 * (kv_idx % 3)",
+                              aux={"doc": _documents(rng, B, S), "unused": np.zeros(3, np.float64)}),
+        "with-variants": dict(mask_mod="(q_idx / 7) % 2 == 0 || kv_idx % 5 != 0", bias_mod="w[h] * (q_idx > kv_idx)",
+                              window_size=(90, 20), softcap=8.0, alibi_slopes=(2.0 ** -np.arange(1, H + 1)).astype(
+                                  np.float32), sinks=rng.uniform(-1, 2, H).astype(np.float32),
+                              aux={"w": rng.uniform(-1, 1, H).astype(np.float32)}),
+    }
+
+
+RECIPES = ["document-mask", "prefix-lm", "t5-buckets", "alibi-as-bias-mod", "mask-and-bias", "with-variants"]
+# each distinct expression is a module of its own, compiled at first use: every recipe on the Hopper
+# kernels, and the two that exercise the most (a mask and a bias with every variant) on the others
+FAMILIES = [pytest.param(r, dt, D, id=f"{i}-{r}") for r in RECIPES for dt, D, i in ((BFLOAT16, 128, "bf16-d128"),)] + [
+    pytest.param(r, dt, D, id=f"{i}-{r}") for r in ("mask-and-bias", "with-variants")
+    for dt, D, i in ((FLOAT16, 64, "fp16-d64"), (BFLOAT16, 96, "bf16-d96"), (FLOAT16, 256, "fp16-d256"),
+                     (FLOAT32, 64, "fp32-d64"))]
+
+
+@pytest.mark.parametrize("recipe,dtype,D", FAMILIES)
+def test_the_recipes_on_each_kernel_family(rng, recipe, dtype, D):
+    S, B, H = 300, 2, 4
+    kw = _recipes(rng, S, B, H)[recipe]
+    check_variant(rng, dtype, recipe, B, S, S, H, 2, D, kw=kw)
+
+
+@pytest.mark.parametrize("recipe", ["mask-and-bias", "with-variants"])
+def test_short_keys_and_the_deterministic_backward(rng, recipe):
+    kw = _recipes(rng, 120, 1, 8)[recipe]  # 120 keys: the mma.sync forward on Hopper
+    check_variant(rng, BFLOAT16, recipe, 1, 120, 120, 8, 2, 64, kw=kw)
+    kw = _recipes(rng, 257, 1, 4)[recipe]
+    check_variant(rng, BFLOAT16, recipe, 1, 257, 257, 4, 4, 128, kw=kw, deterministic=True)
+
+
+def test_the_causal_mask_as_a_mask_mod_is_causal(rng):
+    q, k, v = (to_gpu(rng.standard_normal((2, 333, 4, 128)).astype(BFLOAT16)) for _ in range(3))
+    a = to_host64(cupyflash.flash_attention(q, k, v, causal=True))
+    b = to_host64(cupyflash.flash_attention(q, k, v, mask_mod="q_idx >= kv_idx"))
+    assert np.abs(a - b).max() <= 1e-2, np.abs(a - b).max()  # both bf16 roundings of the same attention
+
+
+def test_a_row_the_mask_empties_gets_zero_and_minus_infinity(rng):
+    q, k, v, dout = (to_gpu(rng.standard_normal((1, 200, 2, 64)).astype(BFLOAT16)) for _ in range(4))
+    kw = dict(mask_mod="q_idx != 5 && q_idx != 199")
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, **kw)
+    o, lse = to_host64(o), to_host64(lse)
+    assert np.all(o[:, [5, 199]] == 0) and np.all(np.isneginf(lse[:, :, [5, 199]])) and np.isfinite(o).all()
+    dq, dk, dv = (to_host64(g) for g in cupyflash.flash_attention_backward(dout, q, k, v, to_gpu(o.astype(BFLOAT16)),
+                                                                          to_gpu(lse.astype(np.float32)), **kw))
+    assert np.all(dq[:, [5, 199]] == 0) and np.isfinite(dk).all() and np.isfinite(dv).all()
+
+
+def test_an_aux_index_out_of_bounds_makes_its_row_nan(rng):
+    """The NumPy backend raises; the GPU cannot, so the logit it could not compute is NaN: the rows
+    that read past the array are NaN, every other row is exact."""
+    S = 150
+    q, k, v = (rng.standard_normal((1, S, 2, 64)).astype(BFLOAT16) for _ in range(3))
+    nxt = np.arange(1, S + 1, dtype=np.int32)[:S - 1]  # next[q_idx] for q_idx < S - 1 only
+    o = to_host64(cupyflash.flash_attention(*(to_gpu(x) for x in (q, k, v)), bias_mod="0.1 * nxt[q_idx]",
+                                            aux={"nxt": to_gpu(nxt)}))
+    assert np.isnan(o[:, S - 1]).all() and np.isfinite(o[:, :S - 1]).all()
+    want = reference.attention(q[:, :S - 1], k, v, bias_mod="0.1 * nxt[q_idx]", aux={"nxt": nxt})[0]
+    assert np.abs(o[:, :S - 1] - want).max() < 2e-2
+
+
+def test_packed_sequences_see_their_own_index_and_positions(rng):
+    lens = [37, 0, 200, 5, 129]
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    H, D = 4, 128
+    q, k, v, dout = (rng.standard_normal((cu[-1], H, D)).astype(BFLOAT16) for _ in range(4))
+    kw = dict(mask_mod="q_idx >= kv_idx || kv_idx < 3", bias_mod="-w[b] * abs(q_idx - kv_idx)",
+              aux={"w": rng.uniform(0.1, 1.0, len(lens)).astype(np.float32)})
+    gq, gk, gv, gdo, gcu = (to_gpu(x) for x in (q, k, v, dout, cu))
+    o, lse = cupyflash.flash_attention_varlen(gq, gk, gv, gcu, gcu, return_lse=True, **_gpu_kw(kw))
+    grads = cupyflash.flash_attention_varlen_backward(gdo, gq, gk, gv, o, lse, gcu, gcu, **_gpu_kw(kw))
+    for b, (s0, s1) in enumerate(zip(cu[:-1], cu[1:])):
+        if s0 == s1:
+            continue
+        rows = lambda x: np.concatenate([np.zeros((b, s1 - s0) + x.shape[1:], x.dtype), x[None, s0:s1]])  # noqa: E731
+        args = [rows(x) for x in (q, k, v)]
+        ref, naive = (reference.attention(*args, upcast=u, **kw) for u in (True, False))
+        tag = f"sequence {b} ({s1 - s0} tokens)"
+        assert_within(f"out [{tag}]", to_host64(o)[s0:s1], ref[0][b], naive[0][b], BFLOAT16)
+        ref_g, naive_g = (reference.attention_backward(rows(dout), *args, upcast=u, **kw) for u in (True, False))
+        for name, g, w, n in zip(("dq", "dk", "dv"), grads, ref_g, naive_g):
+            assert_within(f"{name} [{tag}]", to_host64(g)[s0:s1], w[b], n[b], BFLOAT16)
+
+
+def test_the_dense_tensors_block_masks_and_dropout_are_still_numpy_only(rng):
+    q, k, v = (to_gpu(rng.standard_normal((1, 20, 2, 64)).astype(BFLOAT16)) for _ in range(3))
+    for kw in (dict(bias=to_gpu(np.zeros((20, 20), np.float32))), dict(dropout_p=0.1, seed=1)):
+        with pytest.raises(ValueError, match=r"run on the NumPy backend so far \(mask_mod, bias_mod and aux run on"):
+            cupyflash.flash_attention(q, k, v, **kw)
+
+
+def test_a_module_that_does_not_compile_is_a_value_error_with_the_expression():
+    """The expressions are translated from a checked tree, so NVRTC should never fail on them; if it
+    does, the user sees the expression and NVRTC's message, not a CompileException from inside."""
+    from dataclasses import replace
+    from cupyflash import _config, _launch
+    ks = replace(_config.kernel_set(FLOAT32, 64, False, 80, variant=_config.VARIANT_USER_MASK),
+                 user="// mask_mod: nope\n#define CUPYFLASH_USER_KEEP (no_such_name > 0)\n")
+    with pytest.raises(ValueError, match=r"(?s)mask_mod / bias_mod did not compile.*mask_mod: nope.*no_such_name"):
+        _launch.PreparedLaunch(ks, ks.fwd_name(), (1, 1, 1), ks.fwd_threads(), ks.fwd_smem())
