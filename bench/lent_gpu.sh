@@ -40,7 +40,8 @@ tests)
         --head-dims 128 --json "$OUT/tune-short-d128.json"
     ;;
 parallel)
-    # bash bench/lent_gpu.sh parallel "FILES..." "FILES..." ...: each group of GPU test files in its own
+    # bash bench/lent_gpu.sh parallel "FILES..." "FILES..." ...: each group of GPU test files (and
+    # pytest options, shell-quoted within the group: "tests/x.py -k 'a or b'") in its own
     # pytest process, all at once (NVRTC compiles on one core per process: with new kernels, compiling
     # dominates); each group's log is $OUT/gpu-tests-N.log; a group still running at PARALLEL_LIMIT
     # seconds (default 520) is stopped
@@ -48,7 +49,7 @@ parallel)
     n=0
     for group in "$@"; do
         n=$((n + 1))
-        ( timeout "${PARALLEL_LIMIT:-520}" python -m pytest -q -m gpu -p no:cacheprovider -rfEs $group \
+        ( eval timeout "${PARALLEL_LIMIT:-520}" python -m pytest -q -m gpu -p no:cacheprovider -rfEs "$group" \
             > "$OUT/gpu-tests-$n.log" 2>&1; echo "group $n ($group): exit $?" >> "$OUT/gpu-tests-summary.log" ) &
     done
     wait

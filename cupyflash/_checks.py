@@ -474,9 +474,9 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
     if (mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None and block_mask is None
             and dropout_p == 0):
         return variants
-    if device != "cpu" and (bias is not None or mask is not None or block_mask is not None or dropout_p > 0):
-        raise ValueError("bias, mask, block_mask and dropout run on the NumPy backend so far (mask_mod, bias_mod and "
-                         "aux run on the GPU too): their GPU kernels are issue 19's next part")
+    if device != "cpu" and dropout_p > 0:
+        raise ValueError("dropout runs on the NumPy backend so far (mask_mod, bias_mod, aux, bias, mask and "
+                         "block_mask run on the GPU too): its GPU kernels are issue 19's next part")
     if block_mask is not None:
         from .blockmask import BlockMask
         if not isinstance(block_mask, BlockMask):
@@ -519,9 +519,18 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
         if want == "float" and t.dtype.kind != "f":
             raise ValueError(f"bias must be a float array, got {dtype_name(t.dtype)}")
         tensors[name] = t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
-    return replace(variants, mask_mod=exprs.get("mask_mod"), bias_mod=exprs.get("bias_mod"), aux=aux_arrays,
-                   bias=tensors.get("bias"), mask=tensors.get("mask"), block_mask=block_mask, dropout_p=dropout_p,
-                   seed=seed)
+    out = replace(variants, mask_mod=exprs.get("mask_mod"), bias_mod=exprs.get("bias_mod"), aux=aux_arrays,
+                  bias=tensors.get("bias"), mask=tensors.get("mask"), block_mask=block_mask, dropout_p=dropout_p,
+                  seed=seed)
+    if device != "cpu":
+        from ._launch import MAX_AUX
+        from ._sources import user_terms
+        read = user_terms(out)[1]
+        if len(read) > MAX_AUX:
+            raise ValueError(f"the call's masks and biases read {len(read)} arrays on the GPU (aux arrays that "
+                             f"mask_mod and bias_mod read, bias, mask, a block mask's blocks and its aux); the "
+                             f"kernels take at most {MAX_AUX}")
+    return out
 
 
 def check_dropout(dropout_p, seed) -> tuple[float, int]:
@@ -551,6 +560,9 @@ def check_dbias(variants, bias, dbias, return_dbias, dtype, device):
         return None
     if variants.bias is None:
         raise ValueError("return_dbias=True needs the bias tensor the forward call added (bias=)")
+    if device != "cpu":
+        raise ValueError("return_dbias=True runs on the NumPy backend so far: the GPU backward takes bias= for dq, dk "
+                         "and dv, and dbias from its kernels is issue 19's next part")
     shape = tuple(as_array(bias, "bias").shape)
     want = np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
     if dbias is None:

@@ -38,7 +38,8 @@ COMBINE_ROWS = 4
 # The VARIANT template parameter of every kernel: VariantBits in kernels_cu/variant.cuh.
 MASK_NONE, MASK_CAUSAL, MASK_WINDOW = 0, 1, 2
 VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN, VARIANT_KVLEN = 4, 8, 16, 32, 64
-VARIANT_USER_MASK, VARIANT_USER_BIAS = 128, 256  # the user's mask_mod and bias_mod (KernelSet.user)
+VARIANT_USER_MASK, VARIANT_USER_BIAS = 128, 256  # the user's masks and biases (KernelSet.user)
+VARIANT_BLOCKS = 512  # a block mask: the forward walks only the tiles it keeps (KernelSet.with_block_list)
 #: the bits that add work to every score (the register-hungry tiles avoid them)
 SCORE_WORK = VARIANT_SOFTCAP | VARIANT_ALIBI | VARIANT_USER_MASK | VARIANT_USER_BIAS
 
@@ -57,9 +58,9 @@ def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> in
         bits |= VARIANT_ALIBI
     if variants.sinks is not None:
         bits |= VARIANT_SINKS
-    if getattr(variants, "mask_mod", None) is not None:
+    if any(getattr(variants, n, None) is not None for n in ("mask_mod", "mask", "block_mask")):
         bits |= VARIANT_USER_MASK
-    if getattr(variants, "bias_mod", None) is not None:
+    if any(getattr(variants, n, None) is not None for n in ("bias_mod", "bias")):
         bits |= VARIANT_USER_BIAS
     return bits
 
@@ -69,7 +70,8 @@ def variant_text(bits: int) -> str:
     parts = [("", "causal", "window")[bits & 3]]
     parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"),
                                      (VARIANT_VARLEN, "varlen"), (VARIANT_KVLEN, "kvlen"),
-                                     (VARIANT_USER_MASK, "mask_mod"), (VARIANT_USER_BIAS, "bias_mod")) if bits & bit]
+                                     (VARIANT_USER_MASK, "mask_mod"), (VARIANT_USER_BIAS, "bias_mod"),
+                                     (VARIANT_BLOCKS, "blocks")) if bits & bit]
     return "+".join(p for p in parts if p) or "dense"
 
 
@@ -355,14 +357,20 @@ DECODE_TMA = True
 #: ties); the other head dims take the same tile (not measured), 32-row blocks DECODE_TILES' (the
 #: 8 warps' merge does not fit in two stages); shrunk to fit like the cp.async tiles
 DECODE_TILE_TMA = (8, 2)
+#: pages smaller than this take the cp.async loads: TMA's one box per page and 64 columns read a
+#: 16-token paged cache at 0.85x of the dense one, the cp.async loads at 0.96x of TMA's dense
+#: (H100, bench/NOTES.md, session 12)
+DECODE_TMA_MIN_PAGE = 64
 
 
-def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int, tma: bool | None = None) -> DecodeConfig:
+def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int, tma: bool | None = None,
+                  page_size: int | None = None) -> DecodeConfig:
     """The decode tile for ``rows`` query rows per kv head (group x new tokens): 32-row blocks where
     more than 16 rows and head_dim <= 128 (O's registers), else 16; TMA loads on sm_90 where ``tma``
-    (default: DECODE_TMA) allows; until it fits the device's shared memory, stages dropped (to 2), then warps halved
+    (default: DECODE_TMA) allows, for a dense cache or pages of DECODE_TMA_MIN_PAGE keys or more; until it fits the device's shared memory, stages dropped (to 2), then warps halved
     (64-key tiles to 32: head_dim 192 and 256 on sm_86 and sm_89)."""
-    loads = "tma" if (DECODE_TMA if tma is None else tma) and cc == 90 and head_dim_cls % 64 == 0 else "cp.async"
+    tma = (DECODE_TMA if tma is None else tma) and (page_size is None or page_size >= DECODE_TMA_MIN_PAGE)
+    loads = "tma" if tma and cc == 90 and head_dim_cls % 64 == 0 else "cp.async"
     block_rows = 32 if rows > 16 and head_dim_cls <= 128 else 16
     cfg = DecodeConfig(block_rows, *DECODE_TILES[head_dim_cls], loads)
     if loads == "tma":  # DECODE_TILE_TMA where the warps' merge fits in its stages (16-row blocks)
@@ -535,6 +543,30 @@ class KernelSet:
 
     def bwd_threads(self) -> int:
         return 32 * self.bwd.num_warps
+
+    def with_block_list(self, block: tuple, seqlen_q: int, seqlen_k: int, group: int, cc: int) -> "KernelSet":
+        """This set with VARIANT_BLOCKS when its forward and backward can walk only a block mask's kept
+        tiles: tensor-core kernels whose tiles divide the mask's ``block`` (each tile in one block),
+        with room after their shared memory for the lists (key_list_bytes, query_list_bytes); itself
+        otherwise (every tile visited, the block mask applied element by element)."""
+        if not self.tensor_cores or self.variant & (VARIANT_VARLEN | VARIANT_KVLEN):
+            return self
+        listed = replace(self, variant=self.variant | VARIANT_BLOCKS)
+        limit = smem_optin(cc)
+        if (block[0] % self.fwd.block_m or block[1] % self.fwd.block_n or block[0] % self.bwd.block_m
+                or block[1] % self.bwd.block_n or self.fwd_smem() + listed.key_list_bytes(seqlen_k) > limit
+                or self.bwd_smem() + listed.query_list_bytes(seqlen_q, group) > limit):
+            return self
+        return listed
+
+    def key_list_bytes(self, seqlen_k: int) -> int:
+        """VARIANT_BLOCKS: the forward's list of kept key tiles (one short per key tile), after its shared memory."""
+        return 2 * -(-seqlen_k // self.fwd.block_n) if self.variant & VARIANT_BLOCKS else 0
+
+    def query_list_bytes(self, seqlen_q: int, group: int) -> int:
+        """VARIANT_BLOCKS: the backward's list of kept (query head, query tile) pairs (one int each),
+        after its shared memory."""
+        return 4 * group * -(-seqlen_q // self.bwd.block_m) if self.variant & VARIANT_BLOCKS else 0
 
     def fwd_smem(self) -> int:
         if not self.tensor_cores:

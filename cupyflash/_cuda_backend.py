@@ -151,7 +151,7 @@ def _user_fields(var) -> tuple:
     aux arrays its mask_mod and bias_mod read (made C-contiguous where they are not: a copy, kept
     alive by the caller until the launch): (the struct's values, the arrays)."""
     from ._sources import user_terms
-    arrays = [cupy.ascontiguousarray(a) for _, a in (user_terms(var)[1] if getattr(var, "aux", ()) else ())]
+    arrays = [cupy.ascontiguousarray(a) for a in user_terms(var)[1]]
     pointers = [np.uint64(_ptr(a)) for a in arrays] + [np.uint64(0)] * (_launch.MAX_AUX - len(arrays))
     extents = []
     for a in arrays + [None] * (_launch.MAX_AUX - len(arrays)):
@@ -160,13 +160,20 @@ def _user_fields(var) -> tuple:
     return (*pointers, *extents), arrays
 
 
-def _with_user_terms(ks: _config.KernelSet, variants) -> _config.KernelSet:
-    """The kernel set in the module of the call's mask_mod and bias_mod, if it has them. Such calls
-    take the checked path each time (no plan: the aux pointers are not among a plan's slots)."""
+def _with_user_terms(ks: _config.KernelSet, variants, q, k) -> _config.KernelSet:
+    """The kernel set in the module of the call's masks and biases, if it has them, walking only a
+    block mask's kept tiles where it can (KernelSet.with_block_list; then the element mask is only
+    what remains: the call's own, and the block mask's rule on its partial blocks). Such calls take
+    the checked path each time (no plan: the aux pointers are not among a plan's slots)."""
     from dataclasses import replace
-    from ._sources import user_terms
-    source = user_terms(variants)[0] if variants is not None else ""
-    return replace(ks, user=source) if source else ks
+    from ._sources import element_mask, user_terms
+    if variants is None or not variants.user:
+        return ks
+    if variants.block_mask is not None:
+        ks = ks.with_block_list(variants.block_mask.block, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], _cc())
+    listed = bool(ks.variant & _config.VARIANT_BLOCKS)
+    variant = ks.variant if element_mask(variants, listed) else ks.variant & ~_config.VARIANT_USER_MASK
+    return replace(ks, user=user_terms(variants, listed=listed)[0], variant=variant)
 
 
 def _reads_in_place(variant_arrays: tuple, variants) -> bool:
@@ -202,7 +209,7 @@ class ForwardPlan:
         else:
             self.params = _FilledParams(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_FWD_POINTERS), None)
         self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(grid_q, ks.fwd.block_m, H, grid_b),
-                                             ks.fwd_threads(), ks.fwd_smem())
+                                             ks.fwd_threads(), ks.fwd_smem() + ks.key_list_bytes(k.shape[1]))
 
     @staticmethod
     def _qkv(q, k, v) -> tuple:
@@ -262,7 +269,7 @@ def forward_with_plan(q, k, v, *, causal: bool, scale: float, out=None, lse=None
                    else None)
         ks = _with_user_terms(_config.kernel_set(q.dtype, D, causal, _cc(), fwd=fwd_config, variant=variant,
                                                  tuned=_tuned(), seqlen_k=Sk if packing is None else packing.max_k),
-                              variants)
+                              variants, q, k)
         ready = tuple(_kernel_ready(x, tma=ks.hopper_fwd) for x in (q, k, v))
         plan = ForwardPlan(ks, *ready, o, l, scale, allocates=(out is None, lse is None), variants=variants,
                            packing=packing, seqused=seqused, new_k=new_k)
@@ -329,7 +336,7 @@ class BackwardPlan:
         # 2. dK_j, dV_j per (key tile, kv head), over the query heads of its group; dQ_accum += dS K_j
         #    (not when deterministic)
         self.main = _launch.PreparedLaunch(ks, ks.bwd_name(), _grid(grid_k, ks.bwd.block_n, k.shape[2], grid_b),
-                                           ks.bwd_threads(), ks.bwd_smem())
+                                           ks.bwd_threads(), ks.bwd_smem() + ks.query_list_bytes(Sq, H // k.shape[2]))
         if ks.deterministic:
             # 3. dQ_i per query tile, summed over key tiles in a fixed order, scaled and cast
             self.finish = _launch.PreparedLaunch(ks, ks.dq_name(), _grid(grid_q, ks.dq.block_m, H, grid_b),
@@ -416,7 +423,7 @@ def backward_with_plan(dout, q, k, v, out, lse, *, causal: bool, scale: float, d
                                                      deterministic=deterministic, tuned=_tuned(),
                                                      seqlen_k=Sk if packing is None else packing.max_k,
                                                      variant=variant),  # the forward's set: one module
-                                  variants)
+                                  variants, q, k)
             ready = tuple(_kernel_ready(x, tma=ks.hopper_bwd) for x in (dout, q, k, v)) + (_kernel_ready(out),)
             lse_ready = cupy.ascontiguousarray(lse)
             plan = BackwardPlan(ks, *ready, lse_ready, tuple(staged), scale, variants=variants, dsinks=dsinks,

@@ -83,7 +83,8 @@ class DecodePlan:
         self.new_tokens = layout.new_tokens
         rows = decode_rows(q.shape, H_kv)
         cls = _config.head_dim_class(D)
-        cfg = decode_config or _config.decode_config(cls, rows, q.dtype.itemsize, _cc())  # the bench tries others
+        cfg = decode_config or _config.decode_config(cls, rows, q.dtype.itemsize, _cc(),  # the bench tries others
+                                                     page_size=page_size if self.paged else None)
         if cfg.loads == "tma" and not all(_tma.encodable(c.data.ptr, c.shape, c.strides) for c in (k_cache, v_cache)):
             cfg = dataclasses.replace(cfg, loads="cp.async")  # a view TMA cannot describe
         variant = _config.variant_bits(variants, kv_lengths=cache_seqlens is not None)
@@ -223,7 +224,7 @@ def plan_splits(q_shape: tuple, dtype, k_cache_shape: tuple, page_table_shape: t
         return 1
     capacity = page_table_shape[1] * k_cache_shape[1] if paged else k_cache_shape[1]
     cfg = _config.decode_config(_config.head_dim_class(q_shape[3]), decode_rows(q_shape, H_kv), np.dtype(dtype).itemsize,
-                                _cc())
+                                _cc(), page_size=k_cache_shape[1] if paged else None)
     return _grid_and_splits(q_shape, dtype, H_kv, paged, capacity, cfg, num_splits)[1]
 
 

@@ -56,18 +56,81 @@ def kernel_source() -> str:
     return "\n".join(lines) + "\n"
 
 
-def user_terms(variants) -> tuple[str, tuple]:
-    """The source that comes before kernel_source() in a module with the call's mask_mod and
-    bias_mod (variant.cuh's CUPYFLASH_USER_KEEP and CUPYFLASH_USER_BIAS, translated by
-    _expr.to_cpp), and the aux arrays they read, in the order of their UserParams slots; ("", ())
-    without user expressions."""
+def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str, tuple]:
+    """The source that comes before kernel_source() in a module with the call's user terms, and the
+    arrays it reads, in the order of their UserParams slots; ("", ()) without user terms.
+
+    variant.cuh's CUPYFLASH_USER_KEEP is the conjunction of the mask_mod (translated by
+    _expr.to_cpp), the mask tensor and the block mask's element rule (its kinds array, and its own
+    mask_mod on its partial blocks); CUPYFLASH_USER_BIAS the sum of the bias_mod and the bias tensor.
+    A tensor's size-1 (broadcast) axes are read at index 0. CUPYFLASH_BLOCK_* describe the block
+    mask for the kernels that walk only its kept tiles (VARIANT_BLOCKS). ``listed``: the kernels walk
+    those lists, so they know each tile's kind: the block mask leaves CUPYFLASH_USER_KEEP, and its
+    own rule on partial blocks becomes CUPYFLASH_BLOCK_KEEP (full blocks evaluate nothing). The
+    arrays (slots) are the same either way. ``device``: a block mask's arrays as its copies on the
+    current GPU (False: its host arrays, for offline compilation)."""
     from . import _expr
-    exprs = [(macro, e) for macro, e in (("CUPYFLASH_USER_KEEP", variants.mask_mod),
-                                         ("CUPYFLASH_USER_BIAS", variants.bias_mod)) if e is not None]
-    if not exprs:
+    arrays: list = []
+
+    def slot(array) -> int:
+        for n, a in enumerate(arrays):
+            if a is array:
+                return n
+        arrays.append(array)
+        return len(arrays) - 1
+
+    def translate(e, aux) -> str:
+        read = {n: a for n, a in aux if n in e.names}
+        slots = {n: (slot(a), _expr.CPP_TYPES[a.dtype.str], _kind(a), a.ndim) for n, a in read.items()}
+        return _expr.to_cpp(e, slots)
+
+    def dense(t, ctype) -> str:  # a 4-D (batch, heads, seqlen_q, seqlen_k) tensor, size-1 axes broadcast
+        index = ", ".join("0" if n == 1 else name for n, name in zip(t.shape, ("b", "h", "q_idx", "kv_idx")))
+        return f"static_cast<{ctype}>(aux_read<{_expr.CPP_TYPES[t.dtype.str]}>(u, {slot(t)}, bad, {index}))"
+
+    keep, bias, lines = [], [], []
+    if variants.mask_mod is not None:
+        keep.append(f"({translate(variants.mask_mod, variants.aux)} != 0)")
+        lines.append(f"// mask_mod: {' '.join(variants.mask_mod.text.split())}")
+    if variants.mask is not None:
+        keep.append(dense(variants.mask, "bool"))
+    bm = variants.block_mask
+    if bm is not None:
+        kinds = bm.device_kinds() if device else bm.kinds
+        br, bc = bm.block
+        at = ", ".join(["0" if kinds.shape[0] == 1 else "b", "0" if kinds.shape[1] == 1 else "h",
+                        f"q_idx / {br}", f"kv_idx / {bc}"])
+        kind = f"aux_read<signed char>(u, {slot(kinds)}, bad, {at})"
+        rule = "true" if bm.mask_mod is None else f"({translate(bm.mask_mod, bm.device_aux() if device else bm.aux)} != 0)"
+        if not listed:
+            keep.append(f"(({kind}) == {bm.FULL} || (({kind}) == {bm.PARTIAL} && {rule}))")
+        elif bm.mask_mod is not None:
+            lines.append(f"#define CUPYFLASH_BLOCK_KEEP {rule}")
+        lines.append(f"// block_mask: blocks of {br} x {bc}"
+                     + ("" if bm.mask_mod is None else f", partial blocks by {' '.join(bm.mask_mod.text.split())}"))
+        lines.append(f"#define CUPYFLASH_BLOCK_ROWS {br}\n#define CUPYFLASH_BLOCK_COLS {bc}\n"
+                     f"#define CUPYFLASH_BLOCK_SLOT {slot(kinds)}")
+    if variants.bias_mod is not None:
+        bias.append(f"static_cast<float>({translate(variants.bias_mod, variants.aux)})")
+        lines.append(f"// bias_mod: {' '.join(variants.bias_mod.text.split())}")
+    if variants.bias is not None:
+        bias.append(dense(variants.bias, "float"))
+    if keep:
+        lines.append(f"#define CUPYFLASH_USER_KEEP ({' && '.join(keep)})")
+    if bias:
+        lines.append(f"#define CUPYFLASH_USER_BIAS ({' + '.join(bias)})")
+    if not (keep or bias or bm is not None):
         return "", ()
-    read = tuple((n, a) for n, a in variants.aux if any(n in e.names for _, e in exprs))
-    slots = {n: (slot, _expr.CPP_TYPES[a.dtype.str], "bool" if a.dtype == bool else "float" if a.dtype.kind == "f"
-                 else "int", a.ndim) for slot, (n, a) in enumerate(read)}
-    lines = [f"// {e.what}: {' '.join(e.text.split())}\n#define {macro} ({_expr.to_cpp(e, slots)})" for macro, e in exprs]
-    return "\n".join(lines) + "\n", read
+    return "\n".join(lines) + "\n", tuple(arrays)
+
+
+def _kind(a) -> str:
+    return "bool" if a.dtype == bool else "float" if a.dtype.kind == "f" else "int"
+
+
+def element_mask(variants, listed: bool) -> bool:
+    """Does the call leave the kernels a mask to evaluate element by element (VARIANT_USER_MASK)?
+    A block mask whose tiles are listed needs none of its own unless its partial blocks have a rule."""
+    bm = variants.block_mask
+    return (variants.mask_mod is not None or variants.mask is not None
+            or (bm is not None and (not listed or bm.mask_mod is not None)))

@@ -1033,6 +1033,8 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     qd, kd, vd = (xp.ascontiguousarray(t.data) for t in (qt, kt, vt))
     sink_data = None if sinks is None else _as_tensor(sinks).data
     bias_data = None if bias is None else _as_tensor(bias).data
+    # dbias only for a bias on the tape that wants a gradient (a plain array is a constant)
+    want_dbias = isinstance(bias, Tensor) and bias.requires_grad
     if dropout_p and seed is None:
         seed = int(_DROPOUT_SEEDS.integers(2 ** 63))
     variants = dict(window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sink_data,
@@ -1044,11 +1046,11 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     def backward(g, qd, kd, vd, out, lse):
         g = _xp(g).ascontiguousarray(g.astype(out.dtype, copy=False))
         grads = api.flash_attention_backward(g, qd, kd, vd, out, lse, causal=causal, softmax_scale=softmax_scale,
-                                             deterministic=deterministic, return_dbias=bias is not None, **variants)
+                                             deterministic=deterministic, return_dbias=want_dbias, **variants)
         if sinks is not None:
             grads = (*grads[:3], grads[3].astype(sink_data.dtype, copy=False), *grads[4:])
         return grads
-    inputs = (q, k, v) + ((sinks,) if sinks is not None else ()) + ((bias,) if bias is not None else ())
+    inputs = (q, k, v) + ((sinks,) if sinks is not None else ()) + ((bias,) if want_dbias else ())
     return record(out, inputs, backward, saved=(qd, kd, vd, out, lse), op="flash_attention")
 
 

@@ -48,6 +48,23 @@ class BlockMask:
         order = np.argsort(~listed, axis=-1, kind="stable")
         return order.astype(np.int32), listed.sum(axis=-1).astype(np.int32)
 
+    def device_kinds(self):
+        """``kinds`` on the current GPU (copied once per device and kept: a decode loop or a training
+        step passes the same mask every call)."""
+        return self._on_device("kinds", lambda: self.kinds)
+
+    def device_aux(self) -> tuple:
+        """``aux`` (the arrays the partial blocks' mask_mod reads) on the current GPU, kept likewise."""
+        return tuple((n, self._on_device(f"aux:{n}", lambda a=a: a)) for n, a in self.aux)
+
+    def _on_device(self, name: str, host):
+        import cupy
+        cache = self.__dict__.setdefault("_device", {})
+        key = (name, cupy.cuda.runtime.getDevice())
+        if key not in cache:
+            cache[key] = cupy.ascontiguousarray(cupy.asarray(host()))
+        return cache[key]
+
     def keep(self, b, h, i, j):
         """Bool: is key j kept for query i of (batch b, head h) (broadcast index arrays): its block is
         full, or partial and the element mask keeps it."""

@@ -108,8 +108,12 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
     // Query tiles that see some key of K_j (from the causal diagonal down, within the window), of
     // every query head of the group.
     int m_first, m_end;
-    Policy<VARIANT>(p.var, seq, h_kv * p.var.group).template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_end);
-    const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
+    const Policy<VARIANT> first_head(p.var, seq, h_kv * p.var.group);
+    first_head.template query_tiles<BLOCK_M, BLOCK_N>(n0, m_first, m_end);
+    // With a block mask, the tiles it keeps, listed after the tiles' shared memory
+    const auto walk = backward_walk<BLOCK_M, BLOCK_N>(first_head, QueryWalk(h_kv, p.var.group, m_first, m_end),
+                                                      reinterpret_cast<int*>(smem + Tr::SMEM_BYTES), n0);
+    if constexpr (Policy<VARIANT>::BLOCKS) __syncthreads();  // the list is written before any thread reads it
     const int warp = threadIdx.x / 32;
 
     float dk[GB::MT][GB::NT][4], dv[GB::MT][GB::NT][4];
@@ -143,7 +147,7 @@ __global__ void __launch_bounds__(NUM_WARPS * 32) flash_bwd_kernel(const BwdPara
         if (Q_STAGES == 2 && it + 1 < walk.count) cp_async_wait<1>(); else cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i, lse_i, D_i are visible to every warp
 
-        const Policy<VARIANT> pol(p.var, seq, h);
+        const Policy<VARIANT> pol = Policy<VARIANT>(p.var, seq, h).on_tile(walk.partial(it));
         recompute_p_ds<Tr>(p, pol, sK, sV, sQ_i, sdO_i, sLse + buf * BLOCK_M, sD + buf * BLOCK_M, sPt, sdSt, n0, m0);
         __syncthreads();  // P^T and dS^T are complete before any warp reads another warp's rows
 

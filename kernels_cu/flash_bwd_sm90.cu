@@ -41,9 +41,9 @@ struct BwdSm90Smem {
 // group, grouped-query attention) into stage it % STAGES once the consumers have released its previous use. A stage's "full" barrier completes when every
 // producer thread has stored its share of lse_i, D_i and arrived, and Q_i, dO_i have landed:
 // thread 0's arrival announces their bytes, and it issues the copies (TMA).
-template <typename Tr, typename Seq>
+template <typename Tr, typename Seq, typename Walk>
 __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const BwdSm90Smem<Tr>& sm, const Seq& seq, int h_kv,
-                                            int n0, const QueryWalk& walk) {
+                                            int n0, const Walk& walk) {
     using TileQ = typename Tr::TileQ;
     const BwdParams& p = params.bwd;
     const bool tma_thread = threadIdx.x == 0;
@@ -176,9 +176,9 @@ struct DqPanel {
 };
 
 // Consumer warpgroup `wg`: keys [n0 + 64 wg, n0 + 64 wg + 64), every query tile of the walk.
-template <typename Tr, int VARIANT>
+template <typename Tr, int VARIANT, typename Walk>
 __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Smem<Tr>& sm,
-                                            const typename Policy<VARIANT>::Seq& seq, int h_kv, int n0, const QueryWalk& walk) {
+                                            const typename Policy<VARIANT>::Seq& seq, int h_kv, int n0, const Walk& walk) {
     using T = typename Tr::T;
     using Dq = DqPanel<Tr>;
     using Pol = Policy<VARIANT>;
@@ -192,7 +192,7 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
 
     for (int it = 0; it < walk.count; ++it) {
         const int m0 = walk.m_block(it) * BLOCK_M, h = walk.head(it);
-        const Pol pol(p.var, seq, h);
+        const Pol pol = Pol(p.var, seq, h).on_tile(walk.partial(it));
         float* dq_accum_head = p.dq_accum + seq.stat_base(p.heads, p.seqlen_q, h) * p.head_dim;
         // this warp's place, recomputed per tile (cheaper than keeping it live at the register limit)
         const int warp = opaque_thread_index() / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
@@ -286,8 +286,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
     // Query tiles that see some key of K_j (from the causal diagonal down, within the window), of
     // every query head that reads this kv head.
     int m_first, m_end;
-    Policy<VARIANT>(p.var, seq, h_kv * p.var.group).template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
-    const QueryWalk walk(h_kv, p.var.group, m_first, m_end);
+    const Policy<VARIANT> pol(p.var, seq, h_kv * p.var.group);
+    pol.template query_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(n0, m_first, m_end);
+    // With a block mask, the tiles it keeps, listed after the shared memory's plan
+    const auto walk = backward_walk<Tr::BLOCK_M, Tr::BLOCK_N>(pol, QueryWalk(h_kv, p.var.group, m_first, m_end),
+                                                              reinterpret_cast<int*>(smem_raw + Tr::SMEM_BYTES), n0);
 
     if (threadIdx.x == 0) {
         mbarrier_init(sm.kv_full, 1);  // the TMA thread's arrival (and the bytes it announces)
@@ -297,7 +300,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdSm90Params params) {  // in par
         }
         fence_mbarrier_init();
     }
-    __syncthreads();  // the mbarriers are initialised before any warpgroup uses them
+    __syncthreads();  // the mbarriers are initialised (and a block mask's tiles listed) before any warpgroup uses them
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();

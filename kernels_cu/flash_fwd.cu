@@ -29,6 +29,16 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
     // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
     int n_first, n_end;
     pol.template key_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_end);
+    // With a block mask, the tiles it keeps, listed after the tiles' shared memory
+    KeyTiles kept{};
+    if constexpr (Policy<VARIANT>::BLOCKS) {
+        kept = pol.template list_key_tiles<BLOCK_M, BLOCK_N>(reinterpret_cast<short*>(smem + Tr::SMEM_BYTES),
+                                                             (p.seqlen_k + BLOCK_N - 1) / BLOCK_N, m0, n_first, n_end);
+        __syncthreads();  // the list is written before any thread reads it
+    }
+    const int n_tiles = Policy<VARIANT>::BLOCKS ? kept.count() : n_end - n_first;
+    auto tile_at = [&](int it) { return Policy<VARIANT>::BLOCKS ? kept.at(it) : n_first + it; };
+    auto tile_partial = [&](int it) { return Policy<VARIANT>::BLOCKS ? kept.partial(it) : true; };
 
     float o[MT][DT][4];
     zero(o);
@@ -37,12 +47,13 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
 
     // Load Q_i and the first K_j.
     load_tile_async<T, BLOCK_M, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sQ, p.q, seq.tb, h, seq.q0 + m0, seq.q_end(), p.head_dim);
-    load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, seq.tb, block_kv_head(p.var), seq.k0 + n_first * BLOCK_N,
-                                                                            seq.k_end(), p.head_dim);
+    if (!Policy<VARIANT>::BLOCKS || n_tiles > 0)
+        load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, seq.tb, block_kv_head(p.var),
+                                                                                seq.k0 + tile_at(0) * BLOCK_N, seq.k_end(), p.head_dim);
     cp_async_commit();
 
-    for (int n_block = n_first; n_block < n_end; ++n_block) {
-        const int n0 = n_block * BLOCK_N;
+    for (int it = 0; it < n_tiles; ++it) {
+        const int n0 = tile_at(it) * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j (and Q_i) are in shared memory, and every warp has finished reading V_{j-1}
         load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sV, p.v, seq.tb, block_kv_head(p.var), seq.k0 + n0, seq.k_end(), p.head_dim);
@@ -54,14 +65,14 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
         warp_gemm<MT, NT, HEAD_DIM, false, false>(s, sQ + warp_m0 * STRIDE, STRIDE, sK, STRIDE);
         // Logits (softcap, ALiBi); keys past seqlen_k or outside the causal/window band masked,
         // on the tiles that need it.
-        pol.template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp_m0, n0);
+        pol.on_tile(tile_partial(it)).template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp_m0, n0);
         // m, l, O rescaled; s becomes P~_ij
         softmax.update(s, o, p.scale_log2);
 
         cp_async_wait<0>();
         __syncthreads();  // V_j is in shared memory, and every warp has finished reading K_j
-        if (n_block + 1 < n_end)
-            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, seq.tb, block_kv_head(p.var), seq.k0 + n0 + BLOCK_N, seq.k_end(), p.head_dim);
+        if (it + 1 < n_tiles)
+            load_tile_async<T, BLOCK_N, HEAD_DIM, Tr::NUM_THREADS, Tr::LOAD_UNROLL>(sK, p.k, seq.tb, block_kv_head(p.var), seq.k0 + tile_at(it + 1) * BLOCK_N, seq.k_end(), p.head_dim);
         cp_async_commit();
 
         // O_i += P~_ij V_j

@@ -35,14 +35,14 @@ struct FwdSm90Smem {
     __device__ unsigned char* v(int it) const { return k(it) + Tr::TileKV::BYTES; }
 };
 
-// Producer warpgroup: Q_i, then the it-th key tile K_j, V_j (j = n_first + it, from kv head h_kv)
+// Producer warpgroup: Q_i, then the it-th key tile K_j, V_j (j = tile_at(it), from kv head h_kv)
 // of sequence `seq` into stage it % STAGES once the consumers have released its previous use; each fill completes
 // the stage's "full" barrier when its bytes have landed.
 // One thread issues every copy (TMA, v2.7: 16-byte cp.async copies from 128 threads held the
 // tensor pipe at 38% busy); the others have nothing to do.
-template <typename Tr, typename Seq>
+template <typename Tr, typename Seq, typename TileAt>
 __device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Smem<Tr>& sm, const Seq& seq, int h, int h_kv,
-                                        int m0, int n_first, int n_tiles) {
+                                        int m0, const TileAt& tile_at, int n_tiles) {
     if (threadIdx.x != 0) return;
     tma_prefetch_desc(p.k);
     tma_prefetch_desc(p.v);
@@ -51,7 +51,7 @@ __device__ __forceinline__ void produce(const FwdSm90Params& p, const FwdSm90Sme
     // policy masks those keys, and those query rows are never stored
     tma_load_tile<typename Tr::TileQ>(sm.q, p.q, sm.q_full, seq.q0 + m0, h, seq.tb);
     for (int it = 0; it < n_tiles; ++it) {
-        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, n0 = seq.k0 + (n_first + it) * Tr::BLOCK_N;
+        const int stage = it % Tr::STAGES, use = it / Tr::STAGES, n0 = seq.k0 + tile_at(it) * Tr::BLOCK_N;
         if (use > 0) mbarrier_wait(&sm.empty[stage], (use - 1) & 1);  // every consumer is done with tile it - STAGES
         mbarrier_arrive_expect_tx(&sm.full[stage], 2 * Tr::TileKV::BYTES);
         tma_load_tile<typename Tr::TileKV>(sm.k(it), p.k, &sm.full[stage], n0, h_kv, seq.tb);
@@ -78,9 +78,10 @@ __device__ __forceinline__ void issue_pv(float (&o)[Tr::DT][4], const u32 (&pa)[
 }
 
 // Consumer warpgroup `wg`: the online-softmax loop over the key tiles, then O_i and lse_i.
-template <typename Tr, int VARIANT>
+template <typename Tr, int VARIANT, typename TileAt, typename TilePartial>
 __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr>& sm, const typename Policy<VARIANT>::Seq& seq,
-                                        int h, int m0, int n_first, int n_tiles) {
+                                        int h, int m0, int n_first, const TileAt& tile_at, const TilePartial& tile_partial,
+                                        int n_tiles, int n_masked) {
     using T = typename Tr::T;
     constexpr int NT = Tr::NT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N;
     const int warp = threadIdx.x / 32 - Tr::PRODUCER_THREADS / 32;  // among the consumer warps
@@ -90,7 +91,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         mbarrier_wait(&sm.full[it % Tr::STAGES], (it / Tr::STAGES) & 1);
     };
     auto release_tile = [&](int it) { mbarrier_arrive(&sm.empty[it % Tr::STAGES]); };
-    auto key0 = [&](int it) { return (n_first + it) * BLOCK_N; };
+    auto key0 = [&](int it) { return tile_at(it) * BLOCK_N; };
 
     float o[1][DT][4];
     zero(o);
@@ -107,7 +108,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         issue_scores<Tr>(s[0], sm.q, sm.k(0), wg_row0);
         wgmma_wait<0>();
         fence_operands(s[0]);
-        pol.template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp * 16, key0(0));
+        pol.on_tile(tile_partial(0)).template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp * 16, key0(0));
         softmax.update_scores(s, alpha, p.scale_log2);
         #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
@@ -126,8 +127,8 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         issue_pv<Tr>(o[0], pa, sm.v(it - 1));
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
-        if (masked) pol.template to_logits<true>(s, m0 + warp * 16, key0(it));
-        else pol.template to_logits<false>(s, m0 + warp * 16, key0(it));
+        if (masked) pol.on_tile(tile_partial(it)).template to_logits<true>(s, m0 + warp * 16, key0(it));
+        else pol.on_tile(tile_partial(it)).template to_logits<false>(s, m0 + warp * 16, key0(it));
         softmax.update_scores(s, alpha, p.scale_log2);
         // the row sums depend on every P~ value: the softmax stays above the wait
         pin_before_wait(&sm.scratch[threadIdx.x - Tr::PRODUCER_THREADS], softmax.l[0][0] + softmax.l[0][1], wg);
@@ -139,9 +140,14 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
     };
     int u_first, u_end;  // the unmasked tiles, as iterations
-    pol.template unmasked_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_first + n_tiles, u_first, u_end);
-    u_first -= n_first;
-    u_end -= n_first;
+    if constexpr (Policy<VARIANT>::BLOCKS) {  // a block mask's list: its masked tiles first
+        u_first = n_masked;
+        u_end = n_tiles;
+    } else {
+        pol.template unmasked_tiles<BLOCK_M, BLOCK_N>(m0, n_first, n_first + n_tiles, u_first, u_end);
+        u_first -= n_first;
+        u_end -= n_first;
+    }
     int it = 1;
     for (; it < u_first; ++it) step(it, true);
     for (; it < u_end; ++it) step(it, false);
@@ -183,7 +189,17 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
     if (seq.past_q(m0)) return;
     // Key tiles K_j that some row of Q_i sees (the causal diagonal, the window).
     int n_first, n_end;
-    Policy<VARIANT>(p.var, seq, h).template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
+    const Policy<VARIANT> pol(p.var, seq, h);
+    pol.template key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(m0, n_first, n_end);
+    // With a block mask, the tiles it keeps, listed after the shared memory's plan
+    KeyTiles kept{};
+    if constexpr (Policy<VARIANT>::BLOCKS)
+        kept = pol.template list_key_tiles<Tr::BLOCK_M, Tr::BLOCK_N>(reinterpret_cast<short*>(smem_raw + Tr::SMEM_BYTES),
+                                                                     (p.seqlen_k + Tr::BLOCK_N - 1) / Tr::BLOCK_N, m0,
+                                                                     n_first, n_end);
+    const int n_tiles = Policy<VARIANT>::BLOCKS ? kept.count() : n_end - n_first;
+    auto tile_at = [&](int it) { return Policy<VARIANT>::BLOCKS ? kept.at(it) : n_first + it; };
+    auto tile_partial = [&](int it) { return Policy<VARIANT>::BLOCKS ? kept.partial(it) : true; };
 
     if (threadIdx.x == 0) {
         mbarrier_init(sm.q_full, 1);  // the TMA thread's arrival (and the bytes it announces)
@@ -193,14 +209,14 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdSm90Params params) {  // in par
         }
         fence_mbarrier_init();
     }
-    __syncthreads();  // the mbarriers are initialised before any warpgroup uses them
+    __syncthreads();  // the mbarriers are initialised (and a block mask's tiles listed) before any warpgroup uses them
 
     if (threadIdx.x < Tr::PRODUCER_THREADS) {
         setmaxnreg_dec<Tr::PRODUCER_REGS>();
-        produce<Tr>(params, sm, seq, h, kv_head(p.var, h), m0, n_first, n_end - n_first);
+        produce<Tr>(params, sm, seq, h, kv_head(p.var, h), m0, tile_at, n_tiles);
     } else {
         setmaxnreg_inc<Tr::CONSUMER_REGS>();
-        consume<Tr, VARIANT>(p, sm, seq, h, m0, n_first, n_end - n_first);
+        consume<Tr, VARIANT>(p, sm, seq, h, m0, n_first, tile_at, tile_partial, n_tiles, kept.masked);
     }
 }
 

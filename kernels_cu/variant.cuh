@@ -31,7 +31,8 @@ enum VariantBits : int {
     VARIANT_KVLEN = 64,                              // each sequence's key count: seqused_k (a KV cache)
     VARIANT_USER_MASK = 128,                         // the user's mask_mod (UserTerms::keep)
     VARIANT_USER_BIAS = 256,                         // the user's bias_mod (UserTerms::bias)
-    VARIANT_ALL = 511,
+    VARIANT_BLOCKS = 512,                            // a block mask: the forward walks only its kept tiles (KeyTiles)
+    VARIANT_ALL = 1023,
 };
 
 // ---- the user's expressions (mask_mod, bias_mod) ----
@@ -93,6 +94,15 @@ struct UserTerms {
         return true;
 #endif
     }
+    // A block mask's own element rule, on the tiles of its partial blocks (CUPYFLASH_BLOCK_KEEP: the
+    // kernels that list the kept tiles know a tile's kind; true where it is not defined)
+    __device__ __forceinline__ static bool block_keep(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
+#ifdef CUPYFLASH_BLOCK_KEEP
+        return bool(CUPYFLASH_BLOCK_KEEP);
+#else
+        return true;
+#endif
+    }
     // bias_mod's term, in the scaled score's units (0 without one)
     __device__ __forceinline__ static float bias(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
 #ifdef CUPYFLASH_USER_BIAS
@@ -131,6 +141,43 @@ __device__ __forceinline__ int block_kv_head(const VariantParams& v) {
     return kv_head(v, h);
 }
 
+// The query tiles a backward block walks: tiles [m_first, m_end) of each of the `group` query
+// heads that read its kv head (grouped-query attention: their dK, dV sum in registers, no
+// atomics), as one flat index it in [0, count).
+struct QueryWalk {
+    int h0, m_first, tiles, count;
+    bool one_head;  // group 1 (no GQA): no division by tiles
+    __device__ __forceinline__ QueryWalk(int h_kv, int group, int m_first_, int m_end)
+        : h0(h_kv * group), m_first(m_first_), tiles(max(0, m_end - m_first_)), count(tiles * group),
+          one_head(group == 1) {}
+    __device__ __forceinline__ int head(int it) const { return one_head ? h0 : h0 + it / tiles; }
+    __device__ __forceinline__ int m_block(int it) const { return m_first + (one_head ? it : it % tiles); }
+    __device__ __forceinline__ static bool partial(int) { return true; }  // no block mask: every rule applies
+};
+
+// QueryWalk without the tiles a block mask skips (VARIANT_BLOCKS; Policy::list_query_tiles): the
+// same interface, read from a list in shared memory.
+struct ListedQueryWalk {
+    static constexpr int PARTIAL_BIT = 1 << 30;  // the tile's block is partial: its element rule applies
+    const int* list;
+    int h0, count;
+    __device__ __forceinline__ int head(int it) const { return h0 + ((list[it] & ~PARTIAL_BIT) >> 16); }
+    __device__ __forceinline__ int m_block(int it) const { return list[it] & 0xffff; }
+    __device__ __forceinline__ bool partial(int it) const { return (list[it] & PARTIAL_BIT) != 0; }
+};
+
+// The key tiles a forward block walks with a block mask (Policy::list_key_tiles): `masked` tiles
+// from list[0] up, then `unmasked` tiles from list[cap - 1] down.
+struct KeyTiles {
+    static constexpr int PARTIAL_BIT = 1 << 14;  // the tile's block is partial: its element rule applies
+    const short* list;
+    int cap, masked, unmasked;
+    __device__ __forceinline__ int count() const { return masked + unmasked; }
+    __device__ __forceinline__ int entry(int it) const { return it < masked ? list[it] : list[cap - 1 - (it - masked)]; }
+    __device__ __forceinline__ int at(int it) const { return entry(it) & (PARTIAL_BIT - 1); }
+    __device__ __forceinline__ bool partial(int it) const { return (entry(it) & PARTIAL_BIT) != 0; }
+};
+
 // One (batch, query head)'s view of the variants. FAST_TANH: false in the fp32 kernels.
 template <int VARIANT, bool FAST_TANH = true>
 struct Policy {
@@ -145,6 +192,9 @@ struct Policy {
     static constexpr bool USER_BIAS = (VARIANT & VARIANT_USER_BIAS) != 0;
     static constexpr bool USER = USER_MASK || USER_BIAS;
     static constexpr bool TRANSFORMS = SOFTCAP || ALIBI || USER;  // logits differ from scores on every tile
+    static constexpr bool BLOCKS = (VARIANT & VARIANT_BLOCKS) != 0;
+    static_assert(!BLOCKS || (VARIANT & (VARIANT_VARLEN | VARIANT_KVLEN)) == 0,
+                  "a block mask of dense (B, S, H, D) tensors");
     static constexpr bool PACKED = (VARIANT & VARIANT_VARLEN) != 0;
     static_assert(!(PACKED && (VARIANT & VARIANT_KVLEN)), "packed sequences carry their key counts in cu_seqlens_k");
     // where a sequence's rows live
@@ -160,6 +210,7 @@ struct Policy {
     int b, h;          // the sequence and query head (the user's expressions read them)
     float inv_scale;   // 1 / softmax_scale: bias_mod's term in raw units
     UserParams user;   // the user's aux arrays
+    bool block_rule = true;  // a listed tile's block is partial: its block mask's element rule applies
 
     Policy() = default;  // an array of per-row policies (the decode kernel's rows differ in head)
     // sequence `seq`'s query head h (positions i, j within the sequence)
@@ -215,6 +266,78 @@ struct Policy {
         while (u_first < u_end && tile_needs_mask<BLOCK_M, BLOCK_N>(m0, u_first * BLOCK_N)) ++u_first;
     }
 
+    // ---- which keys: a block mask's tiles (VARIANT_BLOCKS) ----
+    // This policy on a listed tile: the block mask's element rule only where its block is partial
+    // (full blocks keep every key; without a block mask, a no-op).
+    __device__ __forceinline__ Policy on_tile(bool partial) const {
+        Policy t = *this;
+        if constexpr (BLOCKS) t.block_rule = partial;
+        return t;
+    }
+    // The key tiles of [first, end) whose block (CUPYFLASH_BLOCK_ROWS x _COLS, which BLOCK_M x
+    // BLOCK_N divide) the block mask keeps, listed in `list` (room for `cap` tiles): those that need
+    // the bounds' mask (tile_needs_mask) from the front, the others from the back, each run in
+    // ascending order (the same order every run: the same sums). Every warp computes the list and
+    // writes the same entries, so every thread holds the counts; the caller syncs before reading.
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ KeyTiles list_key_tiles(short* list, int cap, int m0, int first, int end) const {
+        KeyTiles t{list, cap, 0, 0};
+#ifdef CUPYFLASH_BLOCK_SLOT
+        static_assert(CUPYFLASH_BLOCK_ROWS % BLOCK_M == 0 && CUPYFLASH_BLOCK_COLS % BLOCK_N == 0,
+                      "each tile lies in one block");
+        const int lane = threadIdx.x % 32;
+        const int* e = user.extent[CUPYFLASH_BLOCK_SLOT];  // (batch or 1, heads or 1, query blocks, key blocks)
+        const signed char* row = static_cast<const signed char*>(user.aux[CUPYFLASH_BLOCK_SLOT]) +
+            ((i64(e[0] > 1 ? b : 0) * e[1] + (e[1] > 1 ? h : 0)) * e[2] + m0 / CUPYFLASH_BLOCK_ROWS) * e[3];
+        for (int n0 = first; n0 < end; n0 += 32) {
+            const int n = n0 + lane;
+            const int kind = n < end ? row[n * BLOCK_N / CUPYFLASH_BLOCK_COLS] : 0;  // SKIP 0, PARTIAL 1, FULL 2
+            const bool kept = kind != 0;
+            const bool masked = kept && tile_needs_mask<BLOCK_M, BLOCK_N>(m0, n * BLOCK_N);
+            const unsigned m = __ballot_sync(~0u, masked), u = __ballot_sync(~0u, kept && !masked);
+            const unsigned below = (1u << lane) - 1;
+            const short entry = short(n | (kind == 1 ? KeyTiles::PARTIAL_BIT : 0));
+            if (masked) list[t.masked + __popc(m & below)] = entry;
+            if (kept && !masked) list[cap - 1 - t.unmasked - __popc(u & below)] = entry;
+            t.masked += __popc(m);
+            t.unmasked += __popc(u);
+        }
+#endif
+        return t;
+    }
+
+    // The backward's walk of key tile [n0, n0 + BLOCK_N) (a kv head's QueryWalk over its group's
+    // query heads) without the query tiles whose block the block mask skips, listed in `list` as
+    // (head - walk.h0) << 16 | query tile, in the walk's order; every warp writes the same entries.
+    // The caller syncs before reading. This Policy is of the group's first query head.
+    template <int BLOCK_M, int BLOCK_N>
+    __device__ __forceinline__ ListedQueryWalk list_query_tiles(int* list, const QueryWalk& walk, int n0) const {
+        ListedQueryWalk w{list, walk.h0, 0};
+#ifdef CUPYFLASH_BLOCK_SLOT
+        static_assert(CUPYFLASH_BLOCK_ROWS % BLOCK_M == 0 && CUPYFLASH_BLOCK_COLS % BLOCK_N == 0,
+                      "each tile lies in one block");
+        const int lane = threadIdx.x % 32;
+        const int* e = user.extent[CUPYFLASH_BLOCK_SLOT];  // (batch or 1, heads or 1, query blocks, key blocks)
+        const signed char* kinds = static_cast<const signed char*>(user.aux[CUPYFLASH_BLOCK_SLOT]) +
+                                   i64(e[0] > 1 ? b : 0) * e[1] * e[2] * e[3] + n0 / CUPYFLASH_BLOCK_COLS;
+        for (int it0 = 0; it0 < walk.count; it0 += 32) {
+            const int it = it0 + lane;
+            int entry = 0;
+            bool kept = false;
+            if (it < walk.count) {
+                const int hq = walk.head(it), m = walk.m_block(it);
+                const int kind = kinds[(i64(e[1] > 1 ? hq : 0) * e[2] + m * BLOCK_M / CUPYFLASH_BLOCK_ROWS) * e[3]];
+                entry = (hq - walk.h0) << 16 | m | (kind == 1 ? ListedQueryWalk::PARTIAL_BIT : 0);
+                kept = kind != 0;
+            }
+            const unsigned k = __ballot_sync(~0u, kept);
+            if (kept) list[w.count + __popc(k & ((1u << lane) - 1))] = entry;
+            w.count += __popc(k);
+        }
+#endif
+        return w;
+    }
+
     // ---- which keys: the element mask ----
     // By key j and its offset d = j - diag(i) from query i's diagonal: the kernels compute d as one
     // per-thread base plus compile-time fragment offsets (fewer live registers than i and j).
@@ -267,7 +390,8 @@ struct Policy {
             const int i = j - d - (seqlen_k - seqlen_q);
             if (i < 0 || i >= seqlen_q || j >= seqlen_k) return true;
             bool bad = false;
-            const bool keep = !USER_MASK || UserTerms::keep(user, b, h, i, j, bad);
+            const bool keep = !USER_MASK || (UserTerms::keep(user, b, h, i, j, bad) &&
+                                             (!block_rule || UserTerms::block_keep(user, b, h, i, j, bad)));
             if constexpr (USER_BIAS) x = fmaf(UserTerms::bias(user, b, h, i, j, bad), inv_scale, x);
             if (bad) x = __int_as_float(0x7fc00000);  // NaN
             return keep || bad;
@@ -380,17 +504,16 @@ struct Policy {
     }
 };
 
-// The query tiles a backward block walks: tiles [m_first, m_end) of each of the `group` query
-// heads that read its kv head (grouped-query attention: their dK, dV sum in registers, no
-// atomics), as one flat index it in [0, count).
-struct QueryWalk {
-    int h0, m_first, tiles, count;
-    bool one_head;  // group 1 (no GQA): no division by tiles
-    __device__ __forceinline__ QueryWalk(int h_kv, int group, int m_first_, int m_end)
-        : h0(h_kv * group), m_first(m_first_), tiles(max(0, m_end - m_first_)), count(tiles * group),
-          one_head(group == 1) {}
-    __device__ __forceinline__ int head(int it) const { return one_head ? h0 : h0 + it / tiles; }
-    __device__ __forceinline__ int m_block(int it) const { return m_first + (one_head ? it : it % tiles); }
-};
+
+// The backward's walk of key tile n0: `all` (a QueryWalk), or with a block mask (VARIANT_BLOCKS)
+// the tiles of it that the mask keeps, listed in `list` (the caller syncs before reading).
+template <int BLOCK_M, int BLOCK_N, int VARIANT, bool FAST_TANH>
+__device__ __forceinline__ auto backward_walk(const Policy<VARIANT, FAST_TANH>& first_head, const QueryWalk& all,
+                                              int* list, int n0) {
+    if constexpr (Policy<VARIANT, FAST_TANH>::BLOCKS)
+        return first_head.template list_query_tiles<BLOCK_M, BLOCK_N>(list, all, n0);
+    else
+        return all;
+}
 
 }  // namespace cupyflash

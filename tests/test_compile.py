@@ -269,7 +269,43 @@ def test_every_expression_of_the_subset_compiles_into_the_kernels():
     v = _variants.Variants(mask_mod=_expr.parse("mask_mod", " != 0 && ".join(terms) + " != 0"),
                            bias_mod=_expr.parse("bias_mod", " + ".join(terms)), aux=aux)
     user, read = _sources.user_terms(v)
-    assert [n for n, _ in read] == ["doc", "table", "flags"] and "CUPYFLASH_USER_KEEP" in user
+    assert [a.shape for a in read] == [(5,), (3, 4), (5,)] and "CUPYFLASH_USER_KEEP" in user
     ks = _config.kernel_set(np.float32, 64, False, 80, variant=_config.VARIANT_USER_MASK | _config.VARIANT_USER_BIAS)
     _, log, lowered = _compile.compile_offline([ks.fwd_name()], "sm_80", user=user)
     assert lowered[ks.fwd_name()] in _compile._parse_ptxas(log)
+
+
+def test_a_block_mask_module_compiles_with_its_tile_lists():
+    """The forward and backward that walk a block mask's kept tiles (VARIANT_BLOCKS: 128 x 128
+    blocks, which the tiles divide) compile without spills, with a partial blocks' mask_mod."""
+    import numpy as np
+    import cupyflash
+    from cupyflash import _sources, _variants
+    bm = cupyflash.block_mask("doc[q_idx] == doc[kv_idx]", 1, 2, 512, 512,
+                              aux={"doc": np.repeat(np.arange(4), 128).astype(np.int32)})
+    user, _ = _sources.user_terms(_variants.Variants(block_mask=bm), device=False)
+    ks = _config.kernel_set(np.float16, 64, True, 80, variant=_config.MASK_CAUSAL | _config.VARIANT_USER_MASK)
+    ks = ks.with_block_list(bm.block, 512, 512, 2, 80)
+    assert ks.variant & _config.VARIANT_BLOCKS
+    names = [ks.fwd_name(), ks.bwd_name()]
+    _, log, lowered = _compile.compile_offline(names, "sm_80", user=user)
+    stats = _compile._parse_ptxas(log)
+    for n in names:
+        st = stats[lowered[n]]
+        assert st["registers"] > 0 and not st["spill_stores"] and not st["stack_bytes"], (n, st)
+
+
+def test_the_kernels_walk_a_block_mask_only_where_their_tiles_divide_its_blocks():
+    import numpy as np
+    user_mask = _config.VARIANT_USER_MASK
+    hopper = _config.kernel_set(np.float16, 128, False, 90, variant=user_mask)
+    assert hopper.with_block_list((128, 128), 4096, 4096, 4, 90).variant & _config.VARIANT_BLOCKS
+    assert hopper.with_block_list((256, 128), 4096, 4096, 4, 90).variant & _config.VARIANT_BLOCKS
+    for no in [hopper.with_block_list((64, 64), 4096, 4096, 4, 90),        # tiles wider than the blocks
+               hopper.with_block_list((128, 128), 1 << 20, 1 << 20, 4, 90),  # no room for the lists
+               _config.kernel_set(np.float32, 64, False, 90, variant=user_mask).with_block_list((128, 128), 512, 512, 1, 90),
+               _config.kernel_set(np.float16, 64, False, 90, variant=user_mask | _config.VARIANT_VARLEN)
+               .with_block_list((128, 128), 512, 512, 1, 90)]:
+        assert not no.variant & _config.VARIANT_BLOCKS
+    listed = hopper.with_block_list((128, 128), 4096, 4096, 4, 90)
+    assert listed.key_list_bytes(4096) == 2 * 4096 // 128 and listed.query_list_bytes(4096, 4) == 4 * 4 * 4096 // 64

@@ -11,7 +11,10 @@ atol), outputs poisoned with NaN first. As specifications:
 - the causal mask written as a mask_mod is causal=True;
 - a row the mask empties gets out 0 and lse -inf, and dq 0;
 - an aux index out of bounds (which the NumPy backend refuses) makes exactly that row NaN on the
-  GPU, never a silent value; bias, mask, block_mask and dropout stay NumPy-only, a clear ValueError.
+  GPU, never a silent value;
+- dense bias and mask tensors broadcast from any axis, and block masks (from an expression, a
+  callable or an array of blocks) mean the masks they stand for; dbias and dropout stay NumPy-only
+  (a clear ValueError).
 """
 import numpy as np
 import pytest
@@ -22,7 +25,8 @@ from cupyflash._dtypes import BFLOAT16, FLOAT16, FLOAT32
 
 from test_gpu_kernels import assert_within, to_gpu, to_host64
 from test_gpu_variants import _gpu_kw, check_variant
-from test_user_terms import _documents
+from test_user_terms import _block_cases, _documents
+from test_user_terms import _cases as _user_cases
 
 pytestmark = pytest.mark.gpu
 
@@ -125,11 +129,47 @@ def test_packed_sequences_see_their_own_index_and_positions(rng):
             assert_within(f"{name} [{tag}]", to_host64(g)[s0:s1], w[b], n[b], BFLOAT16)
 
 
-def test_the_dense_tensors_block_masks_and_dropout_are_still_numpy_only(rng):
+TENSORS = ["bias-per-head", "bias-2d-mask-2d", "bias-per-batch-key"]
+
+
+@pytest.mark.parametrize("dtype,D", [(BFLOAT16, 128), (FLOAT16, 96), (FLOAT32, 64)], ids=["bf16-d128", "fp16-d96", "fp32-d64"])
+@pytest.mark.parametrize("case", TENSORS)
+def test_dense_bias_and_mask_tensors(rng, case, dtype, D):
+    """bias and mask broadcast from any of their axes, with softcap, a window and sinks; dq, dk, dv
+    (dbias stays on the NumPy backend for now)."""
+    S, B, H = 200, 2, 4
+    kw = _user_cases(rng, S, B, H)[case]
+    check_variant(rng, dtype, case, B, S, S, H, 2, D, kw=kw)
+
+
+@pytest.mark.parametrize("case", ["document-expression", "prefix-callable", "blocks-10%", "blocks-50%", "blocks-100%"])
+def test_block_masks_are_attention_under_the_mask_they_mean(rng, case):
+    B, H, S = 2, 4, 200
+    bm, kw = _block_cases(rng, B, H, S)[case]
+    dense = bm.to_dense()
+    if "mask_mod" in kw:  # the callable's partial blocks are kept whole by the block mask itself
+        dense = dense & reference._user_terms(np, kw, (B, H, S, S), np.float64)[1]
+    q, k, v, dout = (rng.standard_normal((B, S, H, 128)).astype(BFLOAT16) for _ in range(4))
+    gq, gk, gv, gdo = (to_gpu(x) for x in (q, k, v, dout))
+    gkw = dict(block_mask=bm, **_gpu_kw(kw))
+    o, lse = cupyflash.flash_attention(gq, gk, gv, return_lse=True, **gkw)
+    ref, naive = (reference.attention(q, k, v, upcast=u, mask=dense) for u in (True, False))
+    assert_within(f"out [{case}]", o, ref[0], naive[0], BFLOAT16)
+    assert_within(f"lse [{case}]", lse, ref[1], naive[1], BFLOAT16)
+    grads = cupyflash.flash_attention_backward(gdo, gq, gk, gv, o, lse, **gkw)
+    ref_g, naive_g = (reference.attention_backward(dout, q, k, v, upcast=u, mask=dense) for u in (True, False))
+    for name, g, w, n in zip(("dq", "dk", "dv"), grads, ref_g, naive_g):
+        assert_within(f"{name} [{case}]", g, w, n, BFLOAT16)
+
+
+def test_dbias_and_dropout_are_still_numpy_only(rng):
     q, k, v = (to_gpu(rng.standard_normal((1, 20, 2, 64)).astype(BFLOAT16)) for _ in range(3))
-    for kw in (dict(bias=to_gpu(np.zeros((20, 20), np.float32))), dict(dropout_p=0.1, seed=1)):
-        with pytest.raises(ValueError, match=r"run on the NumPy backend so far \(mask_mod, bias_mod and aux run on"):
-            cupyflash.flash_attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match=r"dropout runs on the NumPy backend so far"):
+        cupyflash.flash_attention(q, k, v, dropout_p=0.1, seed=1)
+    bias = to_gpu(np.zeros((20, 20), np.float32))
+    o, lse = cupyflash.flash_attention(q, k, v, bias=bias, return_lse=True)
+    with pytest.raises(ValueError, match=r"return_dbias=True runs on the NumPy backend so far"):
+        cupyflash.flash_attention_backward(q, q, k, v, o, lse, bias=bias, return_dbias=True)
 
 
 def test_a_module_that_does_not_compile_is_a_value_error_with_the_expression():
@@ -141,3 +181,42 @@ def test_a_module_that_does_not_compile_is_a_value_error_with_the_expression():
                  user="// mask_mod: nope\n#define CUPYFLASH_USER_KEEP (no_such_name > 0)\n")
     with pytest.raises(ValueError, match=r"(?s)mask_mod / bias_mod did not compile.*mask_mod: nope.*no_such_name"):
         _launch.PreparedLaunch(ks, ks.fwd_name(), (1, 1, 1), ks.fwd_threads(), ks.fwd_smem())
+
+
+@pytest.mark.parametrize("dtype,D", [(BFLOAT16, 128), (FLOAT16, 64), (BFLOAT16, 96)], ids=["bf16-d128", "fp16-d64", "bf16-d96"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_kernels_never_read_a_skipped_block(rng, dtype, D, causal):
+    """With blocks the kernels' tiles divide (128 x 128 here), the forward and the backward walk only
+    the kept tiles (VARIANT_BLOCKS): keys of a block column that no query block keeps are NaN, and
+    out, lse, dq, dk, dv are still exact (dk, dv zero there). Partial blocks (a document mask
+    inside) and the causal mask compose with it."""
+    from cupyflash import _config
+    B, H, S = 2, 4, 640
+    blocks = rng.random((B, 1, 5, 5)) < 0.6
+    blocks[:, :, :, 2] = False  # key block 2 (keys 256-383): skipped everywhere, poisoned below
+    blocks[:, :, :, 0] = True   # every row keeps a block (a row with none is another test's case)
+    docs = _documents(rng, B, S)
+    bm = cupyflash.block_mask(lambda b, h, i, j: blocks[b, 0, i // 128, j // 128] & (docs[b, i] == docs[b, j])
+                              | (j < 128), B, H, S, S, block=(128, 128))
+    assert (bm.kinds == bm.PARTIAL).any() and (bm.kinds == bm.FULL).any()
+    bits = (_config.MASK_CAUSAL if causal else _config.MASK_NONE) | _config.VARIANT_USER_MASK
+    ks = _config.kernel_set(dtype, D, causal, 90, variant=bits).with_block_list(bm.block, S, S, 2, 90)
+    assert ks.variant & _config.VARIANT_BLOCKS, "the forward walks the block list here"
+    q, k, v, dout = (rng.standard_normal((B, S, H, D)).astype(dtype) for _ in range(4))
+    kw = dict(mask_mod="(kv_idx < 128) || doc[b][q_idx] == doc[b][kv_idx]", aux={"doc": docs}, causal=causal)
+    dense = bm.to_dense() & reference._user_terms(np, {k_: v_ for k_, v_ in kw.items() if k_ != "causal"},
+                                                  (B, H, S, S), np.float64)[1]
+    gk, gv = to_gpu(k), to_gpu(v)
+    gk[:, 256:384] = np.nan
+    gv[:, 256:384] = np.nan
+    gq = to_gpu(q)
+    o, lse = cupyflash.flash_attention(gq, gk, gv, return_lse=True, block_mask=bm, **_gpu_kw(kw))
+    ref, naive = (reference.attention(q, k, v, upcast=u, mask=dense, causal=causal) for u in (True, False))
+    assert_within(f"out [blocks causal={causal}]", o, ref[0], naive[0], dtype)
+    assert_within(f"lse [blocks causal={causal}]", lse, ref[1], naive[1], dtype)
+    grads = cupyflash.flash_attention_backward(to_gpu(dout), gq, gk, gv, o, lse, block_mask=bm, **_gpu_kw(kw))
+    ref_g, naive_g = (reference.attention_backward(dout, q, k, v, upcast=u, mask=dense, causal=causal)
+                      for u in (True, False))
+    for name, g, w, n in zip(("dq", "dk", "dv"), grads, ref_g, naive_g):
+        assert_within(f"{name} [blocks causal={causal}]", g, w, n, dtype)
+

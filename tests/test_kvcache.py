@@ -234,3 +234,14 @@ def test_the_workspace_holds_each_splits_lse_then_its_output():
     assert not _decode.takes_decode_kernel(BFLOAT16, (4, 128, 32, 128), 8, paged=False)    # 512: prefill kernels
     assert _decode.takes_decode_kernel(BFLOAT16, (4, 128, 32, 128), 8, paged=True)         # paged: always
     assert not _decode.takes_decode_kernel(FLOAT32, (4, 1, 32, 128), 8, paged=False)       # fp32: prefill kernels
+
+
+def test_small_pages_take_the_cp_async_loads_on_hopper():
+    """On sm_90 the decode kernel reads a dense cache and pages of 64 keys or more by TMA boxes; pages
+    of fewer keys by cp.async copies (one box per page and 64 columns read 16-token pages at 0.85x
+    of the dense cache, bench/NOTES.md session 12). Other GPUs have no TMA."""
+    from cupyflash import _config
+    assert _config.decode_config(128, 4, 2, 90).loads == "tma"
+    assert _config.decode_config(128, 4, 2, 90, page_size=256).loads == "tma"
+    assert _config.decode_config(128, 4, 2, 90, page_size=16).loads == "cp.async"
+    assert _config.decode_config(128, 4, 2, 80).loads == "cp.async"

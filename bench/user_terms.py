@@ -1,0 +1,135 @@
+"""The masks-and-sparsity benchmark (issue 19): cupyflash's mask_mod, block masks and bias beside
+FlexAttention and dense attention, in one process, on the same inputs (bf16, d 128).
+
+- Block-sparse attention at 25% density (random 128 x 128 blocks, S 16384, B 1, H 16) against
+  the dense call: the issue's target is <= 0.30x of dense, forward and backward.
+- Document masking: 16 documents of random lengths packed in S 16384, as a mask_mod with a block
+  mask made from the same expression, against FlexAttention (torch.compile'd flex_attention with
+  create_block_mask of the same mask): target >= 1.2x, forward and backward.
+- The causal mask written as a mask_mod (alone, and with its block mask) against causal=True:
+  target within 1.1x.
+
+Forward rows time the forward call; backward rows the backward call alone (its forward runs once
+before). Writes bench/results/user-terms-<gpu>-<date>.json and prints a table and the ratios.
+
+    python bench/user_terms.py [--seqlen 16384] [--out-dir DIR]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import cupyflash  # noqa: E402
+from cupyflash import bench  # noqa: E402
+from run_peers import median_ms, write_result  # noqa: E402
+
+HEADS, HEAD_DIM, DOCUMENTS, DENSITY, BLOCK = 16, 128, 16, 0.25, 128
+
+
+def documents(S: int, n: int, rng) -> np.ndarray:
+    """int32 (S,): the document of each position, n documents of random lengths."""
+    cuts = np.sort(rng.choice(np.arange(1, S), n - 1, replace=False))
+    return np.searchsorted(cuts, np.arange(S), side="right").astype(np.int32)
+
+
+def cupyflash_rows(S: int, rng):
+    """name -> (forward closure, backward closure) of each cupyflash call."""
+    import cupy
+    bf16 = cupyflash._dtypes.BFLOAT16
+    q, k, v, dout = (cupy.asarray(rng.standard_normal((1, S, HEADS, HEAD_DIM), np.float32)).astype(bf16)
+                     for _ in range(4))
+    doc = documents(S, DOCUMENTS, rng)
+    nb = -(-S // BLOCK)
+    sparse = rng.random((1, 1, nb, nb)) < DENSITY
+    calls = {
+        "dense": {},
+        "causal": dict(causal=True),
+        "causal-as-mask_mod": dict(mask_mod="q_idx >= kv_idx"),
+        "causal-as-mask_mod+block_mask": dict(mask_mod="q_idx >= kv_idx",
+                                              block_mask=cupyflash.block_mask("q_idx >= kv_idx", 1, HEADS, S, S)),
+        f"block-sparse-{int(DENSITY * 100)}%": dict(block_mask=cupyflash.block_mask(sparse, 1, HEADS, S, S)),
+        "document-mask+block_mask": dict(block_mask=cupyflash.block_mask("doc[q_idx] == doc[kv_idx]", 1, HEADS, S, S,
+                                                                         aux={"doc": doc})),
+    }
+    rows = {}
+    for name, kw in calls.items():
+        def fwd(kw=kw):
+            return cupyflash.flash_attention(q, k, v, return_lse=True, **kw)
+        o, lse = fwd()
+        rows[name] = (fwd, lambda kw=kw, o=o, lse=lse: cupyflash.flash_attention_backward(dout, q, k, v, o, lse, **kw))
+    density = {"dense": 1.0, "causal": None, f"block-sparse-{int(DENSITY * 100)}%": float(sparse.mean()),
+               "document-mask+block_mask": calls["document-mask+block_mask"]["block_mask"].density}
+    return rows, (q, k, v, dout, doc), density
+
+
+def flex_rows(inputs):
+    """FlexAttention with the document mask (create_block_mask, torch.compile), on (B, H, S, D) copies."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q, k, v, dout, doc = inputs
+    S = q.shape[1]
+    doc_t = torch.as_tensor(doc, device="cuda")
+    views = [torch.from_dlpack(x).transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v)]
+    g = torch.from_dlpack(dout).transpose(1, 2).contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return doc_t[q_idx] == doc_t[kv_idx]
+
+    bm = create_block_mask(mask_mod, None, None, S, S, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fwd():
+        return compiled(*views, block_mask=bm, scale=HEAD_DIM ** -0.5)
+    out = fwd()
+
+    def bwd():
+        for t in views:
+            t.grad = None
+        out.backward(g, retain_graph=True)
+    bwd()
+    return {"flex-document-mask": (fwd, bwd)}
+
+
+@click.command()
+@click.option("--seqlen", type=int, default=16384, show_default=True)
+@click.option("--repeats", type=int, default=10, show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None, help="Also copy the JSON here.")
+def main(seqlen, repeats, out_dir):
+    rng = np.random.default_rng(0)
+    rows, inputs, density = cupyflash_rows(seqlen, rng)
+    try:
+        rows.update(flex_rows(inputs))
+    except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+        click.echo(f"FlexAttention not measured: {bench.short_error(e)}")
+    ms = {}
+    for name, (fwd, bwd) in rows.items():
+        ms[name] = (median_ms(fwd, repeats), median_ms(bwd, repeats))
+        click.echo(f"{name:34s} fwd {ms[name][0]:8.3f} ms  bwd {ms[name][1]:8.3f} ms", err=True)
+    gpu = bench.gpu_info()
+    doc = {"bench": "user-terms", "settings": {"batch": 1, "heads": HEADS, "seqlen": seqlen, "head_dim": HEAD_DIM,
+                                               "dtype": "bfloat16", "documents": DOCUMENTS, "block": BLOCK},
+           "versions": bench.versions(("flex",)), "density": density,
+           "rows": [{"impl": n, "fwd_ms": f, "bwd_ms": b} for n, (f, b) in ms.items()]}
+    path = write_result(doc, "user-terms", gpu, out_dir)
+    click.echo(f"wrote {path}")
+
+    def ratio(a, b, i):
+        return ms[a][i] / ms[b][i] if a in ms and b in ms else float("nan")
+    sparse = f"block-sparse-{int(DENSITY * 100)}%"
+    for i, mode in enumerate(("fwd", "bwd")):
+        click.echo(f"{mode}: block-sparse at {density[sparse]:.2f} density {ratio(sparse, 'dense', i):.3f}x of dense "
+                   f"(<= 0.30); document mask (density {density['document-mask+block_mask']:.3f}) "
+                   f"{ratio('flex-document-mask', 'document-mask+block_mask', i):.2f}x FlexAttention's speed (>= 1.2); "
+                   f"causal as mask_mod {ratio('causal-as-mask_mod', 'causal', i):.2f}x, with its block mask "
+                   f"{ratio('causal-as-mask_mod+block_mask', 'causal', i):.2f}x of causal=True's time (<= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
