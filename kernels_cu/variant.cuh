@@ -37,8 +37,10 @@ enum VariantBits : int {
 
 // ---- the user's expressions (mask_mod, bias_mod) ----
 // cupyflash/_expr.py translates each expression into C++ over b, h, q_idx, kv_idx, in which aux
-// array `a` reads as aux_read<C type>(u, slot, bad, indices...), and defines CUPYFLASH_USER_KEEP
-// and CUPYFLASH_USER_BIAS before this header; modules without them never set the VARIANT_USER bits.
+// array `a` reads as aux_read<C type>(u, slot, bad, indices...), and _sources.user_terms defines
+// CUPYFLASH_USER_KEEP, CUPYFLASH_USER_BIAS and, for a block mask, CUPYFLASH_BLOCK_ROWS, _COLS,
+// _SLOT (its kinds) and _KEEP (its partial blocks' rule) before this header; modules without them
+// never set the VARIANT_USER bits or VARIANT_BLOCKS.
 // `bad` records an aux index out of bounds or an integer division by zero: the caller makes that
 // logit NaN (what the NumPy backend refuses with an error, the GPU shows in the output).
 template <typename C, typename... I>

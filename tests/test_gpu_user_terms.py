@@ -32,16 +32,11 @@ pytestmark = pytest.mark.gpu
 
 
 def _recipes(rng, S, B, H):
-    """name -> keywords: FlexAttention's recipes as mask_mod / bias_mod with their aux arrays."""
+    """name -> keywords: FlexAttention's recipes as mask_mod / bias_mod with their aux arrays (the
+    NumPy spec's cases), a mask and a bias together, and both with every variant."""
+    spec = _user_cases(rng, S, B, H)
     return {
-        "document-mask": dict(mask_mod="q_idx >= kv_idx && doc[b][q_idx] == doc[b][kv_idx]",
-                              aux={"doc": _documents(rng, B, S)}),
-        "prefix-lm": dict(mask_mod="kv_idx < prefix[b] || q_idx >= kv_idx",
-                          aux={"prefix": rng.integers(1, S, B).astype(np.int32)}),
-        "t5-buckets": dict(bias_mod="rel[h][min(abs(q_idx - kv_idx), 31)]", causal=True,
-                           aux={"rel": rng.standard_normal((H, 32)).astype(np.float32)}),
-        "alibi-as-bias-mod": dict(bias_mod="-slope[h] * abs(q_idx - kv_idx)",
-                                  aux={"slope": (2.0 ** -np.arange(1, H + 1)).astype(np.float32)}),
+        **{name: spec[name] for name in ("document-mask", "prefix-lm", "t5-buckets", "alibi-as-bias-mod")},
         "mask-and-bias": dict(mask_mod="doc[b][q_idx] == doc[b][kv_idx]", bias_mod="0.25 * (kv_idx % 3)",
                               aux={"doc": _documents(rng, B, S), "unused": np.zeros(3, np.float64)}),
         "with-variants": dict(mask_mod="(q_idx / 7) % 2 == 0 || kv_idx % 5 != 0", bias_mod="w[h] * (q_idx > kv_idx)",
