@@ -13,6 +13,11 @@ steps. ``simulate`` runs N ranks in one process with a loop as the transport (th
 N virtual ranks on one GPU with device-to-device copies); an NCCL transport over
 ``cupy.cuda.nccl`` is the part that needs a machine with several GPUs.
 
+On several GPUs (one process per GPU) ``ring_flash_attention`` and its backward run the same steps
+with an NCCL ring (``RingAttention``): each step posts the next key/value block's send to the
+right neighbour and receive from the left one on a communication stream, computes with the block
+in hand on the compute stream meanwhile, and waits for the receive only when it needs the block.
+
 Backward: with the merged forward's out and lse, the gradients of each (query shard, key/value
 block) pair are flash attention's backward of that pair alone (its D = rowsum(dO * out) and P =
 exp(S - lse) are the global ones), so dQ accumulates locally and each block's dK, dV accumulate
@@ -161,3 +166,132 @@ def simulate(q_shards, k_shards, v_shards, *, causal: bool = False, softmax_scal
     assert all(b.owner == r for r, b in enumerate(held))  # every block is home again
     return (outs, lses, [dq.astype(dtype) for dq in dqs], [b.dk.astype(dtype) for b in held],
             [b.dv.astype(dtype) for b in held])
+
+
+# ---- one rank of a ring on several GPUs ----
+
+class NcclRing:
+    """The ring's transport over a ``cupy.cuda.nccl.NcclCommunicator`` (one process per GPU): a shift
+    sends arrays to rank + 1 and receives their like from rank - 1 on its own stream, as raw bytes
+    (any dtype; send and receive need no reduction), while the caller's stream goes on computing.
+
+    How each process gets the communicator (the uid handshake): rank 0 calls
+    ``cupy.cuda.nccl.get_unique_id()`` and hands the id to every other process (a pipe, a file, the
+    launcher's store); each process then selects its GPU and calls
+    ``cupy.cuda.nccl.NcclCommunicator(world_size, uid, rank)``.
+    """
+
+    def __init__(self, comm, rank: int, world_size: int, stream=None):
+        import cupy
+        self.comm, self.rank, self.world = comm, rank, world_size
+        self.stream = stream if stream is not None else cupy.cuda.Stream(non_blocking=True)
+
+    def start(self, arrays: tuple):
+        """Post the shift of ``arrays`` (contiguous, written by work on the current stream); returns a
+        handle for :meth:`finish`. Holds the sent arrays until then."""
+        import cupy
+        from cupy.cuda import nccl
+        # the receive buffers come from the current stream's pool, so their memory's earlier users
+        # there are done before the communication stream writes it (waiting on `ready`)
+        received = tuple(cupy.empty_like(a) for a in arrays)
+        ready = cupy.cuda.get_current_stream().record()  # what the current stream wrote is complete
+        self.stream.wait_event(ready)
+        right, left = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        with self.stream:
+            nccl.groupStart()  # every send and receive of the shift as one group: no ordering deadlock
+            for a, r in zip(arrays, received):
+                self.comm.send(a.data.ptr, a.nbytes, nccl.NCCL_UINT8, right, self.stream.ptr)
+                self.comm.recv(r.data.ptr, r.nbytes, nccl.NCCL_UINT8, left, self.stream.ptr)
+            nccl.groupEnd()
+        return received, self.stream.record(), arrays
+
+    def finish(self, handle) -> tuple:
+        """The arrays the left neighbour sent, once the current stream has waited for them."""
+        import cupy
+        received, done, _sent = handle
+        cupy.cuda.get_current_stream().wait_event(done)  # the receive (and our sends) are complete
+        return received
+
+
+class RingAttention:
+    """One rank of ring attention over NCCL: ``comm`` (a ``cupy.cuda.nccl.NcclCommunicator`` the
+    caller created; see :class:`NcclRing` for the uid handshake), this process's ``rank`` and the
+    ``world_size``. ``forward`` and ``backward`` take this rank's shards (:func:`shard`: zig-zag
+    when causal), ``(B, S / world_size, H, D)`` and ``(B, S / world_size, H_kv, D)``: only the H_kv
+    heads travel. ``ring``: another transport with NcclRing's ``start`` / ``finish`` (tests)."""
+
+    def __init__(self, comm, rank: int, world_size: int, *, stream=None, ring=None):
+        from . import _checks
+        self.rank, self.world = _checks._check_int("rank", rank), _checks._check_int("world_size", world_size)
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank must be in [0, world_size) = [0, {self.world}), got {self.rank}")
+        self.ring = ring if ring is not None else NcclRing(comm, self.rank, self.world, stream)
+
+    def forward(self, q, k, v, *, causal: bool = False, softmax_scale=None):
+        """(out, lse) of this rank's queries over the whole sequence: the blocks go once around the
+        ring, each merged by its lse; the next block's shift overlaps the current block's attention."""
+        _check_shards(q, k, v, self.world, causal)
+        block, out, lse = Block(self.rank, _contiguous(k), _contiguous(v)), None, None
+        for step in range(self.world):
+            pending = self.ring.start((block.k, block.v)) if step < self.world - 1 else None
+            out, lse = forward_step(q, block, self.rank, self.world, out, lse, causal=causal,
+                                    softmax_scale=softmax_scale)
+            if pending is not None:
+                block = Block((block.owner - 1) % self.world, *self.ring.finish(pending))
+        return out.astype(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse, *, causal: bool = False, softmax_scale=None):
+        """(dq, dk, dv) of this rank's shards: dq accumulates here; each block's dk, dv accumulate in
+        fp32 buffers that travel with it and are home after world_size shifts."""
+        _check_shards(q, k, v, self.world, causal)
+        xp = _xp(q)
+        dq = xp.zeros(q.shape, lse.dtype)
+        block = Block(self.rank, _contiguous(k), _contiguous(v))
+        for step in range(self.world):
+            pending = self.ring.start((block.k, block.v)) if step < self.world - 1 else None
+            backward_step(dout, q, out, lse, block, self.rank, self.world, dq, causal=causal,
+                          softmax_scale=softmax_scale)
+            dk, dv = block.dk, block.dv
+            if self.world > 1:  # the gradients follow their block (after the last step: home)
+                dk, dv = self.ring.finish(self.ring.start((dk, dv)))
+            if pending is not None:
+                block = Block((block.owner - 1) % self.world, *self.ring.finish(pending), dk, dv)
+        return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
+
+
+def ring_flash_attention(q, k, v, *, comm, causal: bool = False, softmax_scale=None, window_size=(-1, -1),
+                         return_lse: bool = False):
+    """Flash attention of a sequence sharded across the ranks of ``comm`` (a :class:`RingAttention`):
+    this rank's out (and lse with ``return_lse``) for its query shard. ``window_size`` other than
+    (-1, -1) is a ValueError for now (the ring skips no block for a window yet)."""
+    _check_ring(comm, window_size)
+    out, lse = comm.forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return (out, lse) if return_lse else out
+
+
+def ring_flash_attention_backward(dout, q, k, v, out, lse, *, comm, causal: bool = False, softmax_scale=None,
+                                  window_size=(-1, -1)):
+    """(dq, dk, dv) of this rank's shards for :func:`ring_flash_attention`'s out and lse."""
+    _check_ring(comm, window_size)
+    return comm.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale)
+
+
+def _check_ring(comm, window_size) -> None:
+    if not isinstance(comm, RingAttention):
+        raise TypeError(f"comm must be a cupyflash.distributed.RingAttention, got {type(comm).__name__}")
+    if tuple(window_size) != (-1, -1):
+        raise ValueError(f"window_size={tuple(window_size)}: ring attention takes no window yet, only (-1, -1)")
+
+
+def _check_shards(q, k, v, world: int, causal: bool) -> None:
+    """This rank's shards: (B, S_local, H, D) and (B, S_local, H_kv, D), one S_local, in 2 chunks when causal."""
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[1] != k.shape[1] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q (B, S_local, H, D) and k, v (B, S_local, H_kv, D) must be this rank's shards of one "
+                         f"sequence, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if causal and q.shape[1] % 2:
+        raise ValueError(f"a causal shard is two zig-zag chunks (shard(..., causal=True)): its length must be even, "
+                         f"got {q.shape[1]}")
+
+
+def _contiguous(x):
+    return _xp(x).ascontiguousarray(x)
