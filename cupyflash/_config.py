@@ -544,11 +544,17 @@ class KernelSet:
     def bwd_threads(self) -> int:
         return 32 * self.bwd.num_warps
 
-    def with_block_list(self, block: tuple, seqlen_q: int, seqlen_k: int, group: int, cc: int) -> "KernelSet":
+    def with_block_list(self, block: tuple, seqlen_q: int, seqlen_k: int, group: int, cc: int,
+                        element_mask: bool = True, reads_memory: bool = True) -> "KernelSet":
         """This set with VARIANT_BLOCKS when its forward and backward can walk only a block mask's kept
         tiles: tensor-core kernels whose tiles divide the mask's ``block`` (each tile in one block),
         with room after their shared memory for the lists (key_list_bytes, query_list_bytes); itself
-        otherwise (every tile visited, the block mask applied element by element)."""
+        otherwise (every tile visited, the block mask applied element by element). ``element_mask``:
+        is a mask left to evaluate per element once the tiles are listed (the call's own, or the
+        block mask's rule on its partial blocks)? Without one VARIANT_USER_MASK goes; with one that
+        ``reads_memory`` (aux arrays, the mask tensor), the Hopper forward at head_dim 128 and up
+        halves BLOCK_N (a document rule spilled 236 bytes there at 128 keys, nothing at 64, and a
+        causal mask_mod nothing at 128; offline, NVRTC 13.0, bench/NOTES.md session 12)."""
         if not self.tensor_cores or self.variant & (VARIANT_VARLEN | VARIANT_KVLEN):
             return self
         listed = replace(self, variant=self.variant | VARIANT_BLOCKS)
@@ -557,6 +563,10 @@ class KernelSet:
                 or block[1] % self.bwd.block_n or self.fwd_smem() + listed.key_list_bytes(seqlen_k) > limit
                 or self.bwd_smem() + listed.query_list_bytes(seqlen_q, group) > limit):
             return self
+        if not element_mask:
+            return replace(listed, variant=listed.variant & ~VARIANT_USER_MASK)
+        if reads_memory and self.hopper_fwd and self.fwd.head_dim(self.head_dim_cls) >= 128 and self.fwd.block_n > 64:
+            return replace(listed, fwd=replace(self.fwd, block_n=64))
         return listed
 
     def key_list_bytes(self, seqlen_k: int) -> int:

@@ -170,10 +170,10 @@ def _with_user_terms(ks: _config.KernelSet, variants, q, k) -> _config.KernelSet
     if variants is None or not variants.user:
         return ks
     if variants.block_mask is not None:
-        ks = ks.with_block_list(variants.block_mask.block, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], _cc())
-    listed = bool(ks.variant & _config.VARIANT_BLOCKS)
-    variant = ks.variant if element_mask(variants, listed) else ks.variant & ~_config.VARIANT_USER_MASK
-    return replace(ks, user=user_terms(variants, listed=listed)[0], variant=variant)
+        needed, reads = element_mask(variants, listed=True)
+        ks = ks.with_block_list(variants.block_mask.block, q.shape[1], k.shape[1], q.shape[2] // k.shape[2], _cc(),
+                                element_mask=needed, reads_memory=reads)
+    return replace(ks, user=user_terms(variants, listed=bool(ks.variant & _config.VARIANT_BLOCKS))[0])
 
 
 def _reads_in_place(variant_arrays: tuple, variants) -> bool:

@@ -128,9 +128,13 @@ def _kind(a) -> str:
     return "bool" if a.dtype == bool else "float" if a.dtype.kind == "f" else "int"
 
 
-def element_mask(variants, listed: bool) -> bool:
-    """Does the call leave the kernels a mask to evaluate element by element (VARIANT_USER_MASK)?
-    A block mask whose tiles are listed needs none of its own unless its partial blocks have a rule."""
+def element_mask(variants, listed: bool) -> tuple[bool, bool]:
+    """(Does the call leave the kernels a mask to evaluate element by element (VARIANT_USER_MASK)?
+    Does that mask read memory: aux arrays, the mask tensor, a block mask's kinds?) A block mask
+    whose tiles are listed needs none of its own unless its partial blocks have a rule."""
     bm = variants.block_mask
-    return (variants.mask_mod is not None or variants.mask is not None
-            or (bm is not None and (not listed or bm.mask_mod is not None)))
+    own = variants.mask_mod is not None and any(n in variants.mask_mod.names for n, _ in variants.aux)
+    rule = bm is not None and bm.mask_mod is not None
+    needed = (variants.mask_mod is not None or variants.mask is not None or (bm is not None and (not listed or rule)))
+    reads = own or variants.mask is not None or (bm is not None and (not listed or (rule and bool(bm.aux))))
+    return needed, reads

@@ -275,20 +275,26 @@ def test_every_expression_of_the_subset_compiles_into_the_kernels():
     assert lowered[ks.fwd_name()] in _compile._parse_ptxas(log)
 
 
-def test_a_block_mask_module_compiles_with_its_tile_lists():
+@pytest.mark.parametrize("arch,head_dim", [("sm_80", 64), ("sm_90a", 128)])
+def test_a_block_mask_module_compiles_with_its_tile_lists(arch, head_dim):
     """The forward and backward that walk a block mask's kept tiles (VARIANT_BLOCKS: 128 x 128
-    blocks, which the tiles divide) compile without spills, with a partial blocks' mask_mod."""
+    blocks, which the tiles divide) compile without spills, with a partial blocks' rule that reads
+    an aux array (documents of unequal lengths: partial blocks exist); on Hopper at head_dim 128
+    that takes the halved key tile (with_block_list)."""
     import numpy as np
     import cupyflash
     from cupyflash import _sources, _variants
-    bm = cupyflash.block_mask("doc[q_idx] == doc[kv_idx]", 1, 2, 512, 512,
-                              aux={"doc": np.repeat(np.arange(4), 128).astype(np.int32)})
-    user, _ = _sources.user_terms(_variants.Variants(block_mask=bm), device=False)
-    ks = _config.kernel_set(np.float16, 64, True, 80, variant=_config.MASK_CAUSAL | _config.VARIANT_USER_MASK)
-    ks = ks.with_block_list(bm.block, 512, 512, 2, 80)
+    doc = np.searchsorted([100, 300, 333], np.arange(512), side="right").astype(np.int32)
+    bm = cupyflash.block_mask("doc[q_idx] == doc[kv_idx]", 1, 2, 512, 512, aux={"doc": doc})
+    v = _variants.Variants(block_mask=bm)
+    needed, reads = _sources.element_mask(v, listed=True)
+    assert bm.mask_mod is not None and needed and reads
+    cc = _compile.arch_cc(arch)
+    ks = _config.kernel_set(np.float16, head_dim, True, cc, variant=_config.variant_bits(v) | _config.MASK_CAUSAL)
+    ks = ks.with_block_list(bm.block, 512, 512, 2, cc, needed, reads)
     assert ks.variant & _config.VARIANT_BLOCKS
     names = [ks.fwd_name(), ks.bwd_name()]
-    _, log, lowered = _compile.compile_offline(names, "sm_80", user=user)
+    _, log, lowered = _compile.compile_offline(names, arch, user=_sources.user_terms(v, device=False, listed=True)[0])
     stats = _compile._parse_ptxas(log)
     for n in names:
         st = stats[lowered[n]]
@@ -307,5 +313,10 @@ def test_the_kernels_walk_a_block_mask_only_where_their_tiles_divide_its_blocks(
                _config.kernel_set(np.float16, 64, False, 90, variant=user_mask | _config.VARIANT_VARLEN)
                .with_block_list((128, 128), 512, 512, 1, 90)]:
         assert not no.variant & _config.VARIANT_BLOCKS
+    # an element rule left on the listed tiles: the Hopper forward's key tile halves at head_dim 128
     listed = hopper.with_block_list((128, 128), 4096, 4096, 4, 90)
-    assert listed.key_list_bytes(4096) == 2 * 4096 // 128 and listed.query_list_bytes(4096, 4) == 4 * 4 * 4096 // 64
+    assert listed.fwd.block_n == 64 and listed.variant & _config.VARIANT_USER_MASK
+    assert listed.key_list_bytes(4096) == 2 * 4096 // 64 and listed.query_list_bytes(4096, 4) == 4 * 4 * 4096 // 64
+    # none left (a block mask of whole blocks): no element mask at all, the table's tile
+    bare = hopper.with_block_list((128, 128), 4096, 4096, 4, 90, element_mask=False)
+    assert bare.fwd == hopper.fwd and bare.variant == _config.VARIANT_BLOCKS

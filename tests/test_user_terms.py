@@ -428,3 +428,25 @@ def test_packed_sequences_see_their_own_index_and_positions(rng):
         ref_g = reference.attention_backward(as_row_b(dout), as_row_b(q), as_row_b(k), as_row_b(v), **kw)
         for name, got, want in zip(("dq", "dk", "dv"), grads, ref_g):
             assert np.allclose(got[s0:s1], want[b], atol=1e-12), f"{name} of sequence {b}"
+
+
+def test_what_the_listed_kernels_still_evaluate_per_element(rng):
+    """With a block mask's tiles listed (the GPU's VARIANT_BLOCKS), full blocks need no element mask:
+    what is left is the call's own mask and the block mask's rule on its partial blocks; and whether
+    that reads memory decides the Hopper forward's key tile (a memory-reading rule spilled at 128)."""
+    from cupyflash import _config, _sources, _variants
+    S, doc = 256, np.repeat(np.arange(4), 64).astype(np.int32)
+    whole = cupyflash.block_mask(np.ones((1, 1, 2, 2), bool), 1, 2, S, S)
+    causal_rule = cupyflash.block_mask("q_idx >= kv_idx", 1, 2, S, S)
+    doc_rule = cupyflash.block_mask("doc[q_idx] == doc[kv_idx]", 1, 2, S, S, aux={"doc": doc})
+    causal_mod = _expr.parse("mask_mod", "q_idx >= kv_idx")
+    doc_mod = _expr.parse("mask_mod", "doc[q_idx] == doc[kv_idx]")
+    cases = [(dict(block_mask=whole), (False, False)), (dict(block_mask=causal_rule), (True, False)),
+             (dict(block_mask=doc_rule), (True, True)), (dict(block_mask=whole, mask_mod=causal_mod), (True, False)),
+             (dict(block_mask=whole, mask_mod=doc_mod, aux=(("doc", doc),)), (True, True))]
+    for kw, want in cases:
+        assert _sources.element_mask(_variants.Variants(**kw), listed=True) == want, (kw, want)
+        assert _sources.element_mask(_variants.Variants(**kw), listed=False)[0]  # unlisted: the kinds per element
+    hopper = _config.kernel_set(np.float16, 128, False, 90, variant=_config.VARIANT_USER_MASK)
+    assert hopper.with_block_list((128, 128), S, S, 1, 90, reads_memory=False).fwd.block_n == 128
+    assert hopper.with_block_list((128, 128), S, S, 1, 90, reads_memory=True).fwd.block_n == 64
