@@ -212,9 +212,7 @@ struct Policy {
     int b, h;          // the sequence and query head (the user's expressions read them)
     float inv_scale;   // 1 / softmax_scale: bias_mod's term in raw units
     UserParams user;   // the user's aux arrays
-    // a listed tile's block is partial: its block mask's element rule applies (set per tile by
-    // on_tile, in place: a copy of the policy per tile made the Hopper forward spill)
-    mutable bool block_rule = true;
+    bool block_rule = true;  // a listed tile's block is partial: its block mask's element rule applies
 
     Policy() = default;  // an array of per-row policies (the decode kernel's rows differ in head)
     // sequence `seq`'s query head h (positions i, j within the sequence)
@@ -273,9 +271,10 @@ struct Policy {
     // ---- which keys: a block mask's tiles (VARIANT_BLOCKS) ----
     // This policy on a listed tile: the block mask's element rule only where its block is partial
     // (full blocks keep every key; without a block mask, a no-op).
-    __device__ __forceinline__ const Policy& on_tile(bool partial) const {
-        if constexpr (BLOCKS) block_rule = partial;
-        return *this;
+    __device__ __forceinline__ Policy on_tile(bool partial) const {
+        Policy t = *this;
+        if constexpr (BLOCKS) t.block_rule = partial;
+        return t;
     }
     // The key tiles of [first, end) whose block (CUPYFLASH_BLOCK_ROWS x _COLS, which BLOCK_M x
     // BLOCK_N divide) the block mask keeps, listed in `list` (room for `cap` tiles): those that need
