@@ -8,7 +8,8 @@
 #                                              /root/fa4 by an earlier call), then the steps named
 #                                              (default: varlen kvcache variants host): bench/varlen.py,
 #                                              bench/kvcache.py, bench/variants.py, bench/host_path.py;
-#                                              generate: examples/generate.py; decode: the KV-cache
+#                                              generate: examples/generate.py; user-terms:
+#                                              bench/user_terms.py (masks, block masks, bias: issue 19); decode: the KV-cache
 #                                              GPU tests (TMA loads included) and bench/kvcache.py with
 #                                              the cp.async and TMA decode tiles (decode-bench: the
 #                                              latter alone); tune: `cupyflash tune
@@ -71,6 +72,7 @@ bench)
         variants) step variants python bench/variants.py --out-dir "$OUT" ;;
         host) step host-path python bench/host_path.py --json "$OUT/host-path.json" ;;
         generate) step generate python examples/generate.py ;;
+        user-terms) step user-terms python bench/user_terms.py --out-dir "$OUT" ;;
         decode)
             step decode-tests python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_gpu_kvcache.py
             step decode-bench python bench/kvcache.py --out-dir "$OUT" --tiles 4x3t,4x4t,8x2t,8x3t ;;

@@ -9,6 +9,9 @@ FlexAttention and dense attention, in one process, on the same inputs (bf16, d 1
 - The causal mask written as a mask_mod (alone, with its block mask, and as FlexAttention writes it:
   a block mask made from the expression, which masks its partial blocks) against causal=True:
   target within 1.1x.
+- A dense bias tensor, (1, H, S, S) float16 at B 2, S 4096 (fp16 inputs), against PyTorch SDPA's
+  memory-efficient and cuDNN backends with the same tensor as attn_mask: target >= 1.0x the faster
+  (the backward without dbias on both sides: cupyflash's GPU dbias is not written yet).
 
 Forward rows time the forward call; backward rows the backward call alone (its forward runs once
 before). Writes bench/results/user-terms-<gpu>-<date>.json and prints a table and the ratios.
@@ -103,6 +106,48 @@ def flex_rows(inputs):
     return {"flex-document-mask": (fwd, bwd)}
 
 
+BIAS_SHAPE = (2, 16, 4096)  # batch, heads, seqlen of the bias rows
+
+
+def bias_rows(rng, only: str | None):
+    """cupyflash with a dense (1, H, S, S) float16 bias, and SDPA (efficient, cuDNN) with it as attn_mask
+    (``only``: these rows, as in main)."""
+    import cupy
+    B, H, S = BIAS_SHAPE
+    rows = {}
+    q, k, v, dout = (cupy.asarray(rng.standard_normal((B, S, H, HEAD_DIM), np.float32)).astype(np.float16)
+                     for _ in range(4))
+    bias = cupy.asarray(rng.standard_normal((1, H, S, S), np.float32)).astype(np.float16)
+    if not only or "bias" in only.split(","):
+        def fwd():
+            return cupyflash.flash_attention(q, k, v, bias=bias, return_lse=True)
+        o, lse = fwd()
+        rows["bias"] = (fwd, lambda: cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=bias))
+    if only and "sdpa-bias" not in only.split(","):
+        return rows
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    tq, tk, tv = (torch.from_dlpack(x).transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+    tb, tg = torch.from_dlpack(bias), torch.from_dlpack(dout).transpose(1, 2).contiguous()
+    for name, backend in (("sdpa-efficient-bias", SDPBackend.EFFICIENT_ATTENTION),
+                          ("sdpa-cudnn-bias", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            def fwd(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tb)
+            out = fwd()
+
+            def bwd(out=out):
+                for t in (tq, tk, tv):
+                    t.grad = None
+                out.backward(tg, retain_graph=True)
+            bwd()
+            rows[name] = (fwd, bwd)
+        except Exception as e:  # noqa: BLE001 - a backend that refuses the bias is reported, not fatal
+            click.echo(f"{name} not measured: {bench.short_error(e)}")
+    return rows
+
+
 @click.command()
 @click.option("--seqlen", type=int, default=16384, show_default=True)
 @click.option("--repeats", type=int, default=10, show_default=True)
@@ -116,6 +161,7 @@ def main(seqlen, repeats, out_dir, only):
             rows.update(flex_rows(inputs))
     except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
         click.echo(f"FlexAttention not measured: {bench.short_error(e)}")
+    rows.update(bias_rows(rng, only))
     ms = {}
     for name, (fwd, bwd) in rows.items():
         ms[name] = (median_ms(fwd, repeats), median_ms(bwd, repeats))
@@ -137,7 +183,9 @@ def main(seqlen, repeats, out_dir, only):
                    f"{ratio('flex-document-mask', 'document-mask+block_mask', i):.2f}x FlexAttention's speed (>= 1.2); "
                    f"causal as mask_mod {ratio('causal-as-mask_mod', 'causal', i):.2f}x, with its block mask "
                    f"{ratio('causal-as-mask_mod+block_mask', 'causal', i):.2f}x, as a block mask alone (FlexAttention's "
-                   f"form) {ratio('causal-as-block_mask', 'causal', i):.2f}x of causal=True's time (<= 1.1)")
+                   f"form) {ratio('causal-as-block_mask', 'causal', i):.2f}x of causal=True's time (<= 1.1); "
+                   f"bias (B, H, S = {BIAS_SHAPE}) {ratio('sdpa-efficient-bias', 'bias', i):.2f}x SDPA efficient's "
+                   f"speed, {ratio('sdpa-cudnn-bias', 'bias', i):.2f}x SDPA cuDNN's (>= 1.0 the faster)")
 
 
 if __name__ == "__main__":
