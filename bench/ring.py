@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
