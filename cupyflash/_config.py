@@ -40,8 +40,12 @@ MASK_NONE, MASK_CAUSAL, MASK_WINDOW = 0, 1, 2
 VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN, VARIANT_KVLEN = 4, 8, 16, 32, 64
 VARIANT_USER_MASK, VARIANT_USER_BIAS = 128, 256  # the user's masks and biases (KernelSet.user)
 VARIANT_BLOCKS = 512  # a block mask: the forward walks only the tiles it keeps (KernelSet.with_block_list)
+VARIANT_DROPOUT = 1024  # dropout regenerated from the seed (kernels_cu/dropout.cuh)
+#: dropout on the GPU: off until its GPU tests have run on a lent GPU (tests/test_gpu_user_terms.py;
+#: written in session 12 after the device time was spent); a GPU call with dropout is a ValueError
+GPU_DROPOUT = False
 #: the bits that add work to every score (the register-hungry tiles avoid them)
-SCORE_WORK = VARIANT_SOFTCAP | VARIANT_ALIBI | VARIANT_USER_MASK | VARIANT_USER_BIAS
+SCORE_WORK = VARIANT_SOFTCAP | VARIANT_ALIBI | VARIANT_USER_MASK | VARIANT_USER_BIAS | VARIANT_DROPOUT
 
 
 def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> int:
@@ -62,6 +66,8 @@ def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> in
         bits |= VARIANT_USER_MASK
     if any(getattr(variants, n, None) is not None for n in ("bias_mod", "bias")):
         bits |= VARIANT_USER_BIAS
+    if getattr(variants, "dropout_p", 0) > 0:
+        bits |= VARIANT_DROPOUT
     return bits
 
 
@@ -71,7 +77,7 @@ def variant_text(bits: int) -> str:
     parts += [name for bit, name in ((VARIANT_SOFTCAP, "softcap"), (VARIANT_ALIBI, "alibi"), (VARIANT_SINKS, "sinks"),
                                      (VARIANT_VARLEN, "varlen"), (VARIANT_KVLEN, "kvlen"),
                                      (VARIANT_USER_MASK, "mask_mod"), (VARIANT_USER_BIAS, "bias_mod"),
-                                     (VARIANT_BLOCKS, "blocks")) if bits & bit]
+                                     (VARIANT_BLOCKS, "blocks"), (VARIANT_DROPOUT, "dropout")) if bits & bit]
     return "+".join(p for p in parts if p) or "dense"
 
 
@@ -662,9 +668,10 @@ def kernel_set(dtype, head_dim: int, causal: bool, cc: int = 90,
         # 128-query tiles leave no registers for the softcap or ALiBi element work (76-92 bytes
         # spilled with a mask); 64-query tiles with dQ by keys spill nothing (bench/NOTES.md, variants)
         table_bwd = Sm90BwdConfig(table_bwd.num_wg, "none" if deterministic else "keys", 64)
-    if isinstance(table_fwd, Sm90FwdConfig) and variant & VARIANT_USER_BIAS:
+    if isinstance(table_fwd, Sm90FwdConfig) and variant & (VARIANT_USER_BIAS | VARIANT_DROPOUT):
         # a bias_mod's per-element work: a T5-style table lookup spilled 1-2 KB at BLOCK_N 128 (64 at
-        # head_dim 192) and nothing at half of it (offline, NVRTC 13.0; bench/NOTES.md, session 12)
+        # head_dim 192) and nothing at half of it; dropout's generator 20-216 bytes (offline, NVRTC
+        # 13.0; bench/NOTES.md, session 12)
         table_fwd = replace(table_fwd, block_n=max(32, table_fwd.block_n // 32 * 16))
     if (isinstance(table_bwd, BwdConfig) and table_bwd.balanced and cls >= 192
             and variant & SCORE_WORK):

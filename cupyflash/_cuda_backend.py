@@ -142,8 +142,19 @@ def _variant_fields(variants, q, k, scale: float, dsinks=None, packing=None, seq
               np.int64(H if alibi is not None and alibi.ndim == 2 else 0), np.uint32(-(-(1 << 32) // group) % (1 << 32)),
               np.int32(group), np.int32(left), np.int32(right), np.float32(scale / softcap if softcap > 0 else 0.0),
               np.float32(softcap / scale if softcap > 0 else 0.0), np.float32(1.0 / scale), np.int32(new_k),
-              *(np.uint64(p) for p in _packing_pointers(packing)), np.uint64(_ptr(seqused)), user)
+              *(np.uint64(p) for p in _packing_pointers(packing)), np.uint64(_ptr(seqused)), user,
+              *_dropout_fields(var))
     return values, (alibi, sinks), user_arrays
+
+
+def _dropout_fields(var) -> tuple:
+    """The dropout fields of VariantParams: the seed (the Philox key), the uint32 threshold below which
+    an entry is dropped and 1 / (1 - p) (zeros without dropout)."""
+    from ._dropout import threshold
+    p = float(getattr(var, "dropout_p", 0.0))
+    if p <= 0:
+        return np.uint64(0), np.uint32(0), np.float32(0.0)
+    return np.uint64(var.seed), np.uint32(threshold(p)), np.float32(1.0 / (1.0 - p))
 
 
 def _user_fields(var) -> tuple:

@@ -32,7 +32,8 @@ VARIANT_PARAMS = np.dtype([("alibi", np.uint64), ("sinks", np.uint64), ("dsinks"
                            ("group_mul", np.uint32), ("group", np.int32), ("window_left", np.int32),
                            ("window_right", np.int32), ("softcap_in", np.float32), ("softcap_out", np.float32),
                            ("inv_scale", np.float32), ("new_k", np.int32), ("cu_seqlens_q", np.uint64),
-                           ("cu_seqlens_k", np.uint64), ("seqused_k", np.uint64), ("user", USER_PARAMS)], align=True)
+                           ("cu_seqlens_k", np.uint64), ("seqused_k", np.uint64), ("user", USER_PARAMS),
+                           ("seed", np.uint64), ("drop_threshold", np.uint32), ("drop_scale", np.float32)], align=True)
 FWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
                        ("lse", np.uint64), *_COMMON, ("scale_log2", np.float32), ("var", VARIANT_PARAMS)], align=True)
 BWD_PARAMS = np.dtype([("q", _TENSOR_REF), ("k", _TENSOR_REF), ("v", _TENSOR_REF), ("o", _TENSOR_REF),
@@ -65,7 +66,7 @@ BWD_SM90_PARAMS = np.dtype({"names": ["bwd", "q", "k", "v", "dout"], "formats": 
 # sizeof() of the C++ structs, static_assert-ed in kernels_cu/params.cuh
 assert ((_TENSOR_REF.itemsize, VARIANT_PARAMS.itemsize, FWD_PARAMS.itemsize, BWD_PARAMS.itemsize,
          FWD_SM90_PARAMS.itemsize, BWD_SM90_PARAMS.itemsize, APPEND_PARAMS.itemsize, DECODE_PARAMS.itemsize,
-         DECODE_MAPS.itemsize, USER_PARAMS.itemsize) == (32, 184, 344, 496, 768, 1024, 176, 392, 704, 96))
+         DECODE_MAPS.itemsize, USER_PARAMS.itemsize) == (32, 200, 360, 512, 768, 1024, 176, 408, 704, 96))
 
 DEFAULT_SMEM = 48 * 1024
 MAX_GRID_YZ = 65535

@@ -58,7 +58,10 @@ __device__ __forceinline__ void recompute_p_ds(const BwdParams& p, const Pol& po
                     pv[c] = (pol.visible_col(row, col) && keep)
                                 ? pol.probability_of_capped(x, fd0 + float(dj - col), sLse[qc], p.scale_log2)
                                 : 0.f;
-                    dsv[c] = Pol::score_grad(pv[c], dp[mt][nt][2 * hh + c], sD[qc], grad);
+                    float dpv = dp[mt][nt][2 * hh + c], pz = pv[c];
+                    pol.drop_backward(pz, dpv, m0 + qc, j0 + dj);  // dropout: dV takes P Z, dS = P (Z dP - D)
+                    dsv[c] = Pol::score_grad(pv[c], dpv, sD[qc], grad);
+                    pv[c] = pz;
                 }
                 const int qc0 = c0 + acc_col(nt, 0, lane);
                 *reinterpret_cast<u32*>(sPt + kr * P_STRIDE + qc0) = Elem<T>::pack(pv[0], pv[1]);

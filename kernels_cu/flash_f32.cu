@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(128, 1) flash_fwd_f32_kernel(const FwdParams p
         #pragma unroll
         for (int jj = 0; jj < Tr::COLS; ++jj) {
             const float pj = exp2f(s[jj] * p.scale_log2 - m_scaled);
-            sP[r * Tr::P_STRIDE + c4 + 4 * jj] = pj;
+            // P~ V's operand, dropped and scaled with dropout (the row sum takes P~ whole)
+            sP[r * Tr::P_STRIDE + c4 + 4 * jj] = Policy<VARIANT, false>::DROPOUT ? pj * pol.dropout_at(i, n0 + c4 + 4 * jj) : pj;
             row_sum += pj;
         }
         l = alpha * l + row_sum;

@@ -66,8 +66,9 @@ __global__ void __launch_bounds__(NUM_WARPS * 32, 1) flash_fwd_kernel(const FwdP
         // Logits (softcap, ALiBi); keys past seqlen_k or outside the causal/window band masked,
         // on the tiles that need it.
         pol.on_tile(tile_partial(it)).template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp_m0, n0);
-        // m, l, O rescaled; s becomes P~_ij
+        // m, l, O rescaled; s becomes P~_ij (then dropped and scaled, with dropout: l took it whole)
         softmax.update(s, o, p.scale_log2);
+        pol.drop(s, m0 + warp_m0, n0);
 
         cp_async_wait<0>();
         __syncthreads();  // V_j is in shared memory, and every warp has finished reading K_j

@@ -110,6 +110,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         fence_operands(s[0]);
         pol.on_tile(tile_partial(0)).template to_logits_tested<BLOCK_M, BLOCK_N>(s, m0, m0 + warp * 16, key0(0));
         softmax.update_scores(s, alpha, p.scale_log2);
+        pol.drop(s, m0 + warp * 16, key0(0));  // with dropout: P~ V's operand (l took P~ whole)
         #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) pack_a_frag<T>(pa[kk], s[0], kk);
     }
@@ -130,6 +131,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         if (masked) pol.on_tile(tile_partial(it)).template to_logits<true>(s, m0 + warp * 16, key0(it));
         else pol.on_tile(tile_partial(it)).template to_logits<false>(s, m0 + warp * 16, key0(it));
         softmax.update_scores(s, alpha, p.scale_log2);
+        pol.drop(s, m0 + warp * 16, key0(it));  // with dropout: P~ V's operand (l took P~ whole)
         // the row sums depend on every P~ value: the softmax stays above the wait
         pin_before_wait(&sm.scratch[threadIdx.x - Tr::PRODUCER_THREADS], softmax.l[0][0] + softmax.l[0][1], wg);
         wgmma_wait<0>();  // O_i holds P~_{i,j-1} V_{j-1}; pa is free

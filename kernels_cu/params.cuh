@@ -43,6 +43,9 @@ struct VariantParams {
     const int* seqused_k;          // (B,) VARIANT_KVLEN: a KV cache's tokens before this call's append;
                                    // sequence b uses min(max(seqused_k[b], 0) + new_k, seqlen_k) keys
     UserParams user;               // VARIANT_USER_MASK, VARIANT_USER_BIAS: the aux arrays the expressions read
+    unsigned long long seed;       // VARIANT_DROPOUT: the Philox key (dropout.cuh)
+    u32 drop_threshold;            // an entry is dropped when its word is below floor(p 2^32)
+    float drop_scale;              // 1 / (1 - p): the kept entries' factor
 };
 
 struct FwdParams {
@@ -124,14 +127,14 @@ struct DecodeMaps {
 // The launcher packs these structs in the layout of numpy structured dtypes (cupyflash/_launch.py);
 // the sizes below are asserted on both sides so the layouts cannot drift apart.
 static_assert(sizeof(TensorRef) == 32, "TensorRef layout is mirrored in _launch.py");
-static_assert(sizeof(VariantParams) == 184, "VariantParams layout is mirrored in _launch.py");
-static_assert(sizeof(FwdParams) == 344, "FwdParams layout is mirrored in _launch.py");
-static_assert(sizeof(BwdParams) == 496, "BwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(VariantParams) == 200, "VariantParams layout is mirrored in _launch.py");
+static_assert(sizeof(FwdParams) == 360, "FwdParams layout is mirrored in _launch.py");
+static_assert(sizeof(BwdParams) == 512, "BwdParams layout is mirrored in _launch.py");
 static_assert(alignof(TmaDesc) == 64 && sizeof(FwdSm90Params) == 768,  // q, k, v at 384, 512, 640
               "FwdSm90Params layout is mirrored in _launch.py");
 static_assert(sizeof(AppendParams) == 176, "AppendParams layout is mirrored in _launch.py");
 static_assert(sizeof(BwdSm90Params) == 1024, "BwdSm90Params layout is mirrored in _launch.py");  // maps from 512
-static_assert(sizeof(DecodeParams) == 392, "DecodeParams layout is mirrored in _launch.py");
+static_assert(sizeof(DecodeParams) == 408, "DecodeParams layout is mirrored in _launch.py");
 static_assert(sizeof(DecodeMaps) == 704, "DecodeMaps layout is mirrored in _launch.py");  // maps at 448, 576
 
 // Pointer to row s of head (b, h) of a tensor.

@@ -19,6 +19,7 @@
 #include "params.cuh"
 #include "tile.cuh"
 #include "user_terms.cuh"
+#include "dropout.cuh"
 
 namespace cupyflash {
 
@@ -33,7 +34,8 @@ enum VariantBits : int {
     VARIANT_USER_MASK = 128,                         // the user's mask_mod (UserTerms::keep)
     VARIANT_USER_BIAS = 256,                         // the user's bias_mod (UserTerms::bias)
     VARIANT_BLOCKS = 512,                            // a block mask: the forward walks only its kept tiles (KeyTiles)
-    VARIANT_ALL = 1023,
+    VARIANT_DROPOUT = 1024,                          // dropout on P, regenerated from the seed (dropout.cuh)
+    VARIANT_ALL = 2047,
 };
 
 // tanh on the MUFU unit (relative error about 2^-11, below 16-bit rounding), or tanhf for the
@@ -116,6 +118,7 @@ struct Policy {
     static constexpr bool USER = USER_MASK || USER_BIAS;
     static constexpr bool TRANSFORMS = SOFTCAP || ALIBI || USER;  // logits differ from scores on every tile
     static constexpr bool BLOCKS = (VARIANT & VARIANT_BLOCKS) != 0;
+    static constexpr bool DROPOUT = (VARIANT & VARIANT_DROPOUT) != 0;
     static_assert(!BLOCKS || (VARIANT & (VARIANT_VARLEN | VARIANT_KVLEN)) == 0,
                   "a block mask of dense (B, S, H, D) tensors");
     static constexpr bool PACKED = (VARIANT & VARIANT_VARLEN) != 0;
@@ -133,6 +136,9 @@ struct Policy {
     int b, h;          // the sequence and query head (the user's expressions read them)
     float inv_scale;   // 1 / softmax_scale: bias_mod's term in raw units
     UserParams user;   // the user's aux arrays
+    unsigned long long seed;  // dropout's Philox key
+    u32 drop_threshold;       // dropped below this word
+    float drop_scale;         // 1 / (1 - p)
     bool block_rule = true;  // a listed tile's block is partial: its block mask's element rule applies
 
     Policy() = default;  // an array of per-row policies (the decode kernel's rows differ in head)
@@ -142,7 +148,8 @@ struct Policy {
           softcap_in(v.softcap_in), softcap_out(v.softcap_out),
           slope(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h_] * v.inv_scale : 0.f),
           slope_log2(ALIBI ? v.alibi[i64(seq.b) * v.alibi_stride_b + h_] * LOG2E : 0.f), b(seq.b), h(h_),
-          inv_scale(v.inv_scale), user(v.user) {}
+          inv_scale(v.inv_scale), user(v.user), seed(v.seed), drop_threshold(v.drop_threshold),
+          drop_scale(v.drop_scale) {}
 
     // ---- which keys: tile bounds ----
     __device__ __forceinline__ int diag(int i) const { return i + seqlen_k - seqlen_q; }  // query i's diagonal key
@@ -379,6 +386,45 @@ struct Policy {
         else to_logits<false>(s, q0, k0);
     }
 
+    // ---- dropout (the forward's P V operand; the backward's dV operand and dP) ----
+    // The factor on P_ij, query i, key j (positions): 1 / (1 - p) where kept, 0 where dropped.
+    __device__ __forceinline__ float dropout_at(int i, int j) const {
+        const Philox4 r = dropout_words(seed, b, h, i, j);
+        const int k = j & 3;  // selected, not indexed: an indexed word would put r on the stack
+        const u32 w = k == 0 ? r.w[0] : k == 1 ? r.w[1] : k == 2 ? r.w[2] : r.w[3];
+        return w >= drop_threshold ? drop_scale : 0.f;
+    }
+    // The forward's P~ fragments (rows q0 + acc_row, keys k0 + acc_col) dropped and scaled, after the
+    // row sums took them whole (lse is the undropped softmax's). A thread's two adjacent keys j, j + 1
+    // (j even) share one generator call.
+    template <int MT, int NT>
+    __device__ __forceinline__ void drop(float (&pt)[MT][NT][4], int q0, int k0) const {
+        if constexpr (DROPOUT) {
+            const int i0 = frag_row0(q0), j0 = frag_col0(k0);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    #pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const int j = j0 + nt * 8;
+                        const Philox4 r = dropout_words(seed, b, h, i0 + mt * 16 + hh * 8, j);
+                        const bool upper = (j & 3) != 0;  // keys 4k + 2, 4k + 3: words 2, 3
+                        pt[mt][nt][2 * hh] *= (upper ? r.w[2] : r.w[0]) >= drop_threshold ? drop_scale : 0.f;
+                        pt[mt][nt][2 * hh + 1] *= (upper ? r.w[3] : r.w[1]) >= drop_threshold ? drop_scale : 0.f;
+                    }
+        }
+    }
+    // The backward at query i, key j: P (already computed) becomes dV's operand P Z, and dP becomes
+    // Z dP, so that dS = P (Z dP - D). A no-op without dropout.
+    __device__ __forceinline__ void drop_backward(float& p, float& dp, int i, int j) const {
+        if constexpr (DROPOUT) {
+            const float z = dropout_at(i, j);
+            p *= z;
+            dp *= z;
+        }
+    }
+
     // ---- the sink ----
     // The running maximum a row starts from (raw units): its sink logit, or -inf without one.
     __device__ __forceinline__ static float row_max_start(const VariantParams& v, int h) {
@@ -418,12 +464,16 @@ struct Policy {
         return SOFTCAP ? p * (dp - d) * grad : p * (dp - d);
     }
     // Both, for kernels that have S_ij and dP_ij at the same time.
+    // With dropout, p is dV's operand P Z and ds = P (Z dP - D) d logit / d s.
     template <bool MASKED = true>
     __device__ __forceinline__ void prob_and_ds(float s, float dp, int i, int j, float lse_log2, float d, float scale_log2,
                                                 float& p, float& ds) const {
         float grad;
         p = probability<MASKED>(s, i, j, lse_log2, scale_log2, grad);
+        float pz = p;
+        drop_backward(pz, dp, i, j);
         ds = score_grad(p, dp, d, grad);
+        p = pz;
     }
 };
 

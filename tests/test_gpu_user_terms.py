@@ -215,3 +215,27 @@ def test_the_kernels_never_read_a_skipped_block(rng, dtype, D, causal):
     for name, g, w, n in zip(("dq", "dk", "dv"), grads, ref_g, naive_g):
         assert_within(f"{name} [blocks causal={causal}]", g, w, n, dtype)
 
+
+
+# ---- dropout on the GPU: written, and gated off (_config.GPU_DROPOUT) until these pass on a GPU ----
+
+@pytest.fixture
+def gpu_dropout(monkeypatch):
+    from cupyflash import _config
+    monkeypatch.setattr(_config, "GPU_DROPOUT", True)
+
+
+@pytest.mark.parametrize("dtype,D", FAMILIES_DROPOUT := [(BFLOAT16, 128), (FLOAT16, 64), (BFLOAT16, 96), (FLOAT32, 64)],
+                         ids=["bf16-d128", "fp16-d64", "bf16-d96", "fp32-d64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_is_the_numpy_specs_mask_forward_and_backward(rng, gpu_dropout, dtype, D, causal):
+    """The kernels regenerate the spec's Philox stream (cupyflash._dropout): out, lse, dq, dk, dv
+    against the float64 reference with the same mask, grouped-query heads, odd lengths."""
+    kw = dict(dropout_p=0.17, seed=2 ** 40 + 12345, causal=causal)
+    check_variant(rng, dtype, "dropout", 2, 257, 300, 4, 2, D, kw=kw)
+
+
+def test_dropout_is_reproducible_per_seed_and_differs_across_seeds(rng, gpu_dropout):
+    q, k, v = (to_gpu(rng.standard_normal((1, 300, 4, 128)).astype(BFLOAT16)) for _ in range(3))
+    a, b, c = (to_host64(cupyflash.flash_attention(q, k, v, dropout_p=0.3, seed=s)) for s in (5, 5, 6))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)

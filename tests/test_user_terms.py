@@ -326,6 +326,36 @@ def test_the_generator_is_philox4x32_10(counter, key, want):
     assert " ".join(f"{int(w):08x}" for w in philox4x32(counter, key)) == want
 
 
+def test_the_kernels_generator_is_the_same_philox(tmp_path):
+    """kernels_cu/dropout.cuh (host-and-device code) compiled by the host's C++ compiler gives
+    Random123's known answers and cupyflash._dropout's words for random counters, keys and the
+    (seed, b, h, i, j) -> counter mapping the kernels use."""
+    import shutil
+    import subprocess
+    from cupyflash import _dropout
+    from cupyflash._sources import kernel_dir
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to check kernels_cu/dropout.cuh with")
+    program = tmp_path / "philox.cpp"
+    program.write_text('#include "dropout.cuh"\n#include <cstdio>\nint main() {\n'
+                       '  unsigned long long seed; int b, h, i, j;\n'
+                       '  while (std::scanf("%llu %d %d %d %d", &seed, &b, &h, &i, &j) == 5) {\n'
+                       '    cupyflash::Philox4 r = cupyflash::dropout_words(seed, b, h, i, j);\n'
+                       '    std::printf("%u %u %u %u\\n", r.w[0], r.w[1], r.w[2], r.w[3]);\n  }\n}\n')
+    exe = tmp_path / "philox"
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{kernel_dir()}", str(program), "-o", str(exe)], check=True)
+    rng = np.random.default_rng(3)
+    rows = [(0, 0, 0, 0, 0), (2 ** 64 - 1, 7, 31, 2 ** 31 - 1, 2 ** 31 - 1)] + [
+        (int(rng.integers(2 ** 63)) * 2 + 1, *(int(x) for x in rng.integers(0, 1 << 20, 4))) for _ in range(50)]
+    out = subprocess.run([str(exe)], input="\n".join(" ".join(map(str, r)) for r in rows), capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    for row, line in zip(rows, out):
+        seed, b, h, i, j = row
+        want = _dropout.philox4x32((i, j >> 2, h, b), (seed, seed >> 32))
+        assert [int(x) for x in line.split()] == [int(w) for w in want], (row, line)
+
+
 def test_dropout_keeps_each_probability_with_probability_one_minus_p():
     keep = cupyflash.dropout_mask(7, 0.3, 2, 4, 256, 256)
     assert abs(keep.mean() - 0.7) < 0.005
