@@ -488,7 +488,7 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
             raise ValueError(f"block_mask was made for (batch, heads, seqlen_q, seqlen_k) = {tuple(block_mask.shape)} "
                              f"but the call is {want}")
     aux_arrays = _check_aux(aux, device)
-    kinds = {n: _aux_kind(a) for n, a in aux_arrays}
+    kinds = {n: _expr.array_kind(a) for n, a in aux_arrays}
     exprs = {}
     for what, text in (("mask_mod", mask_mod), ("bias_mod", bias_mod)):
         if text is None:
@@ -609,10 +609,6 @@ def _check_aux_for_kernels(exprs, aux: dict) -> None:
         if a.ndim > AUX_AXES or a.dtype.str not in _expr.CPP_TYPES or max(a.shape) >= 2 ** 31:
             raise ValueError(f"aux[{n!r}] on the GPU must have at most {AUX_AXES} axes, each below 2^31, and a bool, "
                              f"int or float dtype of 1-8 bytes; got {dtype_name(a.dtype)} of shape {tuple(a.shape)}")
-
-
-def _aux_kind(a) -> str:
-    return "bool" if a.dtype == np.bool_ else "float" if a.dtype.kind == "f" else "int"
 
 
 # ---- attention against a KV cache ----

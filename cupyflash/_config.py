@@ -62,11 +62,11 @@ def variant_bits(variants, packed: bool = False, kv_lengths: bool = False) -> in
         bits |= VARIANT_ALIBI
     if variants.sinks is not None:
         bits |= VARIANT_SINKS
-    if any(getattr(variants, n, None) is not None for n in ("mask_mod", "mask", "block_mask")):
+    if any(t is not None for t in (variants.mask_mod, variants.mask, variants.block_mask)):
         bits |= VARIANT_USER_MASK
-    if any(getattr(variants, n, None) is not None for n in ("bias_mod", "bias")):
+    if variants.bias_mod is not None or variants.bias is not None:
         bits |= VARIANT_USER_BIAS
-    if getattr(variants, "dropout_p", 0) > 0:
+    if variants.dropout_p > 0:
         bits |= VARIANT_DROPOUT
     return bits
 
@@ -373,7 +373,8 @@ def decode_config(head_dim_cls: int, rows: int, itemsize: int, cc: int, tma: boo
                   page_size: int | None = None) -> DecodeConfig:
     """The decode tile for ``rows`` query rows per kv head (group x new tokens): 32-row blocks where
     more than 16 rows and head_dim <= 128 (O's registers), else 16; TMA loads on sm_90 where ``tma``
-    (default: DECODE_TMA) allows, for a dense cache or pages of DECODE_TMA_MIN_PAGE keys or more; until it fits the device's shared memory, stages dropped (to 2), then warps halved
+    (default: DECODE_TMA) allows, for a dense cache or pages of DECODE_TMA_MIN_PAGE keys or more;
+    until it fits the device's shared memory, stages dropped (to 2), then warps halved
     (64-key tiles to 32: head_dim 192 and 256 on sm_86 and sm_89)."""
     tma = (DECODE_TMA if tma is None else tma) and (page_size is None or page_size >= DECODE_TMA_MIN_PAGE)
     loads = "tma" if tma and cc == 90 and head_dim_cls % 64 == 0 else "cp.async"

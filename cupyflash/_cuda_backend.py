@@ -151,7 +151,7 @@ def _dropout_fields(var) -> tuple:
     """The dropout fields of VariantParams: the seed (the Philox key), the uint32 threshold below which
     an entry is dropped and 1 / (1 - p) (zeros without dropout)."""
     from ._dropout import threshold
-    p = float(getattr(var, "dropout_p", 0.0))
+    p = float(var.dropout_p)
     if p <= 0:
         return np.uint64(0), np.uint32(0), np.float32(0.0)
     return np.uint64(var.seed), np.uint32(threshold(p)), np.float32(1.0 / (1.0 - p))

@@ -207,7 +207,8 @@ def _trunc_div(a, b):
     return np.where((a < 0) != (b < 0), -q, q)
 
 
-def _kind_of(x) -> str:
+def array_kind(x) -> str:
+    """The kind ("int", "float", "bool") an array's values have in an expression."""
     return "bool" if x.dtype == np.bool_ else "float" if x.dtype.kind == "f" else "int"
 
 
@@ -281,7 +282,7 @@ class _Evaluator:
         if len(indices) < base.array.ndim:
             return _Partial(base.name, base.array, indices)
         x = base.array[indices]
-        return x, _kind_of(base.array)
+        return x, array_kind(base.array)
 
     def binary(self, node):
         op = node[2]
@@ -331,6 +332,11 @@ class _Evaluator:
 def kind_of(expr: Expr, aux_kinds: dict) -> str:
     """The kind ("int", "float", "bool") of an expression's value, from its tree and the kinds of
     the aux arrays it reads (names checked by the caller), with C++'s conversions."""
+    return node_kind(expr.tree, aux_kinds)
+
+
+def node_kind(node, aux_kinds: dict) -> str:
+    """kind_of for a subtree."""
     def kind(node) -> str:
         tag = node[0]
         if tag in ("int", "float", "bool"):
@@ -357,7 +363,7 @@ def kind_of(expr: Expr, aux_kinds: dict) -> str:
                 return "float"
             return "float" if any(kind(a) == "float" for a in node[3]) else "int"
         raise AssertionError(node)
-    return kind(expr.tree)
+    return kind(node)
 
 
 # ---- the same expression in CUDA C++ (compiled into the kernels: kernels_cu/variant.cuh, UserTerms) ----
@@ -405,7 +411,7 @@ def to_cpp(expr: Expr, aux: dict) -> str:
             return f"({node[2]}{go(node[3])})"
         if tag == "bin":
             op = node[2]
-            if op in ("/", "%") and kind_of(Expr(expr.what, expr.text, node, expr.names), kinds) == "int":
+            if op in ("/", "%") and node_kind(node, kinds) == "int":
                 return f"{'user_div' if op == '/' else 'user_mod'}({go(node[3])}, {go(node[4])}, bad)"
             return f"({go(node[3])} {op} {go(node[4])})"
         if tag == "?":

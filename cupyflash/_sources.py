@@ -81,7 +81,7 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
 
     def translate(e, aux) -> str:
         read = {n: a for n, a in aux if n in e.names}
-        slots = {n: (slot(a), _expr.CPP_TYPES[a.dtype.str], _kind(a), a.ndim) for n, a in read.items()}
+        slots = {n: (slot(a), _expr.CPP_TYPES[a.dtype.str], _expr.array_kind(a), a.ndim) for n, a in read.items()}
         return _expr.to_cpp(e, slots)
 
     def dense(t, ctype) -> str:  # a 4-D (batch, heads, seqlen_q, seqlen_k) tensor, size-1 axes broadcast
@@ -123,9 +123,6 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
         return "", ()
     return "\n".join(lines) + "\n", tuple(arrays)
 
-
-def _kind(a) -> str:
-    return "bool" if a.dtype == bool else "float" if a.dtype.kind == "f" else "int"
 
 
 def element_mask(variants, listed: bool) -> tuple[bool, bool]:
