@@ -9,6 +9,7 @@ FlexAttention and dense attention, in one process, on the same inputs (bf16, d 1
 - The causal mask written as a mask_mod (alone, with its block mask, and as FlexAttention writes it:
   a block mask made from the expression, which masks its partial blocks) against causal=True:
   target within 1.1x.
+- Dropout (p 0.1) against the dense call: its cost.
 - A dense bias tensor, (1, H, S, S) float16 at B 2, S 4096 (fp16 inputs), against PyTorch SDPA's
   memory-efficient and cuDNN backends with the same tensor as attn_mask: target >= 1.0x the faster
   (the backward without dbias on both sides: cupyflash's GPU dbias is not written yet).
@@ -64,6 +65,7 @@ def cupyflash_rows(S: int, rng, only: str | None = None):
         f"block-sparse-{int(DENSITY * 100)}%": dict(block_mask=cupyflash.block_mask(sparse, 1, HEADS, S, S)),
         "document-mask+block_mask": dict(block_mask=cupyflash.block_mask("doc[q_idx] == doc[kv_idx]", 1, HEADS, S, S,
                                                                          aux={"doc": doc})),
+        "dropout-0.1": dict(dropout_p=0.1, seed=1234),  # its cost against dense (FA2's: about 5-15%)
     }
     rows = {}
     for name, kw in calls.items():
@@ -185,7 +187,8 @@ def main(seqlen, repeats, out_dir, only):
                    f"{ratio('causal-as-mask_mod+block_mask', 'causal', i):.2f}x, as a block mask alone (FlexAttention's "
                    f"form) {ratio('causal-as-block_mask', 'causal', i):.2f}x of causal=True's time (<= 1.1); "
                    f"bias (B, H, S = {BIAS_SHAPE}) {ratio('sdpa-efficient-bias', 'bias', i):.2f}x SDPA efficient's "
-                   f"speed, {ratio('sdpa-cudnn-bias', 'bias', i):.2f}x SDPA cuDNN's (>= 1.0 the faster)")
+                   f"speed, {ratio('sdpa-cudnn-bias', 'bias', i):.2f}x SDPA cuDNN's (>= 1.0 the faster); "
+                   f"dropout 0.1 {ratio('dropout-0.1', 'dense', i):.2f}x of dense's time")
 
 
 if __name__ == "__main__":

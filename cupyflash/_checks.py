@@ -474,10 +474,6 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
     if (mask_mod is None and bias_mod is None and aux is None and bias is None and mask is None and block_mask is None
             and dropout_p == 0):
         return variants
-    from . import _config
-    if device != "cpu" and dropout_p > 0 and not _config.GPU_DROPOUT:
-        raise ValueError("dropout runs on the NumPy backend so far (mask_mod, bias_mod, aux, bias, mask and "
-                         "block_mask run on the GPU too): its GPU kernels are written but not yet tested on a GPU")
     if block_mask is not None:
         from .blockmask import BlockMask
         if not isinstance(block_mask, BlockMask):

@@ -41,9 +41,6 @@ VARIANT_SOFTCAP, VARIANT_ALIBI, VARIANT_SINKS, VARIANT_VARLEN, VARIANT_KVLEN = 4
 VARIANT_USER_MASK, VARIANT_USER_BIAS = 128, 256  # the user's masks and biases (KernelSet.user)
 VARIANT_BLOCKS = 512  # a block mask: the forward walks only the tiles it keeps (KernelSet.with_block_list)
 VARIANT_DROPOUT = 1024  # dropout regenerated from the seed (kernels_cu/dropout.cuh)
-#: dropout on the GPU: off until its GPU tests have run on a lent GPU (tests/test_gpu_user_terms.py;
-#: written in session 12 after the device time was spent); a GPU call with dropout is a ValueError
-GPU_DROPOUT = False
 #: the bits that add work to every score (the register-hungry tiles avoid them)
 SCORE_WORK = VARIANT_SOFTCAP | VARIANT_ALIBI | VARIANT_USER_MASK | VARIANT_USER_BIAS | VARIANT_DROPOUT
 

@@ -90,7 +90,7 @@ class _TensorMaps:
         return tuple(_tma.tensor_map(p, *spec[:3], spec[3]) for p, spec in zip(pointers, self.specs))
 
 
-class _FilledParams:
+class _ParamsByPointers:
     """A plan's parameter buffers by data pointers: a call whose pointers an earlier call had
     (CuPy's pool hands a loop the same blocks again) reuses its filled buffer, read-only (the
     driver copies the bytes at each launch); others fill the template, with the TMA maps."""
@@ -216,9 +216,9 @@ class ForwardPlan:
             template = _launch.ParamTemplate(
                 _launch.FWD_SM90_PARAMS, dict(fwd=inner, **dict(zip("qkv", maps(self._qkv(q, k, v))))),
                 pointers=tuple("fwd." + p for p in _FWD_POINTERS), maps=("q", "k", "v"))
-            self.params = _FilledParams(template, maps, tiled=(0, 1, 2))
+            self.params = _ParamsByPointers(template, maps, tiled=(0, 1, 2))
         else:
-            self.params = _FilledParams(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_FWD_POINTERS), None)
+            self.params = _ParamsByPointers(_launch.ParamTemplate(_launch.FWD_PARAMS, fields, pointers=_FWD_POINTERS), None)
         self.kernel = _launch.PreparedLaunch(ks, ks.fwd_name(), _grid(grid_q, ks.fwd.block_m, H, grid_b),
                                              ks.fwd_threads(), ks.fwd_smem() + ks.key_list_bytes(k.shape[1]))
 
@@ -338,9 +338,9 @@ class BackwardPlan:
                 _launch.BWD_SM90_PARAMS, dict(bwd=inner, **dict(zip(("q", "k", "v", "dout"), maps(
                     (q.data.ptr, k.data.ptr, v.data.ptr, dout.data.ptr))))),
                 pointers=tuple("bwd." + p for p in _BWD_POINTERS), maps=("q", "k", "v", "dout"))
-            self.params = _FilledParams(template, maps, tiled=(0, 1, 2, 4))  # q, k, v, dout in _BWD_POINTERS
+            self.params = _ParamsByPointers(template, maps, tiled=(0, 1, 2, 4))  # q, k, v, dout in _BWD_POINTERS
         else:
-            self.params = _FilledParams(_launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS), None)
+            self.params = _ParamsByPointers(_launch.ParamTemplate(_launch.BWD_PARAMS, fields, pointers=_BWD_POINTERS), None)
         rows = _config.ROWWISE_ROWS_PER_BLOCK
         # 1. D_i = rowsum(dO_i * O_i), dQ_accum = 0
         self.preprocess = _launch.PreparedLaunch(ks, ks.preprocess_name(), _grid(grid_q, rows, H, grid_b), 32 * rows, 0)

@@ -383,7 +383,8 @@ def to_cpp(expr: Expr, aux: dict) -> str:
     read through ``aux[name] = (slot, C++ element type, kind, axes)`` as aux_read (variant.cuh) and int
     / and % through user_div, user_mod: C++'s rules, as evaluate() applies them, except that
     floats are 32-bit (float) in the kernels where NumPy computes in float64, and that an index out
-    of bounds or a zero divisor sets ``bad`` (the kernels make the logit NaN) instead of raising."""
+    of bounds or a zero divisor sets ``bad`` (the kernels make the logit NaN) instead of raising.
+    ``&&`` and ``||`` evaluate both sides, as evaluate() does (bitwise on bools: no branch)."""
     def go(node) -> str:
         tag = node[0]
         if tag == "int":
@@ -413,6 +414,8 @@ def to_cpp(expr: Expr, aux: dict) -> str:
             op = node[2]
             if op in ("/", "%") and node_kind(node, kinds) == "int":
                 return f"{'user_div' if op == '/' else 'user_mod'}({go(node[3])}, {go(node[4])}, bad)"
+            if op in ("&&", "||"):  # both sides evaluated, as here: no branch per score in the kernels
+                return f"bool(bool({go(node[3])}) {op[0]} bool({go(node[4])}))"
             return f"({go(node[3])} {op} {go(node[4])})"
         if tag == "?":
             return f"({go(node[2])} ? {go(node[3])} : {go(node[4])})"

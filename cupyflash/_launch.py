@@ -230,15 +230,30 @@ class ParamTemplate:
         assert bytes(self.fill(tuple(values[i] for i in self.pointer_slots),
                                tuple(values[i] for i in self.map_slots))) == pack(dtype, **fields).tobytes()
 
-    def fill(self, pointers: tuple, maps: tuple = ()):
-        """The struct's bytes with these pointers and maps (in the order of the paths), in a
-        ctypes buffer that ``PreparedLaunch`` hands to the driver."""
+    def fill(self, pointers: tuple, maps: tuple = ()) -> "FilledParams":
+        """The struct's bytes with these pointers and maps (in the order of the paths), ready for
+        ``PreparedLaunch``."""
         values = self.values[:]
         for i, ptr in zip(self.pointer_slots, pointers):
             values[i] = ptr
         for i, m in zip(self.map_slots, maps):
             values[i] = m
-        return self._buffer_type.from_buffer_copy(self._packer.pack(*values))
+        return FilledParams(self._buffer_type.from_buffer_copy(self._packer.pack(*values)))
+
+
+class FilledParams:
+    """A packed parameter struct and cuLaunchKernel's argument array (one pointer, to the struct),
+    made once: a plan that launches with the same pointers again reuses both, read-only (the
+    driver copies the bytes at each launch)."""
+    __slots__ = ("buffer", "_args", "args")
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+        self._args = (ctypes.c_void_p * 1)(ctypes.addressof(buffer))
+        self.args = ctypes.addressof(self._args)  # what cuLaunchKernel's kernelParams receives
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buffer)
 
 
 def _flat_index(dtype: np.dtype, path: str) -> int:
@@ -273,9 +288,7 @@ class PreparedLaunch:
         self.smem = int(smem)
         self.function = _kernel(ks, name, self.smem).kernel.ptr
 
-    def __call__(self, stream_ptr: int, params) -> None:
+    def __call__(self, stream_ptr: int, params: FilledParams) -> None:
         # cuLaunchKernel copies the argument bytes before it returns: params may go right after
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         gx, gy, gz = self.grid
-        driver.launchKernel(self.function, gx, gy, gz, self.threads, 1, 1, self.smem, stream_ptr,
-                            ctypes.addressof(args), 0)
+        driver.launchKernel(self.function, gx, gy, gz, self.threads, 1, 1, self.smem, stream_ptr, params.args, 0)

@@ -97,8 +97,9 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         (Philox4x32-10, cupyflash._dropout) in the backward: pass the same seed there. The same
         seed gives the same result; :func:`cupyflash.dropout_mask` shows the mask.
         On the GPU, mask_mod, bias_mod, aux, bias, mask and block_mask are compiled into the
-        kernels (each new expression at its first call); dropout, and dbias from the backward,
-        run on the NumPy backend so far (issue 19): a GPU call with them raises a ValueError.
+        kernels (each new expression at its first call), and dropout regenerates the same Philox
+        stream in the kernels; dbias from the backward runs on the NumPy backend so far (issue
+        19): a GPU call with return_dbias=True raises a ValueError.
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.

@@ -77,6 +77,9 @@ __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const B
 template <typename Tr, bool WITH_DS, typename Pol>
 __device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], float (&dpt)[Tr::MT][4], const Pol& pol,
                                               const BwdParams& p, const float* sLse, const float* sD, int key0, int m0) {
+    // the user's aux arrays read eagerly (AuxReader) below head_dim 128: at 128 the dK, dV
+    // accumulators leave no registers for a tile's reads (a document rule spilled 96 bytes)
+    constexpr bool EAGER_READS = Tr::HEAD_DIM < 128;
     const int lane = threadIdx.x % 32;
     // element (nt, r): key j0 + 8 (r >= 2), offset from the query's diagonal d0 + 8 (r >= 2) - 8 nt - (r & 1)
     const int j0 = Pol::frag_row0(key0), d0 = j0 - pol.diag(Pol::frag_col0(m0));
@@ -87,7 +90,8 @@ __device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], float (&dp
         for (int r = 0; r < 4; ++r) {
             const int up = r >= 2 ? 8 : 0, c = acc_col(nt, r, lane), dc = up - nt * 8 - (r & 1);
             float g;
-            st[nt][r] = pol.probability_at(st[nt][r], j0 + up, d0 + dc, fd0 + float(dc), sLse[c], p.scale_log2, g);
+            st[nt][r] = pol.template probability_at<true, EAGER_READS>(st[nt][r], j0 + up, d0 + dc, fd0 + float(dc), sLse[c],
+                                                                      p.scale_log2, g);
             if constexpr (WITH_DS) {
                 // dropout: dV takes P Z, dS = P (Z dP - D) (query m0 + c, key j0 + up)
                 float pz = st[nt][r];

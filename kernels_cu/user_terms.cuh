@@ -13,21 +13,44 @@ namespace cupyflash {
 // never set the VARIANT_USER bits or VARIANT_BLOCKS.
 // `bad` records an aux index out of bounds or an integer division by zero: the caller makes that
 // logit NaN (what the NumPy backend refuses with an error, the GPU shows in the output).
-template <typename C, typename... I>
-__device__ __forceinline__ C aux_read(const UserParams& u, int slot, bool& bad, I... index) {
+// Read eagerly (AuxReader<true>), an index out of bounds reads at the clamped index, never at a
+// wild address, and yields 0; the address is a pure function of the index, so the compiler may
+// issue a tile's reads together and merge equal ones (doc[q_idx] is one read per row, not one per
+// score: a branch around each read serialised them, bench/NOTES.md session 13).
+template <int AXES> struct OffsetOf { using type = i64; };
+template <> struct OffsetOf<1> { using type = int; };  // one axis: its int extent bounds the offset
+// How the expressions read: EAGER, branch-free at the clamped index (the reads of a tile issue
+// together and equal ones merge); otherwise each read behind its bounds test (fewer live values:
+// the Hopper backward at head_dim 128, whose accumulators leave no registers for a tile's reads,
+// spilled 96 bytes eager).
+__device__ const unsigned long long AUX_ZERO = 0;  // what an eager read of an empty array reads: 0 of every type
+template <bool EAGER>
+struct AuxReader {
+    const UserParams& params;
+};
+template <typename C, bool EAGER, typename... I>
+__device__ __forceinline__ C aux_read(const AuxReader<EAGER>& u, int slot, bool& bad, I... index) {
     constexpr int N = sizeof...(I);
     static_assert(N >= 1 && N <= AUX_AXES, "an aux array has 1 to AUX_AXES axes");
+    using Offset = typename OffsetOf<N>::type;
     const i64 at[N] = {i64(index)...};
-    i64 offset = 0;
-    bool inside = true;
+    Offset offset = 0;
+    bool inside = true, empty = false;
     #pragma unroll
-    for (int a = 0; a < N; ++a) {
-        const int extent = u.extent[slot][AUX_AXES - N + a];
-        inside = inside && at[a] >= 0 && at[a] < extent;
-        offset = offset * extent + at[a];
+    for (int a = 0; a < N; ++a) {  // the offset of the clamped index: a pure function of it
+        const int extent = u.params.extent[slot][AUX_AXES - N + a];
+        inside = inside && static_cast<unsigned long long>(at[a]) < static_cast<unsigned long long>(extent);  // 0 <= at < extent
+        empty = empty || extent == 0;
+        offset = offset * extent + Offset(EAGER ? min(max(at[a], i64(0)), i64(extent) - 1) : at[a]);
     }
     bad = bad || !inside;
-    return inside ? static_cast<const C*>(u.aux[slot])[offset] : C(0);
+    if constexpr (EAGER) {  // an empty array reads AUX_ZERO
+        const C* base = empty ? reinterpret_cast<const C*>(&AUX_ZERO) : static_cast<const C*>(u.params.aux[slot]);
+        const C value = base[empty ? 0 : offset];
+        return inside ? value : C(0);
+    } else {
+        return inside ? static_cast<const C*>(u.params.aux[slot])[offset] : C(0);
+    }
 }
 // C++'s int / and % with a zero divisor flagged (bad) instead of undefined
 template <typename A, typename B>
@@ -58,8 +81,27 @@ __device__ __forceinline__ auto user_abs(A a) {
 }
 
 struct UserTerms {
+    // which terms this module defines (the kernels skip the per-score work of those it does not)
+#ifdef CUPYFLASH_USER_KEEP
+    static constexpr bool HAS_KEEP = true;
+#else
+    static constexpr bool HAS_KEEP = false;
+#endif
+#ifdef CUPYFLASH_BLOCK_KEEP
+    static constexpr bool HAS_BLOCK_KEEP = true;
+#else
+    static constexpr bool HAS_BLOCK_KEEP = false;
+#endif
+#ifdef CUPYFLASH_USER_BIAS
+    static constexpr bool HAS_BIAS = true;
+#else
+    static constexpr bool HAS_BIAS = false;
+#endif
     // Does mask_mod keep key kv_idx for query q_idx of (b, h)? (true without one)
-    __device__ __forceinline__ static bool keep(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
+    template <bool EAGER>
+    __device__ __forceinline__ static bool keep(const UserParams& params, int b, int h, int q_idx, int kv_idx,
+                                                 bool& bad) {
+        const AuxReader<EAGER> u{params};
 #ifdef CUPYFLASH_USER_KEEP
         return bool(CUPYFLASH_USER_KEEP);
 #else
@@ -68,7 +110,10 @@ struct UserTerms {
     }
     // A block mask's own element rule, on the tiles of its partial blocks (CUPYFLASH_BLOCK_KEEP: the
     // kernels that list the kept tiles know a tile's kind; true where it is not defined)
-    __device__ __forceinline__ static bool block_keep(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
+    template <bool EAGER>
+    __device__ __forceinline__ static bool block_keep(const UserParams& params, int b, int h, int q_idx, int kv_idx,
+                                                 bool& bad) {
+        const AuxReader<EAGER> u{params};
 #ifdef CUPYFLASH_BLOCK_KEEP
         return bool(CUPYFLASH_BLOCK_KEEP);
 #else
@@ -76,7 +121,10 @@ struct UserTerms {
 #endif
     }
     // bias_mod's term, in the scaled score's units (0 without one)
-    __device__ __forceinline__ static float bias(const UserParams& u, int b, int h, int q_idx, int kv_idx, bool& bad) {
+    template <bool EAGER>
+    __device__ __forceinline__ static float bias(const UserParams& params, int b, int h, int q_idx, int kv_idx,
+                                                 bool& bad) {
+        const AuxReader<EAGER> u{params};
 #ifdef CUPYFLASH_USER_BIAS
         return float(CUPYFLASH_USER_BIAS);
 #else

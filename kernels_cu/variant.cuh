@@ -206,9 +206,10 @@ struct Policy {
     }
     // The key tiles of [first, end) whose block (CUPYFLASH_BLOCK_ROWS x _COLS, which BLOCK_M x
     // BLOCK_N divide) the block mask keeps, listed in `list` (room for `cap` tiles): those that need
-    // the bounds' mask (tile_needs_mask) from the front, the others from the back, each run in
-    // ascending order (the same order every run: the same sums). Every warp computes the list and
-    // writes the same entries, so every thread holds the counts; the caller syncs before reading.
+    // the bounds' mask (tile_needs_mask) or the block mask's element rule (partial blocks) from the
+    // front, the others (full blocks, no mask at all: to_logits<false, false>) from the back, each
+    // run in ascending order (the same order every run: the same sums). Every warp computes the list
+    // and writes the same entries, so every thread holds the counts; the caller syncs before reading.
     template <int BLOCK_M, int BLOCK_N>
     __device__ __forceinline__ KeyTiles list_key_tiles(short* list, int cap, int m0, int first, int end) const {
         KeyTiles t{list, cap, 0, 0};
@@ -223,7 +224,8 @@ struct Policy {
             const int n = n0 + lane;
             const int kind = n < end ? row[n * BLOCK_N / CUPYFLASH_BLOCK_COLS] : 0;  // SKIP 0, PARTIAL 1, FULL 2
             const bool kept = kind != 0;
-            const bool masked = kept && tile_needs_mask<BLOCK_M, BLOCK_N>(m0, n * BLOCK_N);
+            const bool masked = kept && ((UserTerms::HAS_BLOCK_KEEP && kind == 1) ||
+                                         tile_needs_mask<BLOCK_M, BLOCK_N>(m0, n * BLOCK_N));
             const unsigned m = __ballot_sync(~0u, masked), u = __ballot_sync(~0u, kept && !masked);
             const unsigned below = (1u << lane) - 1;
             const short entry = short(n | (kind == 1 ? KeyTiles::PARTIAL_BIT : 0));
@@ -309,22 +311,52 @@ struct Policy {
         if constexpr (ALIBI) s = fmaf(-slope, fabsf(fd), s);
         return s;
     }
+    // Does user_at do any work? RULE: the tile may be a partial block, so the block mask's own
+    // element rule may apply (false on the tiles a list shows full: only mask_mod and bias_mod).
+    template <bool RULE = true>
+    __device__ __forceinline__ static constexpr bool user_work() {
+        return (USER_MASK && (UserTerms::HAS_KEEP || (RULE && UserTerms::HAS_BLOCK_KEEP))) ||
+               (USER_BIAS && UserTerms::HAS_BIAS);
+    }
     // The user's terms at key j and offset d = j - diag(i): logit x (raw units) gains bias_mod's term;
     // false where mask_mod drops the key. Only inside the sequence (rows and keys past its end are
     // the kernels' padding, which the other masks and the stores already discard); an aux index out
     // of bounds or a division by zero makes the logit NaN and keeps it, so the row shows it.
+    // EAGER: branch-free, the terms evaluated everywhere (aux_read is safe at any index) and the
+    // results selected, so a tile's aux reads issue together (no branch per score); otherwise each
+    // behind its tests (fewer live values: AuxReader, user_terms.cuh).
+    template <bool RULE = true, bool EAGER = true>
     __device__ __forceinline__ bool user_at(float& x, int j, int d) const {
-        if constexpr (!USER) {
+        return user_ij<RULE, EAGER>(x, j - d - (seqlen_k - seqlen_q), j);
+    }
+    // The same by query i and key j.
+    template <bool RULE = true, bool EAGER = true>
+    __device__ __forceinline__ bool user_ij(float& x, int i, int j) const {
+        if constexpr (!user_work<RULE>()) {
             return true;
-        } else {
-            const int i = j - d - (seqlen_k - seqlen_q);
+        } else if constexpr (!EAGER) {  // each term behind its tests: nothing evaluated on padding
             if (i < 0 || i >= seqlen_q || j >= seqlen_k) return true;
             bool bad = false;
-            const bool keep = !USER_MASK || (UserTerms::keep(user, b, h, i, j, bad) &&
-                                             (!block_rule || UserTerms::block_keep(user, b, h, i, j, bad)));
-            if constexpr (USER_BIAS) x = fmaf(UserTerms::bias(user, b, h, i, j, bad), inv_scale, x);
+            const bool keep = !USER_MASK || ((!UserTerms::HAS_KEEP || UserTerms::keep<false>(user, b, h, i, j, bad)) &&
+                                             (!RULE || !block_rule || UserTerms::block_keep<false>(user, b, h, i, j, bad)));
+            if constexpr (USER_BIAS) x = fmaf(UserTerms::bias<false>(user, b, h, i, j, bad), inv_scale, x);
             if (bad) x = __int_as_float(0x7fc00000);  // NaN
             return keep || bad;
+        } else {
+            const bool padding = i < 0 || i >= seqlen_q || j >= seqlen_k;
+            bool bad = false;
+            bool keep = true;
+            if constexpr (USER_MASK && UserTerms::HAS_KEEP) keep = UserTerms::keep<true>(user, b, h, i, j, bad);
+            if constexpr (USER_MASK && RULE && UserTerms::HAS_BLOCK_KEEP) {  // counted on partial blocks only
+                bool bad_rule = false;
+                keep = keep & (UserTerms::block_keep<true>(user, b, h, i, j, bad_rule) | !block_rule);
+                bad = bad | (bad_rule & block_rule);
+            }
+            float y = x;
+            if constexpr (USER_BIAS && UserTerms::HAS_BIAS) y = fmaf(UserTerms::bias<true>(user, b, h, i, j, bad), inv_scale, x);
+            bad = bad & !padding;
+            x = padding ? x : bad ? __int_as_float(0x7fc00000) : y;  // NaN
+            return padding | keep | bad;
         }
     }
     // The logit of query i and key j with the user's terms, -inf where mask_mod drops the key (the
@@ -351,9 +383,10 @@ struct Policy {
     // Forward: a warp's accumulator tile of scores (rows: queries q0 + acc_row, columns: keys
     // k0 + acc_col) becomes logits, -inf where MASKED says this tile needs the mask and a key is
     // not visible (exp2 turns those into exactly 0).
-    template <bool MASKED, int MT, int NT>
+    // RULE false: the tile is a full block of a block mask's list (its element rule is not evaluated).
+    template <bool MASKED, bool RULE = true, int MT, int NT>
     __device__ __forceinline__ void to_logits(float (&s)[MT][NT][4], int q0, int k0) const {
-        if constexpr (!MASKED && !TRANSFORMS) return;
+        if constexpr (!MASKED && !SOFTCAP && !ALIBI && !user_work<RULE>()) return;
         const int j0 = frag_col0(k0), d0 = j0 - diag(frag_row0(q0));  // element (0, 0, 0)
         const float fd0 = float(d0);
         #pragma unroll
@@ -367,6 +400,7 @@ struct Policy {
                 const int dr = d0 - mt * 16 - hh * 8;  // the offset of this row's column 0
                 const int hi = RIGHT ? min(seqlen_k - 1 - j0, right() - dr) : seqlen_k - 1 - j0;
                 const int lo = -window_left - dr;
+                const int i = j0 - dr - (seqlen_k - seqlen_q);  // this row's query
                 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                     #pragma unroll
@@ -374,7 +408,7 @@ struct Policy {
                         const int col = nt * 8 + c;
                         float& x = s[mt][nt][2 * hh + c];
                         float logit = logit_at(x, ALIBI ? fd0 + float(col - mt * 16 - hh * 8) : 0.f);
-                        const bool keep = user_at(logit, j0 + col, dr + col);
+                        const bool keep = user_ij<RULE>(logit, i, j0 + col);
                         x = ((MASKED && (col > hi || (LEFT && col < lo))) || !keep) ? -CUPYFLASH_INF : logit;
                     }
             }
@@ -441,11 +475,11 @@ struct Policy {
     // (-100 and below) and nearly cancel, so they meet in one FMA (one rounding) before the score,
     // of ordinary size, is added. The stored lse_i's own rounding remains, and dominates in fp32
     // (bench/NOTES.md, session 9).
-    template <bool MASKED = true>
+    template <bool MASKED = true, bool EAGER = true>
     __device__ __forceinline__ float probability_at(float s, int j, int d, float fd, float lse_log2, float scale_log2,
                                                     float& grad) const {
         float x = capped(s, grad);
-        const bool keep = user_at(x, j, d);
+        const bool keep = user_at<true, EAGER>(x, j, d);
         const float p = probability_of_capped(x, fd, lse_log2, scale_log2);
         return ((!MASKED || visible_at(j, d)) && keep) ? p : 0.f;
     }

@@ -101,6 +101,20 @@ def test_an_aux_index_out_of_bounds_makes_its_row_nan(rng):
     assert np.abs(o[:, :S - 1] - want).max() < 2e-2
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_an_empty_aux_array_makes_every_row_nan_forward_and_backward(rng, D):
+    """Every read of an empty array is out of bounds (the NumPy backend raises): the kernels read
+    no memory for it (eagerly or not: kernels_cu/user_terms.cuh) and every logit, so every row and
+    every gradient, is NaN."""
+    q, k, v, dout = (to_gpu(rng.standard_normal((1, 70, 2, D)).astype(BFLOAT16)) for _ in range(4))
+    kw = dict(mask_mod="q_idx >= kv_idx && none[kv_idx] == 0", aux={"none": to_gpu(np.zeros(0, np.int32))})
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, **kw)
+    assert np.isnan(to_host64(o)).all()
+    grads = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, **kw)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert np.isnan(to_host64(g)).all(), name
+
+
 def test_packed_sequences_see_their_own_index_and_positions(rng):
     lens = [37, 0, 200, 5, 129]
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -157,10 +171,8 @@ def test_block_masks_are_attention_under_the_mask_they_mean(rng, case):
         assert_within(f"{name} [{case}]", g, w, n, BFLOAT16)
 
 
-def test_dbias_and_dropout_are_still_numpy_only(rng):
+def test_dbias_is_still_numpy_only(rng):
     q, k, v = (to_gpu(rng.standard_normal((1, 20, 2, 64)).astype(BFLOAT16)) for _ in range(3))
-    with pytest.raises(ValueError, match=r"dropout runs on the NumPy backend so far"):
-        cupyflash.flash_attention(q, k, v, dropout_p=0.1, seed=1)
     bias = to_gpu(np.zeros((20, 20), np.float32))
     o, lse = cupyflash.flash_attention(q, k, v, bias=bias, return_lse=True)
     with pytest.raises(ValueError, match=r"return_dbias=True runs on the NumPy backend so far"):
@@ -217,25 +229,19 @@ def test_the_kernels_never_read_a_skipped_block(rng, dtype, D, causal):
 
 
 
-# ---- dropout on the GPU: written, and gated off (_config.GPU_DROPOUT) until these pass on a GPU ----
-
-@pytest.fixture
-def gpu_dropout(monkeypatch):
-    from cupyflash import _config
-    monkeypatch.setattr(_config, "GPU_DROPOUT", True)
-
+# ---- dropout on the GPU (Philox regenerated in the kernels: kernels_cu/dropout.cuh) ----
 
 @pytest.mark.parametrize("dtype,D", [(BFLOAT16, 128), (FLOAT16, 64), (BFLOAT16, 96), (FLOAT32, 64)],
                          ids=["bf16-d128", "fp16-d64", "bf16-d96", "fp32-d64"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_dropout_is_the_numpy_specs_mask_forward_and_backward(rng, gpu_dropout, dtype, D, causal):
+def test_dropout_is_the_numpy_specs_mask_forward_and_backward(rng, dtype, D, causal):
     """The kernels regenerate the spec's Philox stream (cupyflash._dropout): out, lse, dq, dk, dv
     against the float64 reference with the same mask, grouped-query heads, odd lengths."""
     kw = dict(dropout_p=0.17, seed=2 ** 40 + 12345, causal=causal)
     check_variant(rng, dtype, "dropout", 2, 257, 300, 4, 2, D, kw=kw)
 
 
-def test_dropout_is_reproducible_per_seed_and_differs_across_seeds(rng, gpu_dropout):
+def test_dropout_is_reproducible_per_seed_and_differs_across_seeds(rng):
     q, k, v = (to_gpu(rng.standard_normal((1, 300, 4, 128)).astype(BFLOAT16)) for _ in range(3))
     a, b, c = (to_host64(cupyflash.flash_attention(q, k, v, dropout_p=0.3, seed=s)) for s in (5, 5, 6))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
