@@ -547,9 +547,12 @@ def check_dropout(dropout_p, seed) -> tuple[float, int]:
     return float(dropout_p), seed
 
 
-def check_dbias(variants, bias, dbias, return_dbias, dtype, device):
+def check_dbias(variants, bias, dbias, return_dbias, dtype, device, full: tuple, deterministic: bool = False):
     """The buffer, shaped like the caller's ``bias``, for d loss / d bias (allocated here when not
-    given), or None without return_dbias."""
+    given), or None without return_dbias (``full``: (batch, heads, seqlen_q, seqlen_k)). On the GPU
+    the kernels add into a float32 accumulator of
+    the bias's 4-D shape (an atomic per logit where the bias broadcasts): that sum's order is not
+    fixed, so deterministic=True takes only a bias without broadcast axes."""
     return_dbias = check_bool("return_dbias", return_dbias)
     if not return_dbias:
         if dbias is not None:
@@ -557,13 +560,27 @@ def check_dbias(variants, bias, dbias, return_dbias, dtype, device):
         return None
     if variants.bias is None:
         raise ValueError("return_dbias=True needs the bias tensor the forward call added (bias=)")
-    if device != "cpu":
-        raise ValueError("return_dbias=True runs on the NumPy backend so far: the GPU backward takes bias= for dq, dk "
-                         "and dv, and dbias from its kernels is issue 19's next part")
     shape = tuple(as_array(bias, "bias").shape)
     want = np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+    if device != "cpu":
+        from ._launch import MAX_AUX
+        from ._sources import user_terms
+        if capturing(device):
+            raise ValueError("return_dbias=True allocates and zeroes its float32 accumulator, which cannot happen "
+                             "while CuPy's current stream captures a CUDA graph")
+        if len(user_terms(variants)[1]) + 1 > MAX_AUX:
+            raise ValueError(f"return_dbias=True on the GPU takes one more array than the call's masks and biases "
+                             f"read, and the kernels take at most {MAX_AUX}: drop an aux array or the mask")
+        if deterministic and tuple(variants.bias.shape) != tuple(full):
+            raise ValueError(f"return_dbias=True with deterministic=True needs a bias of the full (batch, heads, "
+                             f"seqlen_q, seqlen_k) shape: bias {shape} broadcasts, and the GPU sums dbias over its "
+                             f"broadcast axes with atomics, in no fixed order")
     if dbias is None:
-        return np.empty(shape, want)
+        if device == "cpu":
+            return np.empty(shape, want)
+        import cupy
+        with cupy.cuda.Device(device):
+            return cupy.empty(shape, want)
     return check_output_buffer("dbias", dbias, shape, want, device)
 
 

@@ -211,21 +211,24 @@ def _check_grid(grid: tuple) -> tuple:
 class ParamTemplate:
     """A kernel's parameter struct laid out once, with the fields that change from call to call
     left as slots: the data pointers (``pointers``, dotted paths of uint64 fields) and the TMA
-    tensor maps (``maps``, paths of 128-byte fields). ``fill`` packs the template's values with
-    those slots replaced, in one struct.pack: about 1.5 us for the Hopper backward's 832 bytes
-    where ``pack`` takes several (bench/host_path.py). Everything else in the struct (shapes,
-    strides, scales) is fixed by the layouts the template was made for."""
-    __slots__ = ("values", "pointer_slots", "map_slots", "_packer", "_buffer_type")
+    tensor maps (``maps``, paths of 128-byte fields). ``fill`` copies the template's bytes and
+    writes those slots in place (a pointer is one 64-bit word of the struct); everything else in
+    the struct (shapes, strides, scales) is fixed by the layouts the template was made for."""
+    __slots__ = ("values", "pointer_slots", "map_slots", "_bytes", "_pointer_words", "_map_offsets", "_buffer_type")
 
     def __init__(self, dtype: np.dtype, fields: dict, pointers: tuple = (), maps: tuple = ()):
         packer, _, _, nested = _layout(dtype)
         values = []
         for name, sub in zip(dtype.names, nested):
             values.extend(_flatten(sub, fields[name]) if sub is not None else (fields[name],))
-        self.values = values
+        self.values = values  # as packed: the slots' first pointers and maps included
         self.pointer_slots = tuple(_flat_index(dtype, p) for p in pointers)
         self.map_slots = tuple(_flat_index(dtype, p) for p in maps)
-        self._packer = packer
+        self._bytes = packer.pack(*values)
+        offsets = tuple(_field_offset(dtype, p) for p in pointers)
+        assert all(o % 8 == 0 for o in offsets), "pointer fields are 8-byte aligned in the C++ structs"
+        self._pointer_words = tuple(o // 8 for o in offsets)
+        self._map_offsets = tuple(_field_offset(dtype, p) for p in maps)
         self._buffer_type = ctypes.c_char * packer.size
         assert bytes(self.fill(tuple(values[i] for i in self.pointer_slots),
                                tuple(values[i] for i in self.map_slots))) == pack(dtype, **fields).tobytes()
@@ -233,12 +236,14 @@ class ParamTemplate:
     def fill(self, pointers: tuple, maps: tuple = ()) -> "FilledParams":
         """The struct's bytes with these pointers and maps (in the order of the paths), ready for
         ``PreparedLaunch``."""
-        values = self.values[:]
-        for i, ptr in zip(self.pointer_slots, pointers):
-            values[i] = ptr
-        for i, m in zip(self.map_slots, maps):
-            values[i] = m
-        return FilledParams(self._buffer_type.from_buffer_copy(self._packer.pack(*values)))
+        buf = bytearray(self._bytes)
+        words = memoryview(buf).cast("Q")
+        for w, ptr in zip(self._pointer_words, pointers):
+            words[w] = ptr
+        words.release()
+        for off, m in zip(self._map_offsets, maps):
+            buf[off:off + _tma.DESC_BYTES] = m  # a map of another size would change the struct's: from_buffer refuses
+        return FilledParams(self._buffer_type.from_buffer(buf))
 
 
 class FilledParams:
@@ -267,6 +272,15 @@ def _flat_index(dtype: np.dtype, path: str) -> int:
             return index + (_flat_index(sub, rest) if rest else 0)
         index += _flat_count(sub)
     raise KeyError(path)
+
+
+def _field_offset(dtype: np.dtype, path: str) -> int:
+    """The byte offset of a field given as a dotted path ("fwd.q.ptr") in the struct."""
+    offset = 0
+    for name in path.split("."):
+        dtype, at = dtype.fields[name][:2]
+        offset += at
+    return offset
 
 
 def _flat_count(dtype: np.dtype) -> int:

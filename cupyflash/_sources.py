@@ -63,7 +63,9 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
     variant.cuh's CUPYFLASH_USER_KEEP is the conjunction of the mask_mod (translated by
     _expr.to_cpp), the mask tensor and the block mask's element rule (its kinds array, and its own
     mask_mod on its partial blocks); CUPYFLASH_USER_BIAS the sum of the bias_mod and the bias tensor.
-    A tensor's size-1 (broadcast) axes are read at index 0. CUPYFLASH_BLOCK_* describe the block
+    A tensor's size-1 (broadcast) axes are read at index 0. CUPYFLASH_DBIAS (a backward with
+    variants.dbias) adds d loss / d logit into that float32 array at the bias's index (atomics:
+    every logit a broadcast axis folds lands on one element). CUPYFLASH_BLOCK_* describe the block
     mask for the kernels that walk only its kept tiles (VARIANT_BLOCKS). ``listed``: the kernels walk
     those lists, so they know each tile's kind: the block mask leaves CUPYFLASH_USER_KEEP, and its
     own rule on partial blocks becomes CUPYFLASH_BLOCK_KEEP (full blocks evaluate nothing). The
@@ -84,9 +86,11 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
         slots = {n: (slot(a), _expr.CPP_TYPES[a.dtype.str], _expr.array_kind(a), a.ndim) for n, a in read.items()}
         return _expr.to_cpp(e, slots)
 
-    def dense(t, ctype) -> str:  # a 4-D (batch, heads, seqlen_q, seqlen_k) tensor, size-1 axes broadcast
-        index = ", ".join("0" if n == 1 else name for n, name in zip(t.shape, ("b", "h", "q_idx", "kv_idx")))
-        return f"static_cast<{ctype}>(aux_read<{_expr.CPP_TYPES[t.dtype.str]}>(u, {slot(t)}, bad, {index}))"
+    def index(t) -> str:  # of a 4-D (batch, heads, seqlen_q, seqlen_k) tensor, size-1 axes broadcast
+        return ", ".join("0" if n == 1 else name for n, name in zip(t.shape, ("b", "h", "q_idx", "kv_idx")))
+
+    def dense(t, ctype) -> str:
+        return f"static_cast<{ctype}>(aux_read<{_expr.CPP_TYPES[t.dtype.str]}>(u, {slot(t)}, bad, {index(t)}))"
 
     keep, bias, lines = [], [], []
     if variants.mask_mod is not None:
@@ -115,6 +119,8 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
         lines.append(f"// bias_mod: {' '.join(variants.bias_mod.text.split())}")
     if variants.bias is not None:
         bias.append(dense(variants.bias, "float"))
+    if variants.dbias is not None:  # the backward adds d loss / d logit there (bias's axes: summed where it broadcasts)
+        lines.append(f"#define CUPYFLASH_DBIAS(value) aux_add(u, {slot(variants.dbias)}, value, {index(variants.bias)})")
     if keep:
         lines.append(f"#define CUPYFLASH_USER_KEEP ({' && '.join(keep)})")
     if bias:

@@ -42,6 +42,7 @@ class Variants:
     dropout_p: float = 0.0       # dropout on the probabilities (_dropout.py: regenerated from the seed)
     seed: int = 0
     batch_offset: int = 0        # the user terms' b of batch row 0 (a packed sequence's index)
+    dbias: object = None         # the GPU backward's float32 d loss / d bias, bias's 4-D shape, zeroed: the kernels add into it
 
     @property
     def dense(self) -> bool:

@@ -1,6 +1,7 @@
 """The public attention functions: check once, then dispatch on the array type."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
@@ -97,9 +98,9 @@ def flash_attention(q: ArrayInput, k: ArrayInput, v: ArrayInput, *, causal: bool
         (Philox4x32-10, cupyflash._dropout) in the backward: pass the same seed there. The same
         seed gives the same result; :func:`cupyflash.dropout_mask` shows the mask.
         On the GPU, mask_mod, bias_mod, aux, bias, mask and block_mask are compiled into the
-        kernels (each new expression at its first call), and dropout regenerates the same Philox
-        stream in the kernels; dbias from the backward runs on the NumPy backend so far (issue
-        19): a GPU call with return_dbias=True raises a ValueError.
+        kernels (each new expression at its first call), dropout regenerates the same Philox
+        stream in the kernels, and the backward's dbias is summed there too (see
+        :func:`flash_attention_backward`).
     return_lse : bool
         Also return the log-sum-exp of each row of the scaled scores, float32
         (batch, heads, seqlen_q) (float64 for float64 inputs), which the backward pass needs.
@@ -222,8 +223,13 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         reproducible either way. It costs time (the pass recomputes S and dP) and needs no
         fp32 dQ accumulator. The NumPy path is always deterministic.
     return_dbias : bool
-        With ``bias``: also return d loss / d bias, shaped and typed like bias (summed over the
-        axes where bias broadcasts). ``dbias``: a preallocated buffer for it, written in place.
+        With ``bias``: also return d loss / d bias, shaped like bias, float32 (float64 for
+        float64 inputs), summed over the axes where bias broadcasts. ``dbias``: a preallocated
+        buffer for it, written in place. On the GPU the kernels add each logit's gradient into
+        a float32 accumulator with atomics, so a bias with broadcast axes is summed in no fixed
+        order: with ``deterministic=True`` the bias must have the full (batch, heads, seqlen_q,
+        seqlen_k) shape (a ValueError otherwise). The accumulator is allocated per call: not
+        under CUDA-graph capture.
 
     Returns
     -------
@@ -267,7 +273,8 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
     variants = _checks.check_variants(shape, dtype, dev, causal, window_size, softcap, alibi_slopes, sinks)
     variants = _checks.check_user_terms(variants, shape, dtype, dev, mask_mod, bias_mod, aux, bias, mask, block_mask,
                                         dropout_p, seed)
-    dbias = _checks.check_dbias(variants, bias, dbias, return_dbias, dtype, dev)
+    dbias = _checks.check_dbias(variants, bias, dbias, return_dbias, dtype, dev,
+                                (shape.batch, shape.heads, shape.seqlen_q, shape.seqlen_k), deterministic)
     grads = {}
     for name, buf, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         grads[name] = None if buf is None else _checks.check_output_buffer(name, buf, like.shape, dtype, dev)
@@ -285,11 +292,18 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         _checks.check_graph_capture(
             dev, needed=needed, in_place={n: arrays[n] for n in ("dout", "q", "k", "v", "out")} | grads,
             dense={"lse": arrays["lse"], **_variant_arrays(variants)})
+        if dbias is not None:  # the kernels add into a zeroed float32 array of the bias's 4-D shape
+            import cupy
+            with cupy.cuda.Device(dev):
+                variants = dataclasses.replace(variants, dbias=cupy.zeros(variants.bias.shape, np.float32))
         result, plan = _gpu_backend().backward_with_plan(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
                                                          causal=variants.window == (-1, 0), scale=scale, **grads,
                                                          **extra, variants=variants, dsinks=dsinks)
         _plans.BACKWARD.put(key, plan)
-        return result
+        if dbias is None:
+            return result
+        dbias[...] = variants.dbias.reshape(dbias.shape)
+        return (*result, dbias)
     dbias_4d = None if dbias is None else np.empty(variants.bias.shape, dbias.dtype)  # bias's axes, 4-D
     result = _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
                                      causal=causal, scale=scale, **grads, **extra, variants=variants, dbias=dbias_4d)

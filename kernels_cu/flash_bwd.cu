@@ -60,7 +60,7 @@ __device__ __forceinline__ void recompute_p_ds(const BwdParams& p, const Pol& po
                                 : 0.f;
                     float dpv = dp[mt][nt][2 * hh + c], pz = pv[c];
                     pol.drop_backward(pz, dpv, m0 + qc, j0 + dj);  // dropout: dV takes P Z, dS = P (Z dP - D)
-                    dsv[c] = Pol::score_grad(pv[c], dpv, sD[qc], grad);
+                    dsv[c] = pol.score_grad(pv[c], dpv, sD[qc], grad, m0 + qc, j0 + dj);
                     pv[c] = pz;
                 }
                 const int qc0 = c0 + acc_col(nt, 0, lane);

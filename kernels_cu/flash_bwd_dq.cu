@@ -25,7 +25,7 @@ __device__ __forceinline__ void scores_to_ds(float (&s)[MT][NT][4], const float 
             for (int r = 0; r < 4; ++r) {
                 const int i = q0 + acc_row(mt, r, lane), j = k0 + acc_col(nt, r, lane);
                 float p_ij;
-                pol.template prob_and_ds<MASKED>(s[mt][nt][r], dp[mt][nt][r], i, j, lse_log2[mt][r / 2], d[mt][r / 2],
+                pol.template prob_and_ds<MASKED, false>(s[mt][nt][r], dp[mt][nt][r], i, j, lse_log2[mt][r / 2], d[mt][r / 2],
                                                  p.scale_log2, p_ij, s[mt][nt][r]);
             }
 }

@@ -70,8 +70,8 @@ __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const B
 }
 
 // P^T of this warpgroup's 64 keys (rows) x BLOCK_M queries (columns), in place of S^T; keys a
-// query does not see (causal, window, past seqlen_k) get P = 0. WITH_DS (the softcap and dropout
-// kernels, which call it once dP^T is ready too): dS^T = P^T (dP^T - D_i) (1 - tanh^2) in place of
+// query does not see (causal, window, past seqlen_k) get P = 0. WITH_DS (the softcap, dropout and
+// dbias kernels, which call it once dP^T is ready too): dS^T = P^T (dP^T - D_i) (1 - tanh^2) in place of
 // dP^T in the same pass, so the softcap's derivative is never stored (no registers to spare for
 // it); with dropout, dS^T = P^T (Z dP^T - D_i) and P^T becomes dV's operand P^T Z.
 template <typename Tr, bool WITH_DS, typename Pol>
@@ -96,7 +96,7 @@ __device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], float (&dp
                 // dropout: dV takes P Z, dS = P (Z dP - D) (query m0 + c, key j0 + up)
                 float pz = st[nt][r];
                 pol.drop_backward(pz, dpt[nt][r], m0 + c, j0 + up);
-                dpt[nt][r] = Pol::score_grad(st[nt][r], dpt[nt][r], sD[c], g);
+                dpt[nt][r] = pol.score_grad(st[nt][r], dpt[nt][r], sD[c], g, m0 + c, j0 + up);
                 st[nt][r] = pz;
             }
         }
@@ -221,7 +221,8 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         wgmma_commit();
         issue_k_major_product<T, Tr::BLOCK_N, BLOCK_M, Tr::HEAD_DIM>(dpt, sm.v, wg * 64, sdO);
         wgmma_commit();
-        if constexpr (Pol::SOFTCAP || Pol::DROPOUT) {  // P^T and dS^T in one pass, once both products are done
+        // P^T and dS^T in one pass, once both products are done (with return_dbias: dS^T is added there)
+        if constexpr (Pol::SOFTCAP || Pol::DROPOUT || UserTerms::HAS_DBIAS) {
             wgmma_wait<0>();
             fence_operands(st);
             fence_operands(dpt);

@@ -232,7 +232,8 @@ __global__ void __launch_bounds__(128, 1) flash_bwd_dq_f32_kernel(const BwdParam
             const float s = dot_rows<HEAD_DIM>(sQ + r * Tr::STRIDE, sK + col * Tr::STRIDE);
             const float dp = dot_rows<HEAD_DIM>(sdO + r * Tr::STRIDE, sV + col * Tr::STRIDE);
             float p_ij;
-            pol.prob_and_ds(s, dp, i, n0 + col, lse_log2, d_i, p.scale_log2, p_ij, sdS[r * Tr::P_STRIDE + col]);
+            pol.template prob_and_ds<true, false>(s, dp, i, n0 + col, lse_log2, d_i, p.scale_log2, p_ij,  // dbias: the main kernel's
+                                                  sdS[r * Tr::P_STRIDE + col]);
         }
         __syncwarp();  // the quad that owns row r has written all of dS_r before reading it
         // dQ_i += dS_ij K_j

@@ -52,6 +52,23 @@ __device__ __forceinline__ C aux_read(const AuxReader<EAGER>& u, int slot, bool&
         return inside ? static_cast<const C*>(u.params.aux[slot])[offset] : C(0);
     }
 }
+// value added into the float aux array in `slot` at index..., nothing where the index is out of
+// bounds: d loss / d bias (CUPYFLASH_DBIAS; atomic, since the bias's broadcast axes sum there).
+template <typename... I>
+__device__ __forceinline__ void aux_add(const UserParams& u, int slot, float value, I... index) {
+    constexpr int N = sizeof...(I);
+    static_assert(N == AUX_AXES, "dbias has the bias's four axes");
+    const i64 at[N] = {i64(index)...};
+    i64 offset = 0;
+    bool inside = true;
+    #pragma unroll
+    for (int a = 0; a < N; ++a) {
+        const int extent = u.extent[slot][a];
+        inside = inside && static_cast<unsigned long long>(at[a]) < static_cast<unsigned long long>(extent);
+        offset = offset * extent + at[a];
+    }
+    if (inside) atomicAdd(static_cast<float*>(const_cast<void*>(u.aux[slot])) + offset, value);
+}
 // C++'s int / and % with a zero divisor flagged (bad) instead of undefined
 template <typename A, typename B>
 __device__ __forceinline__ auto user_div(A a, B b, bool& bad) {
@@ -97,6 +114,11 @@ struct UserTerms {
 #else
     static constexpr bool HAS_BIAS = false;
 #endif
+#ifdef CUPYFLASH_DBIAS
+    static constexpr bool HAS_DBIAS = true;
+#else
+    static constexpr bool HAS_DBIAS = false;
+#endif
     // Does mask_mod keep key kv_idx for query q_idx of (b, h)? (true without one)
     template <bool EAGER>
     __device__ __forceinline__ static bool keep(const UserParams& params, int b, int h, int q_idx, int kv_idx,
@@ -129,6 +151,14 @@ struct UserTerms {
         return float(CUPYFLASH_USER_BIAS);
 #else
         return 0.f;
+#endif
+    }
+    // d loss / d bias += value at (b, h, q_idx, kv_idx) (CUPYFLASH_DBIAS: the backward of a call
+    // with return_dbias=True; nothing without it)
+    __device__ __forceinline__ static void add_dbias(const UserParams& u, int b, int h, int q_idx, int kv_idx,
+                                                     float value) {
+#ifdef CUPYFLASH_DBIAS
+        CUPYFLASH_DBIAS(value);
 #endif
     }
 };

@@ -493,20 +493,33 @@ struct Policy {
         const int d = j - diag(i);
         return probability_at<MASKED>(s, j, d, float(d), lse_log2, scale_log2, grad);
     }
-    // dS_ij = P_ij (dP_ij - D_i) d logit / d s: the gradient with respect to the raw score.
-    __device__ __forceinline__ static float score_grad(float p, float dp, float d, float grad) {
-        return SOFTCAP ? p * (dp - d) * grad : p * (dp - d);
+    // dS_ij = P_ij (dP_ij - D_i) d logit / d s: the gradient with respect to the raw score, for
+    // query i and key j (positions). d loss / d logit, P_ij (dP_ij - D_i), is also d loss / d bias_ij
+    // (the bias is added to the logit): a backward with return_dbias adds it there.
+    // DBIAS false: the dQ passes, which recompute dS after the main kernel added it.
+    template <bool DBIAS = true>
+    __device__ __forceinline__ float score_grad(float p, float dp, float d, float grad, int i, int j) const {
+        const float dlogit = p * (dp - d);
+        if constexpr (DBIAS) add_dbias(i, j, dlogit);
+        return SOFTCAP ? dlogit * grad : dlogit;
+    }
+    // d loss / d bias_ij += dlogit (UserTerms::add_dbias), inside the sequence only (the kernels'
+    // padding rows and keys never reach the bias's broadcast axes)
+    __device__ __forceinline__ void add_dbias(int i, int j, float dlogit) const {
+        if constexpr (UserTerms::HAS_DBIAS) {
+            if (i >= 0 && i < seqlen_q && j < seqlen_k && dlogit != 0.f) UserTerms::add_dbias(user, b, h, i, j, dlogit);
+        }
     }
     // Both, for kernels that have S_ij and dP_ij at the same time.
     // With dropout, p is dV's operand P Z and ds = P (Z dP - D) d logit / d s.
-    template <bool MASKED = true>
+    template <bool MASKED = true, bool DBIAS = true>
     __device__ __forceinline__ void prob_and_ds(float s, float dp, int i, int j, float lse_log2, float d, float scale_log2,
                                                 float& p, float& ds) const {
         float grad;
         p = probability<MASKED>(s, i, j, lse_log2, scale_log2, grad);
         float pz = p;
         drop_backward(pz, dp, i, j);
-        ds = score_grad(p, dp, d, grad);
+        ds = score_grad<DBIAS>(p, dp, d, grad, i, j);
         p = pz;
     }
 };

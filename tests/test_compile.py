@@ -322,6 +322,31 @@ def test_the_kernels_walk_a_block_mask_only_where_their_tiles_divide_its_blocks(
     assert bare.fwd == hopper.fwd and bare.variant == _config.VARIANT_BLOCKS
 
 
+@pytest.mark.parametrize("arch,dtype,head_dim,deterministic", [
+    ("sm_90a", "float16", 128, False), ("sm_90a", "bfloat16", 64, False), ("sm_90a", "float16", 128, True),
+    ("sm_80", "float16", 128, False), ("sm_80", "float32", 64, True)])
+def test_dbias_kernels_compile_without_spills(arch, dtype, head_dim, deterministic):
+    """return_dbias's backward (CUPYFLASH_DBIAS: an atomic add of each logit's gradient into the
+    bias's shape; the Hopper backward then takes its one-pass dS path) and its dQ pass (which adds
+    nothing), causal, with a bias broadcast over the batch: no spills."""
+    import dataclasses
+    import numpy as np
+    from cupyflash import _sources, _variants
+    v = _variants.Variants(bias=np.zeros((1, 2, 256, 256), np.float16))
+    v = dataclasses.replace(v, dbias=np.zeros(v.bias.shape, np.float32))
+    user = _sources.user_terms(v, device=False)[0]
+    assert "#define CUPYFLASH_DBIAS(value) aux_add(u, 1, value, 0, h, q_idx, kv_idx)" in user
+    cc = _compile.arch_cc(arch)
+    ks = _config.kernel_set(np.dtype(dtype), head_dim, True, cc, deterministic=deterministic,
+                            variant=_config.variant_bits(v) | _config.MASK_CAUSAL)
+    names = [ks.bwd_name()] + ([ks.dq_name()] if deterministic else [])
+    _, log, lowered = _compile.compile_offline(names, arch, user=user)
+    stats = _compile._parse_ptxas(log)
+    for n in names:
+        st = stats[lowered[n]]
+        assert st["registers"] > 0 and not st["spill_stores"] and not st["stack_bytes"], (n, st)
+
+
 @pytest.mark.parametrize("arch,dtype,head_dim", [("sm_80", "float16", 64), ("sm_90a", "bfloat16", 128),
                                                  ("sm_80", "float32", 64)])
 def test_dropout_kernels_compile_without_spills(arch, dtype, head_dim):

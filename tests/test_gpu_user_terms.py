@@ -13,8 +13,8 @@ atol), outputs poisoned with NaN first. As specifications:
 - an aux index out of bounds (which the NumPy backend refuses) makes exactly that row NaN on the
   GPU, never a silent value;
 - dense bias and mask tensors broadcast from any axis, and block masks (from an expression, a
-  callable or an array of blocks) mean the masks they stand for; dbias and dropout stay NumPy-only
-  (a clear ValueError).
+  callable or an array of blocks) mean the masks they stand for; dbias is the bias's gradient,
+  summed over its broadcast axes; dropout regenerates the NumPy spec's mask.
 """
 import numpy as np
 import pytest
@@ -145,7 +145,7 @@ TENSORS = ["bias-per-head", "bias-2d-mask-2d", "bias-per-batch-key"]
 @pytest.mark.parametrize("case", TENSORS)
 def test_dense_bias_and_mask_tensors(rng, case, dtype, D):
     """bias and mask broadcast from any of their axes, with softcap, a window and sinks; dq, dk, dv
-    (dbias stays on the NumPy backend for now)."""
+    (dbias: test_dbias_is_the_gradient_of_the_bias_on_every_kernel_family)."""
     S, B, H = 200, 2, 4
     kw = _user_cases(rng, S, B, H)[case]
     check_variant(rng, dtype, case, B, S, S, H, 2, D, kw=kw)
@@ -171,12 +171,50 @@ def test_block_masks_are_attention_under_the_mask_they_mean(rng, case):
         assert_within(f"{name} [{case}]", g, w, n, BFLOAT16)
 
 
-def test_dbias_is_still_numpy_only(rng):
-    q, k, v = (to_gpu(rng.standard_normal((1, 20, 2, 64)).astype(BFLOAT16)) for _ in range(3))
-    bias = to_gpu(np.zeros((20, 20), np.float32))
-    o, lse = cupyflash.flash_attention(q, k, v, bias=bias, return_lse=True)
-    with pytest.raises(ValueError, match=r"return_dbias=True runs on the NumPy backend so far"):
-        cupyflash.flash_attention_backward(q, q, k, v, o, lse, bias=bias, return_dbias=True)
+@pytest.mark.parametrize("dtype,D", [(BFLOAT16, 128), (FLOAT16, 64), (FLOAT16, 96), (FLOAT32, 64)],
+                         ids=["bf16-d128", "fp16-d64", "fp16-d96", "fp32-d64"])
+@pytest.mark.parametrize("case", TENSORS)
+def test_dbias_is_the_gradient_of_the_bias_on_every_kernel_family(rng, case, dtype, D):
+    """return_dbias=True: d loss / d bias, summed over the axes where the bias broadcasts (per head
+    over the batch, 2-D over batch and heads, per batch and key over heads and queries), against
+    float64, in the caller's NaN-poisoned float32 buffer; grouped-query heads, and the variants of
+    each case (softcap, a window, sinks)."""
+    from test_gpu_kernels import nan_like
+    from test_gpu_variants import _gpu_kw, _inputs
+    S, B, H = 200, 2, 4
+    kw = _user_cases(rng, S, B, H)[case]
+    q, k, v, dout = _inputs(rng, dtype, B, S, S, H, 2, D)
+    gq, gk, gv, gdo = (to_gpu(x) for x in (q, k, v, dout))
+    o, lse = cupyflash.flash_attention(gq, gk, gv, return_lse=True, **_gpu_kw(kw))
+    buf = nan_like(kw["bias"].shape, np.float32)
+    *grads, dbias = cupyflash.flash_attention_backward(gdo, gq, gk, gv, o, lse, return_dbias=True, dbias=buf,
+                                                       **_gpu_kw(kw))
+    assert dbias is buf
+    ref, naive = (reference.attention_backward(dout, q, k, v, upcast=u, return_dbias=True, **kw) for u in (True, False))
+    tag = f"{case} {np.dtype(dtype).name if dtype != BFLOAT16 else 'bf16'} D{D}"
+    assert_within(f"dbias [{tag}]", dbias, ref[-1], naive[-1], FLOAT32)
+    for name, g, w, n in zip(("dq", "dk", "dv"), grads, ref, naive):
+        assert_within(f"{name} [{tag}]", g, w, n, dtype)
+
+
+def test_dbias_with_deterministic_is_bitwise_repeatable_or_refused(rng):
+    """deterministic=True: a full-shape bias (no two logits share a dbias element) gives the same
+    bits twice; a broadcast one, which the GPU sums with atomics, is a ValueError naming the rule."""
+    B, S, H, D = 2, 130, 2, 64
+    q, k, v, dout = (to_gpu(rng.standard_normal((B, S, H, D)).astype(BFLOAT16)) for _ in range(4))
+    full = to_gpu(rng.standard_normal((B, H, S, S)).astype(np.float32))
+    o, lse = cupyflash.flash_attention(q, k, v, bias=full, return_lse=True)
+    runs = [cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=full, return_dbias=True,
+                                               deterministic=True)[-1] for _ in range(2)]
+    assert np.array_equal(to_host64(runs[0]), to_host64(runs[1]))
+    host = [to_host64(x).astype(BFLOAT16) for x in (dout, q, k, v)]
+    want, naive = (reference.attention_backward(*host, bias=to_host64(full).astype(np.float32), upcast=u,
+                                                return_dbias=True)[-1] for u in (True, False))
+    assert_within("dbias [deterministic, full shape]", runs[0], want, naive, FLOAT32)
+    per_head = full[:1]
+    o, lse = cupyflash.flash_attention(q, k, v, bias=per_head, return_lse=True)
+    with pytest.raises(ValueError, match=r"deterministic=True needs a bias of the full .* broadcasts"):
+        cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=per_head, return_dbias=True, deterministic=True)
 
 
 def test_a_module_that_does_not_compile_is_a_value_error_with_the_expression():

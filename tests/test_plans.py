@@ -74,6 +74,26 @@ def test_a_repeated_call_takes_the_plan_and_gives_the_checked_paths_bits(rng, mo
 
 
 @pytest.mark.gpu
+def test_a_tensor_map_for_new_pointers_is_the_drivers_own_encoding():
+    """A plan called with new pointers writes each into its layout's map (_tma.tensor_map) instead
+    of asking the driver, where the driver's maps were seen to hold the address alone in their
+    first 8 bytes: the bytes are exactly cuTensorMapEncodeTiled's, for real allocations, several
+    layouts and both box heights."""
+    from cupyflash import _tma
+    cp = _cp()
+    B, S, H, D = 2, 100, 4, 128  # and (B, H, S, D) storage viewed as (B, S, H, D): byte strides of 2-byte elements
+    layouts = [((2, 257, 4, 128), None), ((1, 64, 3, 64), None), ((B, S, H, D), (2 * H * S * D, 2 * D, 2 * S * D, 2))]
+    for shape, strides in layouts:
+        for dtype in (FLOAT16, BFLOAT16):
+            x = cp.empty(shape, dtype) if strides is None else cp.ndarray(
+                shape, dtype, memptr=cp.cuda.alloc(strides[0] * shape[0]), strides=strides)
+            for rows in (64, 128):
+                for ptr in (x.data.ptr, x.data.ptr + 4096, x.data.ptr + 16):
+                    got = _tma.tensor_map(ptr, np.dtype(dtype), x.shape, x.strides, rows)
+                    assert got == _tma._encode(ptr, np.dtype(dtype), x.shape, x.strides, rows), (shape, strides, rows)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [FLOAT16, BFLOAT16], ids=["fp16", "bf16"])
 def test_a_plan_never_outlives_a_changed_input(rng, dtype):
     """Calls that alternate layouts, pointers and flags at one shape each match float64; the
