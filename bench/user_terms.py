@@ -12,7 +12,8 @@ FlexAttention and dense attention, in one process, on the same inputs (bf16, d 1
 - Dropout (p 0.1) against the dense call: its cost.
 - A dense bias tensor, (1, H, S, S) float16 at B 2, S 4096 (fp16 inputs), against PyTorch SDPA's
   memory-efficient and cuDNN backends with the same tensor as attn_mask: target >= 1.0x the faster
-  (the backward without dbias on both sides: cupyflash's GPU dbias is not written yet).
+  (the backward without dbias on both sides); and cupyflash's backward with return_dbias=True
+  (its forward row times nothing).
 
 Forward rows time the forward call; backward rows the backward call alone (its forward runs once
 before). Writes bench/results/user-terms-<gpu>-<date>.json and prints a table and the ratios.
@@ -125,6 +126,10 @@ def bias_rows(rng, only: str | None):
             return cupyflash.flash_attention(q, k, v, bias=bias, return_lse=True)
         o, lse = fwd()
         rows["bias"] = (fwd, lambda: cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=bias))
+    if not only or "bias-dbias" in only.split(","):  # the backward with the bias's gradient too
+        o, lse = cupyflash.flash_attention(q, k, v, bias=bias, return_lse=True)
+        rows["bias-dbias"] = (lambda: None, lambda: cupyflash.flash_attention_backward(
+            dout, q, k, v, o, lse, bias=bias, return_dbias=True))
     if only and "sdpa-bias" not in only.split(","):
         return rows
     import torch
@@ -189,6 +194,7 @@ def main(seqlen, repeats, out_dir, only):
                    f"bias (B, H, S = {BIAS_SHAPE}) {ratio('sdpa-efficient-bias', 'bias', i):.2f}x SDPA efficient's "
                    f"speed, {ratio('sdpa-cudnn-bias', 'bias', i):.2f}x SDPA cuDNN's (>= 1.0 the faster); "
                    f"dropout 0.1 {ratio('dropout-0.1', 'dense', i):.2f}x of dense's time")
+    click.echo(f"bwd with dbias: {ratio('bias-dbias', 'bias', 1):.2f}x of the bias's backward without it")
 
 
 if __name__ == "__main__":

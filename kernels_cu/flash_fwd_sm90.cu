@@ -129,7 +129,7 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
         if (masked) pol.on_tile(tile_partial(it)).template to_logits<true>(s, m0 + warp * 16, key0(it));
-        else pol.template to_logits<false, false>(s, m0 + warp * 16, key0(it));  // a block mask's full blocks
+        else pol.template to_logits<false, false>(s, m0 + warp * 16, key0(it));  // no bounds mask; listed: a full block
         softmax.update_scores(s, alpha, p.scale_log2);
         pol.drop(s, m0 + warp * 16, key0(it));  // with dropout: P~ V's operand (l took P~ whole)
         // the row sums depend on every P~ value: the softmax stays above the wait

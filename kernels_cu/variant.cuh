@@ -220,19 +220,28 @@ struct Policy {
         const int* e = user.extent[CUPYFLASH_BLOCK_SLOT];  // (batch or 1, heads or 1, query blocks, key blocks)
         const signed char* row = static_cast<const signed char*>(user.aux[CUPYFLASH_BLOCK_SLOT]) +
             ((i64(e[0] > 1 ? b : 0) * e[1] + (e[1] > 1 ? h : 0)) * e[2] + m0 / CUPYFLASH_BLOCK_ROWS) * e[3];
-        for (int n0 = first; n0 < end; n0 += 32) {
-            const int n = n0 + lane;
-            const int kind = n < end ? row[n * BLOCK_N / CUPYFLASH_BLOCK_COLS] : 0;  // SKIP 0, PARTIAL 1, FULL 2
-            const bool kept = kind != 0;
-            const bool masked = kept && ((UserTerms::HAS_BLOCK_KEEP && kind == 1) ||
-                                         tile_needs_mask<BLOCK_M, BLOCK_N>(m0, n * BLOCK_N));
-            const unsigned m = __ballot_sync(~0u, masked), u = __ballot_sync(~0u, kept && !masked);
-            const unsigned below = (1u << lane) - 1;
-            const short entry = short(n | (kind == 1 ? KeyTiles::PARTIAL_BIT : 0));
-            if (masked) list[t.masked + __popc(m & below)] = entry;
-            if (kept && !masked) list[cap - 1 - t.unmasked - __popc(u & below)] = entry;
-            t.masked += __popc(m);
-            t.unmasked += __popc(u);
+        constexpr int READS = 4;  // kinds read per lane before the ballots: one memory latency per 128 tiles
+        for (int n00 = first; n00 < end; n00 += 32 * READS) {
+            int kinds[READS];
+            #pragma unroll
+            for (int r = 0; r < READS; ++r) {
+                const int n = n00 + 32 * r + lane;
+                kinds[r] = n < end ? row[n * BLOCK_N / CUPYFLASH_BLOCK_COLS] : 0;  // SKIP 0, PARTIAL 1, FULL 2
+            }
+            #pragma unroll
+            for (int r = 0; r < READS; ++r) {
+                const int n = n00 + 32 * r + lane, kind = kinds[r];
+                const bool kept = kind != 0;
+                const bool masked = kept && ((UserTerms::HAS_BLOCK_KEEP && kind == 1) ||
+                                             tile_needs_mask<BLOCK_M, BLOCK_N>(m0, n * BLOCK_N));
+                const unsigned m = __ballot_sync(~0u, masked), u = __ballot_sync(~0u, kept && !masked);
+                const unsigned below = (1u << lane) - 1;
+                const short entry = short(n | (kind == 1 ? KeyTiles::PARTIAL_BIT : 0));
+                if (masked) list[t.masked + __popc(m & below)] = entry;
+                if (kept && !masked) list[cap - 1 - t.unmasked - __popc(u & below)] = entry;
+                t.masked += __popc(m);
+                t.unmasked += __popc(u);
+            }
         }
 #endif
         return t;
