@@ -65,20 +65,22 @@ def _encode(ptr: int, dtype: np.dtype, shape: tuple, strides: tuple, rows: int) 
     return ctypes.string_at(desc, DESC_BYTES)
 
 
-_PROBES = (1 << 24, 3 << 28)  # two 16-byte-aligned addresses (the encoder reads no memory)
+# addresses aligned to 16 bytes only, to 4 KB and to 256 MB (the encoder reads no memory): the
+# rest of the map must not depend on the address's alignment either
+_PROBES = ((1 << 24) + 16, 3 << 12, 3 << 28)
 
 
 @functools.lru_cache(maxsize=512)
 def _map_after_address(dtype: np.dtype, shape: tuple, strides: tuple, rows: int) -> bytes | None:
     """The bytes of this layout's map after its first 8, when the driver writes the global address
-    there, little-endian, and nothing else depends on it: checked by encoding two addresses (a
+    there, little-endian, and nothing else depends on it: checked by encoding three addresses (a
     call with new pointers then writes 8 bytes instead of calling the driver, about 1.5 us each).
     None when the check fails: every map is encoded."""
     try:
         maps = [_encode(a, dtype, shape, strides, rows) for a in _PROBES]
     except RuntimeError:
         return None
-    if maps[0][8:] != maps[1][8:] or any(m[:8] != a.to_bytes(8, "little") for m, a in zip(maps, _PROBES)):
+    if any(m[8:] != maps[0][8:] or m[:8] != a.to_bytes(8, "little") for m, a in zip(maps, _PROBES)):
         return None
     return maps[0][8:]
 

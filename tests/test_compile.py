@@ -248,6 +248,41 @@ def test_hopper_forward_parameters_carry_three_tensor_maps_after_the_forward_par
     assert [packed[o:o + 128] for o in (384, 512, 640)] == maps  # TmaDesc is 64-byte aligned
 
 
+def test_a_filled_template_is_the_struct_packed_with_those_pointers_and_maps():
+    """ParamTemplate.fill writes each call's pointers (64-bit words) and tensor maps into the
+    template's bytes: the same bytes as packing the whole struct with them, for the Hopper forward
+    and backward (nested structs, maps after them) and the mma.sync backward."""
+    import numpy as np
+    from cupyflash import _cuda_backend, _launch
+    def values(dtype, seed):  # every field distinct, nested structs as tuples of their fields
+        return tuple(values(dtype[n], seed + i) if dtype[n].names else dtype[n].type(seed + i + 1)
+                     for i, n in enumerate(dtype.names))
+    rng = np.random.default_rng(3)
+    cases = [(_launch.FWD_SM90_PARAMS, "fwd", _cuda_backend._FWD_POINTERS, ("q", "k", "v")),
+             (_launch.BWD_SM90_PARAMS, "bwd", _cuda_backend._BWD_POINTERS, ("q", "k", "v", "dout")),
+             (_launch.BWD_PARAMS, None, _cuda_backend._BWD_POINTERS, ())]
+    for dtype, inner, pointer_paths, map_names in cases:
+        base = dict(zip(dtype.names, values(dtype, 0)))
+        for m in map_names:
+            base[m] = bytes(128)
+        paths = tuple(f"{inner}.{p}" if inner else p for p in pointer_paths)
+        template = _launch.ParamTemplate(dtype, base, pointers=paths, maps=map_names)
+        pointers = tuple(16 * int(x) for x in rng.integers(1, 2 ** 59, len(paths)))
+        maps = tuple(bytes(rng.integers(0, 256, 128, dtype=np.uint8)) for _ in map_names)
+        want = np.zeros(1, dtype)
+        for name, v in base.items():
+            want[name] = v
+        for path, ptr in zip(paths, pointers):
+            *outer, last = path.split(".")
+            at = want[outer[0]] if outer else want
+            for o in outer[1:]:
+                at = at[o]
+            at[last] = ptr
+        for m, b in zip(map_names, maps):
+            want[m] = np.frombuffer(b, dtype=dtype[m])
+        assert bytes(template.fill(pointers, maps)) == want.tobytes(), dtype
+
+
 @pytest.mark.parametrize("strides,ok", [((3200, 320, 64), True), ((3200, -320, 64), False), ((3200, 0, 64), False),
                                         ((3200, 320, 24), False), ((0, 320, 64), True)])
 def test_tensor_maps_describe_positive_16_byte_strides(strides, ok):
