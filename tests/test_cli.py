@@ -246,11 +246,11 @@ def test_time_cap_shortens_warmup_of_slow_calls():
 
 
 def test_time_cap_lowers_repeats_but_never_below_three():
-    assert bench._capped_repeats(None, 20, 1.0) == 20
-    assert bench._capped_repeats(100.0, 20, None) == 20
-    assert bench._capped_repeats(100.0, 20, 1.0) == 10
-    assert bench._capped_repeats(5000.0, 20, 1.0) == 3
-    assert bench._capped_repeats(5000.0, 2, 1.0) == 2
+    assert bench.timing._capped_repeats(None, 20, 1.0) == 20
+    assert bench.timing._capped_repeats(100.0, 20, None) == 20
+    assert bench.timing._capped_repeats(100.0, 20, 1.0) == 10
+    assert bench.timing._capped_repeats(5000.0, 20, 1.0) == 3
+    assert bench.timing._capped_repeats(5000.0, 2, 1.0) == 2
 
 
 def test_result_statistics_and_tflops():
@@ -342,7 +342,7 @@ def test_gate_checks_gradients(rng):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_gate_on_long_problems_checks_the_last_query_rows(rng, monkeypatch, causal):
-    monkeypatch.setattr(bench, "MAX_REFERENCE_SCORES", 24 * 50)  # 24 rows of 50 keys
+    monkeypatch.setattr(bench.gate, "MAX_REFERENCE_SCORES", 24 * 50)  # 24 rows of 50 keys
     inp = bench.Inputs(*(rng.standard_normal(s).astype(np.float32) for s in
                          [(1, 70, 2, 16), (1, 50, 2, 16), (1, 50, 2, 16), (1, 70, 2, 16)]), scale=0.25)
     out, lse = api.flash_attention(inp.q, inp.k, inp.v, causal=causal, return_lse=True)
@@ -466,7 +466,7 @@ def test_unsupported_case_is_skipped_with_the_reason():
         name = "picky"
 
         def prepare(self, case, inputs, device):
-            bench._same_alignment(case, "picky")
+            bench.impls._same_alignment(case, "picky")
 
     (r,) = bench.run_benchmark(cases, [Picky()], dev)
     assert r.status == "skipped" and "top-left aligned" in r.note

@@ -23,6 +23,9 @@ def test_wheel_contains_every_kernel_source(tmp_path):
     assert sources, "no kernel sources found in the checkout"
     missing = [s for s in sources if f"cupyflash/kernels_cu/{s}" not in names]
     assert not missing, f"kernel sources missing from {wheel.name}: {missing}"
+    modules = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cupyflash").rglob("*.py"))
+    missing = [m for m in modules if m not in names]
+    assert not missing, f"modules missing from {wheel.name} (a subpackage not listed in pyproject.toml?): {missing}"
     assert "cupyflash/cli.py" in names and "cupyflash/__main__.py" in names
     assert "cli.py" not in names, "the wheel must not install a top-level module named cli"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
