@@ -47,8 +47,10 @@ def encodable(ptr: int, shape: tuple, strides: tuple) -> bool:
         n == 1 or (s > 0 and s % _STRIDE_ALIGN == 0) for n, s in zip(shape[:3], strides[:3]))
 
 
+@functools.lru_cache(maxsize=512)
 def _encode(ptr: int, dtype: np.dtype, shape: tuple, strides: tuple, rows: int) -> bytes:
-    """cuTensorMapEncodeTiled's 128-byte map of the (B, S, H, D) tensor at ``ptr``."""
+    """cuTensorMapEncodeTiled's 128-byte map of the (B, S, H, D) tensor at ``ptr`` (cached: a map
+    depends on nothing but these arguments)."""
     B, S, H, D = shape
     sb, ss, sh = (s if n > 1 else _STRIDE_ALIGN for n, s in zip((B, S, H), strides[:3]))  # unused strides
     dims = (ctypes.c_uint64 * 4)(D, H, S, B)
