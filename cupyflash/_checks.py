@@ -520,14 +520,21 @@ def check_user_terms(variants, shape: AttentionShape, dtype, device, mask_mod, b
                   bias=tensors.get("bias"), mask=tensors.get("mask"), block_mask=block_mask, dropout_p=dropout_p,
                   seed=seed)
     if device != "cpu":
-        from ._launch import MAX_AUX
-        from ._sources import user_terms
-        read = user_terms(out)[1]
-        if len(read) > MAX_AUX:
-            raise ValueError(f"the call's masks and biases read {len(read)} arrays on the GPU (aux arrays that "
-                             f"mask_mod and bias_mod read, bias, mask, a block mask's blocks and its aux); the "
-                             f"kernels take at most {MAX_AUX}")
+        check_kernel_arrays(out)
     return out
+
+
+def check_kernel_arrays(variants, dbias: bool = False) -> None:
+    """The arrays a GPU call's masks and biases read (and, with ``dbias``, the dbias accumulator the
+    backward writes) fit the kernels' MAX_AUX slots (UserParams)."""
+    from ._launch import MAX_AUX
+    from ._sources import user_terms
+    read = len(user_terms(variants)[1])
+    if read + dbias > MAX_AUX:
+        raise ValueError(f"the call's masks and biases read {read} arrays on the GPU (aux arrays that mask_mod and "
+                         f"bias_mod read, bias, mask, a block mask's blocks and its aux)"
+                         f"{', and return_dbias=True writes one more' if dbias else ''}; the kernels take at most "
+                         f"{MAX_AUX}")
 
 
 def check_dropout(dropout_p, seed) -> tuple[float, int]:
@@ -563,14 +570,10 @@ def check_dbias(variants, bias, dbias, return_dbias, dtype, device, full: tuple,
     shape = tuple(as_array(bias, "bias").shape)
     want = np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
     if device != "cpu":
-        from ._launch import MAX_AUX
-        from ._sources import user_terms
         if capturing(device):
             raise ValueError("return_dbias=True allocates and zeroes its float32 accumulator, which cannot happen "
                              "while CuPy's current stream captures a CUDA graph")
-        if len(user_terms(variants)[1]) + 1 > MAX_AUX:
-            raise ValueError(f"return_dbias=True on the GPU takes one more array than the call's masks and biases "
-                             f"read, and the kernels take at most {MAX_AUX}: drop an aux array or the mask")
+        check_kernel_arrays(variants, dbias=True)
         if deterministic and tuple(variants.bias.shape) != tuple(full):
             raise ValueError(f"return_dbias=True with deterministic=True needs a bias of the full (batch, heads, "
                              f"seqlen_q, seqlen_k) shape: bias {shape} broadcasts, and the GPU sums dbias over its "

@@ -130,7 +130,6 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
     return "\n".join(lines) + "\n", tuple(arrays)
 
 
-
 def element_mask(variants, listed: bool) -> tuple[bool, bool]:
     """(Does the call leave the kernels a mask to evaluate element by element (VARIANT_USER_MASK)?
     Does that mask read memory: aux arrays, the mask tensor, a block mask's kinds?) A block mask

@@ -295,25 +295,34 @@ def flash_attention_backward(dout: ArrayInput, q: ArrayInput, k: ArrayInput, v: 
         if dbias is not None:  # the kernels add into a zeroed float32 array of the bias's 4-D shape
             import cupy
             with cupy.cuda.Device(dev):
-                variants = dataclasses.replace(variants, dbias=cupy.zeros(variants.bias.shape, np.float32))
+                dbias_4d = _bias_axes(dbias, variants.bias.shape, cupy)
+                dbias_4d.fill(0)
+            variants = dataclasses.replace(variants, dbias=dbias_4d)
         result, plan = _gpu_backend().backward_with_plan(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
                                                          causal=variants.window == (-1, 0), scale=scale, **grads,
                                                          **extra, variants=variants, dsinks=dsinks)
         _plans.BACKWARD.put(key, plan)
-        if dbias is None:
-            return result
-        dbias[...] = variants.dbias.reshape(dbias.shape)
-        return (*result, dbias)
-    dbias_4d = None if dbias is None else np.empty(variants.bias.shape, dbias.dtype)  # bias's axes, 4-D
+        return result if dbias is None else (*result, _copied_back(dbias, variants.dbias))
+    dbias_4d = None if dbias is None else _bias_axes(dbias, variants.bias.shape, np)
     result = _cpu_backend().backward(arrays["dout"], q, k, v, arrays["out"], arrays["lse"],
                                      causal=causal, scale=scale, **grads, **extra, variants=variants, dbias=dbias_4d)
     if dsinks is not None:
         dsinks[...] = result[3]
         result = (*result[:3], dsinks)
-    if dbias is None:
-        return result
-    dbias[...] = dbias_4d.reshape(dbias.shape)
-    return (*result, dbias)
+    return result if dbias is None else (*result, _copied_back(dbias, dbias_4d))
+
+
+def _bias_axes(dbias, shape4: tuple, xp):
+    """dbias as the backends write it, with the bias's 4-D shape: a view where dbias is C-contiguous
+    (written in place), else a new array (copied back by _copied_back)."""
+    return dbias.reshape(shape4) if dbias.flags.c_contiguous else xp.empty(shape4, dbias.dtype)
+
+
+def _copied_back(dbias, dbias_4d):
+    """dbias, holding what the backend wrote into dbias_4d (nothing to copy where it is a view of it)."""
+    if not dbias.flags.c_contiguous:
+        dbias[...] = dbias_4d.reshape(dbias.shape)
+    return dbias
 
 
 def _user_terms_given(mask_mod, bias_mod, aux, bias, mask, block_mask, dropout_p) -> bool:

@@ -18,6 +18,7 @@ import cupyflash
 from cupyflash import _expr, reference
 from cupyflash._dtypes import BFLOAT16, FLOAT32, FLOAT64
 
+from conftest import error_report
 from test_numpy_backend import assert_within_naive_bound
 
 ENV = dict(b=np.int64(1), h=np.int64(3), q_idx=np.arange(-3, 4)[:, None], kv_idx=np.arange(5)[None, :],
@@ -170,6 +171,18 @@ def test_dbias_lands_in_the_callers_buffer(rng):
     assert np.allclose(buf, want, atol=1e-12, rtol=0)
 
 
+def test_dbias_lands_in_a_strided_callers_buffer(rng):
+    """A caller's buffer the backend cannot write in place (not C-contiguous) still receives dbias."""
+    q, k, v, dout = _inputs(rng, FLOAT64, S=40)
+    bias = rng.standard_normal((40, 40))
+    o, lse = cupyflash.flash_attention(q, k, v, return_lse=True, bias=bias)
+    buf = np.full((80, 40), np.nan)[::2]  # every other row: not C-contiguous
+    *_, dbias = cupyflash.flash_attention_backward(dout, q, k, v, o, lse, bias=bias, return_dbias=True, dbias=buf)
+    assert dbias is buf
+    want = reference.attention_backward(dout, q, k, v, bias=bias, return_dbias=True)[-1]
+    assert np.allclose(buf, want, atol=1e-12, rtol=0), error_report(buf, want)
+
+
 def _good(rng):
     q, k, v, _ = _inputs(rng, FLOAT32, S=20)
     return dict(q=q, k=k, v=v)
@@ -208,17 +221,6 @@ def test_dbias_needs_a_bias(rng):
         cupyflash.flash_attention_backward(dout, q, k, v, o, lse, dbias=np.zeros((20, 20), np.float32))
 
 
-def test_on_the_gpu_the_dense_tensors_are_a_clear_error_until_the_kernels_have_them(rng):
-    cp = pytest.importorskip("cupy")
-    try:
-        cp.cuda.runtime.getDeviceCount()
-    except Exception:
-        pytest.skip("no GPU")
-    q, k, v = (cp.asarray(x) for x in _inputs(rng, FLOAT32, S=20)[:3])
-    with pytest.raises(ValueError, match=r"run on the NumPy backend so far"):
-        cupyflash.flash_attention(q, k, v, mask=cp.ones((20, 20), bool))
-
-
 def test_the_kernels_take_at_most_four_aux_arrays_of_at_most_four_axes(monkeypatch, rng):
     """The GPU's limits (UserParams), checked at the boundary whatever the device: here on the host
     by asking the check as if the arrays were on a GPU."""
@@ -230,6 +232,17 @@ def test_the_kernels_take_at_most_four_aux_arrays_of_at_most_four_axes(monkeypat
     with pytest.raises(ValueError, match=r"aux\['t'\] on the GPU must have at most 4 axes"):
         _checks._check_aux_for_kernels([_expr.parse("mask_mod", "t[0][0][0][0][1] > 0")], deep)
     _checks._check_aux_for_kernels([_expr.parse("mask_mod", "q_idx > 0")], many)  # arrays not read: no limit
+    # bias, mask and two aux arrays fill the four slots; return_dbias's accumulator needs a fifth
+    from cupyflash._variants import Variants
+    S = 8
+    two = {f"a{i}": np.zeros(S, np.int32) for i in range(2)}
+    variants = _checks.check_user_terms(Variants(), _checks.AttentionShape(1, S, S, 2, 16), FLOAT32, "cpu",
+                                        "a0[q_idx] + a1[kv_idx] > 0", None, two,
+                                        np.zeros((S, S), np.float32), np.ones((S, S), bool))
+    _checks.check_kernel_arrays(variants)
+    with pytest.raises(ValueError, match=r"read 4 arrays on the GPU .*, and return_dbias=True writes one more; the "
+                                         r"kernels take at most 4"):
+        _checks.check_kernel_arrays(variants, dbias=True)
 
 
 # ---- block-sparse masks (cupyflash.block_mask) ----
