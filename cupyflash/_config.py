@@ -556,9 +556,11 @@ class KernelSet:
         otherwise (every tile visited, the block mask applied element by element). ``element_mask``:
         is a mask left to evaluate per element once the tiles are listed (the call's own, or the
         block mask's rule on its partial blocks)? Without one VARIANT_USER_MASK goes; with one that
-        ``reads_memory`` (aux arrays, the mask tensor), the Hopper forward at head_dim 128 and up
-        halves BLOCK_N (a document rule spilled 236 bytes there at 128 keys, nothing at 64, and a
-        causal mask_mod nothing at 128; offline, NVRTC 13.0, bench/NOTES.md session 12)."""
+        ``reads_memory`` on every tile (the call's own aux mask_mod, the mask tensor:
+        _sources.element_mask), the Hopper forward at head_dim 128 and up halves BLOCK_N (an aux
+        mask_mod with a causal block mask spilled 188-220 bytes there at 128 keys, nothing at 64; a
+        document rule on the partial blocks alone spills nothing at 128 since the forward evaluates
+        a tile's terms ahead; offline, NVRTC 13.0, bench/NOTES.md sessions 12 and 14)."""
         if not self.tensor_cores or self.variant & (VARIANT_VARLEN | VARIANT_KVLEN):
             return self
         listed = replace(self, variant=self.variant | VARIANT_BLOCKS)

@@ -179,10 +179,32 @@ def _names(node):
     if node[0] == "name":
         yield node[2]
         return
+    for child in _children(node):
+        yield from _names(child)
+
+
+def _children(node):
+    """The subtrees of a node."""
     for child in node[2:]:
         if isinstance(child, tuple):
-            for sub in ((child,) if isinstance(child[0], str) else child):
-                yield from _names(sub)
+            yield from ((child,) if isinstance(child[0], str) else child)
+
+
+def element_reads(expr: Expr) -> int:
+    """How many aux reads of the expression index by both q_idx and kv_idx: a different address for
+    almost every score of a tile (``table[kv_idx - q_idx]``, a dense tensor), where ``doc[q_idx]``
+    is one read per row and ``doc[kv_idx]`` one per column. The Hopper forward evaluates a tile's
+    terms ahead of its scores only where such reads are few (UserTerms::ELEMENT_READS)."""
+    def count(node) -> int:
+        if node[0] != "index":
+            return sum(count(c) for c in _children(node))
+        names, reads = set(), 0
+        while node[0] == "index":  # one read: an array and all its indices
+            names |= set(_names(node[3]))
+            reads += count(node[3])
+            node = node[2]
+        return reads + int({"q_idx", "kv_idx"} <= names)
+    return count(expr.tree)
 
 
 class _Partial:

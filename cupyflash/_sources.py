@@ -93,6 +93,12 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
         return f"static_cast<{ctype}>(aux_read<{_expr.CPP_TYPES[t.dtype.str]}>(u, {slot(t)}, bad, {index(t)}))"
 
     keep, bias, lines = [], [], []
+    # the aux reads at an address of their own per score (_expr.element_reads; a tensor's, unless it
+    # broadcasts over queries or keys)
+    element_reads = sum(_expr.element_reads(e) for e in (variants.mask_mod, variants.bias_mod,
+                                                          None if variants.block_mask is None else variants.block_mask.mask_mod)
+                        if e is not None)
+    element_reads += sum(t.shape[2] > 1 and t.shape[3] > 1 for t in (variants.mask, variants.bias) if t is not None)
     if variants.mask_mod is not None:
         keep.append(f"({translate(variants.mask_mod, variants.aux)} != 0)")
         lines.append(f"// mask_mod: {' '.join(variants.mask_mod.text.split())}")
@@ -127,16 +133,21 @@ def user_terms(variants, device: bool = True, listed: bool = False) -> tuple[str
         lines.append(f"#define CUPYFLASH_USER_BIAS ({' + '.join(bias)})")
     if not (keep or bias or bm is not None):
         return "", ()
+    if element_reads:
+        lines.append(f"#define CUPYFLASH_ELEMENT_READS {element_reads}")
     return "\n".join(lines) + "\n", tuple(arrays)
 
 
 def element_mask(variants, listed: bool) -> tuple[bool, bool]:
     """(Does the call leave the kernels a mask to evaluate element by element (VARIANT_USER_MASK)?
-    Does that mask read memory: aux arrays, the mask tensor, a block mask's kinds?) A block mask
-    whose tiles are listed needs none of its own unless its partial blocks have a rule."""
+    Does that mask read memory on every tile: aux arrays, the mask tensor, a block mask's kinds?) A
+    block mask whose tiles are listed needs none of its own unless its partial blocks have a rule,
+    and that rule's reads, on the partial tiles only, do not count (the Hopper forward at 128 keys
+    spills nothing with them since session 14; with the call's own aux mask_mod it spilled 188-220
+    bytes: KernelSet.with_block_list)."""
     bm = variants.block_mask
     own = variants.mask_mod is not None and any(n in variants.mask_mod.names for n, _ in variants.aux)
     rule = bm is not None and bm.mask_mod is not None
     needed = (variants.mask_mod is not None or variants.mask is not None or (bm is not None and (not listed or rule)))
-    reads = own or variants.mask is not None or (bm is not None and (not listed or (rule and bool(bm.aux))))
+    reads = own or variants.mask is not None or (bm is not None and not listed)
     return needed, reads

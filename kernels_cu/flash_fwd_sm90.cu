@@ -118,6 +118,12 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
     // The body has no branch between the issue and the waits (ptxas waits for every wgmma at a
     // join), so the tiles that need a mask, a prefix (the window's left edge) and a suffix (the
     // diagonal, the end of the keys) of the key range, run in loops of their own.
+    // The user's terms evaluated ahead (under the products) where their registers fit; otherwise
+    // per element after the wait, with fewer values live across it. At 128 keys, reads per score
+    // (a mask tensor: 604 bytes spilled at head_dim 128), and packed sequences at head_dim 128
+    // (12 bytes) spilled ahead (offline, NVRTC 13.0; bench/NOTES.md, session 14).
+    constexpr bool AHEAD = (UserTerms::ELEMENT_READS == 0 || BLOCK_N <= 64) &&
+                           (Policy<VARIANT>::Seq::ROWS_LAYOUT == SEQ_DENSE || BLOCK_N * Tr::HEAD_DIM < 128 * 128);
     auto step = [&](int it, bool masked) {  // inlined at each loop with `masked` a constant
         wait_tile(it);
         wgmma_fence();
@@ -126,10 +132,25 @@ __device__ __forceinline__ void consume(const FwdParams& p, const FwdSm90Smem<Tr
         // retired its registers may be rewritten while the P~ V group still runs.
         wgmma_fence();
         issue_pv<Tr>(o[0], pa, sm.v(it - 1));
+        // The user's terms of this tile (their aux reads), AHEAD: while both products run; otherwise
+        // per element after the wait. Unmasked: no bounds mask, and a listed tile there is a full
+        // block (no block rule).
+        const Policy<VARIANT> tile_pol = masked ? pol.on_tile(tile_partial(it)) : pol;
+        typename Policy<VARIANT>::template UserTile<1, NT, true> masked_terms;
+        typename Policy<VARIANT>::template UserTile<1, NT, false> full_terms;
+        if constexpr (AHEAD) {
+            if (masked) masked_terms = tile_pol.template user_tile<true, 1, NT>(m0 + warp * 16, key0(it));
+            else full_terms = tile_pol.template user_tile<false, 1, NT>(m0 + warp * 16, key0(it));
+        }
         wgmma_wait<1>();  // S_ij is ready
         fence_operands(s[0]);
-        if (masked) pol.on_tile(tile_partial(it)).template to_logits<true>(s, m0 + warp * 16, key0(it));
-        else pol.template to_logits<false, false>(s, m0 + warp * 16, key0(it));  // no bounds mask; listed: a full block
+        if constexpr (AHEAD) {
+            if (masked) tile_pol.template to_logits<true>(s, m0 + warp * 16, key0(it), masked_terms);
+            else tile_pol.template to_logits<false, false>(s, m0 + warp * 16, key0(it), full_terms);
+        } else {
+            if (masked) pol.on_tile(tile_partial(it)).template to_logits<true>(s, m0 + warp * 16, key0(it));
+            else pol.template to_logits<false, false>(s, m0 + warp * 16, key0(it));
+        }
         softmax.update_scores(s, alpha, p.scale_log2);
         pol.drop(s, m0 + warp * 16, key0(it));  // with dropout: P~ V's operand (l took P~ whole)
         // the row sums depend on every P~ value: the softmax stays above the wait

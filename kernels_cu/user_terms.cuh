@@ -119,6 +119,13 @@ struct UserTerms {
 #else
     static constexpr bool HAS_DBIAS = false;
 #endif
+    // aux reads at an address of their own per score (a dense tensor, table[kv_idx - q_idx]):
+    // a tile's terms evaluated at once hold one value per score
+#ifdef CUPYFLASH_ELEMENT_READS
+    static constexpr int ELEMENT_READS = CUPYFLASH_ELEMENT_READS;
+#else
+    static constexpr int ELEMENT_READS = 0;
+#endif
     // Does mask_mod keep key kv_idx for query q_idx of (b, h)? (true without one)
     template <bool EAGER>
     __device__ __forceinline__ static bool keep(const UserParams& params, int b, int h, int q_idx, int kv_idx,

@@ -352,21 +352,77 @@ struct Policy {
             if (bad) x = __int_as_float(0x7fc00000);  // NaN
             return keep || bad;
         } else {
-            const bool padding = i < 0 || i >= seqlen_q || j >= seqlen_k;
-            bool bad = false;
-            bool keep = true;
-            if constexpr (USER_MASK && UserTerms::HAS_KEEP) keep = UserTerms::keep<true>(user, b, h, i, j, bad);
-            if constexpr (USER_MASK && RULE && UserTerms::HAS_BLOCK_KEEP) {  // counted on partial blocks only
-                bool bad_rule = false;
-                keep = keep & (UserTerms::block_keep<true>(user, b, h, i, j, bad_rule) | !block_rule);
-                bad = bad | (bad_rule & block_rule);
-            }
-            float y = x;
-            if constexpr (USER_BIAS && UserTerms::HAS_BIAS) y = fmaf(UserTerms::bias<true>(user, b, h, i, j, bad), inv_scale, x);
-            bad = bad & !padding;
-            x = padding ? x : bad ? __int_as_float(0x7fc00000) : y;  // NaN
-            return padding | keep | bad;
+            return with_term(x, user_term<RULE>(i, j));
         }
+    }
+    // The user's terms of query i and key j evaluated eagerly, before the score exists: bias_mod's
+    // term (bias_mod's units), whether the score is kept (mask_mod keeps the key, an index was bad,
+    // or padding), whether an index was bad, and whether (i, j) is padding (rows and keys past the
+    // sequence), whose score stays as it is.
+    struct UserTerm {
+        float bias;
+        bool keep, bad, padding;
+    };
+    template <bool RULE = true>
+    __device__ __forceinline__ UserTerm user_term(int i, int j) const {
+        const bool padding = i < 0 || i >= seqlen_q || j >= seqlen_k;
+        bool bad = false, keep = true;
+        if constexpr (USER_MASK && UserTerms::HAS_KEEP) keep = UserTerms::keep<true>(user, b, h, i, j, bad);
+        if constexpr (USER_MASK && RULE && UserTerms::HAS_BLOCK_KEEP) {  // counted on partial blocks only
+            bool bad_rule = false;
+            keep = keep & (UserTerms::block_keep<true>(user, b, h, i, j, bad_rule) | !block_rule);
+            bad = bad | (bad_rule & block_rule);
+        }
+        float bias = 0.f;
+        if constexpr (USER_BIAS && UserTerms::HAS_BIAS) bias = UserTerms::bias<true>(user, b, h, i, j, bad);
+        bad = bad & !padding;
+        return {bias, padding | keep | bad, bad, padding};
+    }
+    // Logit x (raw units) with a term: plus the bias, NaN where an index was bad; false where the key is dropped.
+    __device__ __forceinline__ bool with_term(float& x, const UserTerm& t) const {
+        float y = x;
+        if constexpr (USER_BIAS && UserTerms::HAS_BIAS) y = fmaf(t.bias, inv_scale, x);
+        x = t.padding ? x : t.bad ? __int_as_float(0x7fc00000) : y;  // NaN
+        return t.keep;
+    }
+    // A warp's accumulator tile of user terms, in to_logits's element order (rows q0 + acc_row, keys
+    // k0 + acc_col; element (mt, nt, r) is bit nt * 4 + r of word [mt][.]): the keep and bad bits packed,
+    // bias_mod's terms as floats. The Hopper forward evaluates it while S = Q K^T is still on the
+    // tensor cores, so the aux reads' latency hides under the product, not after its wait.
+    template <int MT, int NT, bool RULE>
+    struct UserTile {
+        static constexpr bool WORK = user_work<RULE>();
+        static constexpr bool BIAS = WORK && USER_BIAS && UserTerms::HAS_BIAS;
+        static constexpr int WORDS = WORK ? (NT * 4 + 31) / 32 : 1;
+        u32 keep[MT][WORDS], bad[MT][WORDS];
+        float bias[BIAS ? MT : 1][BIAS ? NT : 1][4];
+        __device__ __forceinline__ void set(int mt, int nt, int r, const UserTerm& t) {  // padding: a zero term
+            const int e = nt * 4 + r;
+            if (e % 32 == 0) keep[mt][e / 32] = bad[mt][e / 32] = 0u;
+            keep[mt][e / 32] |= u32(t.keep) << (e % 32);
+            bad[mt][e / 32] |= u32(t.bad) << (e % 32);
+            if constexpr (BIAS) bias[mt][nt][r] = t.padding ? 0.f : t.bias;
+        }
+        __device__ __forceinline__ UserTerm at(int mt, int nt, int r) const {
+            const int e = nt * 4 + r;
+            return {BIAS ? bias[BIAS ? mt : 0][BIAS ? nt : 0][r] : 0.f, ((keep[mt][e / 32] >> (e % 32)) & 1u) != 0,
+                    ((bad[mt][e / 32] >> (e % 32)) & 1u) != 0, false};
+        }
+    };
+    template <bool RULE = true, int MT, int NT>
+    __device__ __forceinline__ UserTile<MT, NT, RULE> user_tile(int q0, int k0) const {
+        UserTile<MT, NT, RULE> t;
+        if constexpr (UserTile<MT, NT, RULE>::WORK) {
+            const int i0 = frag_row0(q0), j0 = frag_col0(k0);
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+                #pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    #pragma unroll
+                    for (int r = 0; r < 4; ++r)
+                        t.set(mt, nt, r, user_term<RULE>(i0 + acc_row(mt, r, 0), j0 + acc_col(nt, r, 0)));
+        }
+        return t;
     }
     // The logit of query i and key j with the user's terms, -inf where mask_mod drops the key (the
     // caller applies the other masks).
@@ -393,8 +449,16 @@ struct Policy {
     // k0 + acc_col) becomes logits, -inf where MASKED says this tile needs the mask and a key is
     // not visible (exp2 turns those into exactly 0).
     // RULE false: the tile is a full block of a block mask's list (its element rule is not evaluated).
+    // The user's terms evaluated per element, or taken from `terms` (user_tile<RULE>(q0, k0)), where
+    // the caller evaluated them ahead (the mma.sync kernels at 255 registers spilled with a whole
+    // tile's bias terms live at once).
     template <bool MASKED, bool RULE = true, int MT, int NT>
     __device__ __forceinline__ void to_logits(float (&s)[MT][NT][4], int q0, int k0) const {
+        to_logits<MASKED, RULE, false>(s, q0, k0, UserTile<MT, NT, RULE>{});
+    }
+    template <bool MASKED, bool RULE = true, bool AHEAD = true, int MT, int NT>
+    __device__ __forceinline__ void to_logits(float (&s)[MT][NT][4], int q0, int k0,
+                                              const UserTile<MT, NT, RULE>& terms) const {
         if constexpr (!MASKED && !SOFTCAP && !ALIBI && !user_work<RULE>()) return;
         const int j0 = frag_col0(k0), d0 = j0 - diag(frag_row0(q0));  // element (0, 0, 0)
         const float fd0 = float(d0);
@@ -417,7 +481,8 @@ struct Policy {
                         const int col = nt * 8 + c;
                         float& x = s[mt][nt][2 * hh + c];
                         float logit = logit_at(x, ALIBI ? fd0 + float(col - mt * 16 - hh * 8) : 0.f);
-                        const bool keep = user_ij<RULE>(logit, i, j0 + col);
+                        const bool keep = AHEAD ? with_term(logit, terms.at(mt, nt, 2 * hh + c))
+                                                : user_ij<RULE>(logit, i, j0 + col);
                         x = ((MASKED && (col > hi || (LEFT && col < lo))) || !keep) ? -CUPYFLASH_INF : logit;
                     }
             }

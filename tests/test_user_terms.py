@@ -75,6 +75,24 @@ BAD_EXPRESSIONS = {
 }
 
 
+@pytest.mark.parametrize("text,reads", [("doc[q_idx] == doc[kv_idx]", 0), ("q_idx >= kv_idx", 0),
+                                        ("table[h][min(max(kv_idx - q_idx + 64, 0), 128)]", 1),
+                                        ("a[q_idx + kv_idx] + m[q_idx][kv_idx]", 2), ("t[m[q_idx][kv_idx]]", 2)])
+def test_reads_at_an_address_per_score_are_counted(text, reads):
+    """An aux read whose indices use both q_idx and kv_idx has an address of its own for nearly every
+    score (the Hopper forward evaluates a tile's terms ahead only where such reads are few)."""
+    from cupyflash import _sources, _variants
+    assert _expr.element_reads(_expr.parse("mask_mod", text)) == reads
+    arrays = {"doc": np.zeros(8, np.int32), "table": np.zeros((2, 129), np.float32), "a": np.zeros(8, np.int32),
+              "m": np.zeros((8, 8), np.int32), "t": np.zeros(8, np.float32)}
+    e = _expr.parse("mask_mod", text)
+    user = _sources.user_terms(_variants.Variants(mask_mod=e, aux=tuple((n, arrays[n]) for n in e.names if n in arrays)))[0]
+    assert (f"#define CUPYFLASH_ELEMENT_READS {reads}" in user) == (reads > 0)
+    dense = _sources.user_terms(_variants.Variants(bias=np.zeros((1, 2, 8, 8), np.float16)))[0]
+    by_key = _sources.user_terms(_variants.Variants(bias=np.zeros((1, 2, 1, 8), np.float16)))[0]
+    assert "#define CUPYFLASH_ELEMENT_READS 1" in dense and "ELEMENT_READS" not in by_key
+
+
 @pytest.mark.parametrize("text", sorted(BAD_EXPRESSIONS))
 def test_a_bad_expression_is_a_value_error_with_a_caret_at_the_place(text):
     pattern, column = BAD_EXPRESSIONS[text]
@@ -476,7 +494,8 @@ def test_packed_sequences_see_their_own_index_and_positions(rng):
 def test_what_the_listed_kernels_still_evaluate_per_element(rng):
     """With a block mask's tiles listed (the GPU's VARIANT_BLOCKS), full blocks need no element mask:
     what is left is the call's own mask and the block mask's rule on its partial blocks; and whether
-    that reads memory decides the Hopper forward's key tile (a memory-reading rule spilled at 128)."""
+    the call's own mask reads memory decides the Hopper forward's key tile (an aux mask_mod spilled at
+    128 keys; the rule on partial blocks alone does not)."""
     from cupyflash import _config, _sources, _variants
     S, doc = 256, np.repeat(np.arange(4), 64).astype(np.int32)
     whole = cupyflash.block_mask(np.ones((1, 1, 2, 2), bool), 1, 2, S, S)
@@ -485,7 +504,7 @@ def test_what_the_listed_kernels_still_evaluate_per_element(rng):
     causal_mod = _expr.parse("mask_mod", "q_idx >= kv_idx")
     doc_mod = _expr.parse("mask_mod", "doc[q_idx] == doc[kv_idx]")
     cases = [(dict(block_mask=whole), (False, False)), (dict(block_mask=causal_rule), (True, False)),
-             (dict(block_mask=doc_rule), (True, True)), (dict(block_mask=whole, mask_mod=causal_mod), (True, False)),
+             (dict(block_mask=doc_rule), (True, False)), (dict(block_mask=whole, mask_mod=causal_mod), (True, False)),
              (dict(block_mask=whole, mask_mod=doc_mod, aux=(("doc", doc),)), (True, True))]
     for kw, want in cases:
         assert _sources.element_mask(_variants.Variants(**kw), listed=True) == want, (kw, want)
