@@ -74,12 +74,14 @@ __device__ __forceinline__ void produce_bwd(const BwdSm90Params& params, const B
 // dbias kernels, which call it once dP^T is ready too): dS^T = P^T (dP^T - D_i) (1 - tanh^2) in place of
 // dP^T in the same pass, so the softcap's derivative is never stored (no registers to spare for
 // it); with dropout, dS^T = P^T (Z dP^T - D_i) and P^T becomes dV's operand P^T Z.
-template <typename Tr, bool WITH_DS, typename Pol>
+// `terms`: the user's terms of the tile, evaluated AHEAD (user_tile) while the products ran; otherwise
+// evaluated here per element.
+template <typename Tr, bool WITH_DS, bool AHEAD, typename Pol, typename Terms>
 __device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], float (&dpt)[Tr::MT][4], const Pol& pol,
-                                              const BwdParams& p, const float* sLse, const float* sD, int key0, int m0) {
-    // the user's aux arrays read eagerly (AuxReader) below head_dim 128: at 128 the dK, dV
-    // accumulators leave no registers for a tile's reads (a document rule spilled 96 bytes)
-    constexpr bool EAGER_READS = Tr::HEAD_DIM < 128;
+                                              const BwdParams& p, const float* sLse, const float* sD, int key0, int m0,
+                                              const Terms& terms) {
+    // per element, the user's aux arrays are read lazily (AuxReader): at head_dim 128 the dK, dV
+    // accumulators leave no registers for a tile's reads (eager, a document rule spilled 96 bytes)
     const int lane = threadIdx.x % 32;
     // element (nt, r): key j0 + 8 (r >= 2), offset from the query's diagonal d0 + 8 (r >= 2) - 8 nt - (r & 1)
     const int j0 = Pol::frag_row0(key0), d0 = j0 - pol.diag(Pol::frag_col0(m0));
@@ -90,8 +92,12 @@ __device__ __forceinline__ void probabilities(float (&st)[Tr::MT][4], float (&dp
         for (int r = 0; r < 4; ++r) {
             const int up = r >= 2 ? 8 : 0, c = acc_col(nt, r, lane), dc = up - nt * 8 - (r & 1);
             float g;
-            st[nt][r] = pol.template probability_at<true, EAGER_READS>(st[nt][r], j0 + up, d0 + dc, fd0 + float(dc), sLse[c],
-                                                                      p.scale_log2, g);
+            if constexpr (AHEAD)
+                st[nt][r] = pol.probability_with(st[nt][r], terms.at(0, nt, r), j0 + up, d0 + dc, fd0 + float(dc), sLse[c],
+                                                 p.scale_log2, g);
+            else
+                st[nt][r] = pol.template probability_at<true, false>(st[nt][r], j0 + up, d0 + dc, fd0 + float(dc), sLse[c],
+                                                                    p.scale_log2, g);
             if constexpr (WITH_DS) {
                 // dropout: dV takes P Z, dS = P (Z dP - D) (query m0 + c, key j0 + up)
                 float pz = st[nt][r];
@@ -196,6 +202,10 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
     constexpr bool HAS_DQ = Tr::DQ_SPLIT != DQ_NONE;
     constexpr int MT = Tr::MT, DT = Tr::DT, BLOCK_M = Tr::BLOCK_M;
 
+    // The user's terms evaluated ahead, under the products, below head_dim 128; at 128 the dK, dV
+    // accumulators leave no registers for them (a document rule spilled 4-20 bytes, a mask_mod
+    // reading it 40-132, a dense bias 68-156; offline, NVRTC 13.0, bench/NOTES.md session 14)
+    constexpr bool AHEAD = Tr::HEAD_DIM < 128;
     float dk[1][DT][4], dv[1][DT][4];  // one 16-key strip per warp
     zero(dk);
     zero(dv);
@@ -221,16 +231,19 @@ __device__ __forceinline__ void consume_bwd(const BwdParams& p, const BwdSm90Sme
         wgmma_commit();
         issue_k_major_product<T, Tr::BLOCK_N, BLOCK_M, Tr::HEAD_DIM>(dpt, sm.v, wg * 64, sdO);
         wgmma_commit();
+        // the user's terms of the tile (their aux reads) while the products run, AHEAD
+        typename Pol::template UserTile<1, MT, true> terms;
+        if constexpr (AHEAD) terms = pol.template user_tile<true, 1, MT, true>(key0, m0);
         // P^T and dS^T in one pass, once both products are done (with return_dbias: dS^T is added there)
         if constexpr (Pol::SOFTCAP || Pol::DROPOUT || UserTerms::HAS_DBIAS) {
             wgmma_wait<0>();
             fence_operands(st);
             fence_operands(dpt);
-            probabilities<Tr, true>(st, dpt, pol, p, sm.lse(it), sm.dsum(it), key0, m0);
+            probabilities<Tr, true, AHEAD>(st, dpt, pol, p, sm.lse(it), sm.dsum(it), key0, m0, terms);
         } else {
             wgmma_wait<1>();
             fence_operands(st);
-            probabilities<Tr, false>(st, dpt, pol, p, sm.lse(it), sm.dsum(it), key0, m0);
+            probabilities<Tr, false, AHEAD>(st, dpt, pol, p, sm.lse(it), sm.dsum(it), key0, m0, terms);
             wgmma_wait<0>();
             fence_operands(dpt);
             score_grads<Tr>(st, dpt, sm.dsum(it));

@@ -409,18 +409,22 @@ struct Policy {
                     ((bad[mt][e / 32] >> (e % 32)) & 1u) != 0, false};
         }
     };
-    template <bool RULE = true, int MT, int NT>
-    __device__ __forceinline__ UserTile<MT, NT, RULE> user_tile(int q0, int k0) const {
+    // The tile's rows start at row0, its columns at col0: queries and keys, or KEYS_ROWS (the
+    // backward's S^T) keys and queries.
+    template <bool RULE = true, int MT, int NT, bool KEYS_ROWS = false>
+    __device__ __forceinline__ UserTile<MT, NT, RULE> user_tile(int row0, int col0) const {
         UserTile<MT, NT, RULE> t;
         if constexpr (UserTile<MT, NT, RULE>::WORK) {
-            const int i0 = frag_row0(q0), j0 = frag_col0(k0);
+            const int r0 = frag_row0(row0), c0 = frag_col0(col0);
             #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
                 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
                     #pragma unroll
-                    for (int r = 0; r < 4; ++r)
-                        t.set(mt, nt, r, user_term<RULE>(i0 + acc_row(mt, r, 0), j0 + acc_col(nt, r, 0)));
+                    for (int r = 0; r < 4; ++r) {
+                        const int row = r0 + acc_row(mt, r, 0), col = c0 + acc_col(nt, r, 0);
+                        t.set(mt, nt, r, KEYS_ROWS ? user_term<RULE>(col, row) : user_term<RULE>(row, col));
+                    }
         }
         return t;
     }
@@ -554,6 +558,19 @@ struct Policy {
                                                     float& grad) const {
         float x = capped(s, grad);
         const bool keep = user_at<true, EAGER>(x, j, d);
+        return probability_kept<MASKED>(x, keep, j, d, fd, lse_log2, scale_log2);
+    }
+    // The same with the user's terms of the element evaluated ahead (user_tile)
+    template <bool MASKED = true>
+    __device__ __forceinline__ float probability_with(float s, const UserTerm& t, int j, int d, float fd, float lse_log2,
+                                                      float scale_log2, float& grad) const {
+        float x = capped(s, grad);
+        const bool keep = with_term(x, t);
+        return probability_kept<MASKED>(x, keep, j, d, fd, lse_log2, scale_log2);
+    }
+    template <bool MASKED>
+    __device__ __forceinline__ float probability_kept(float x, bool keep, int j, int d, float fd, float lse_log2,
+                                                      float scale_log2) const {
         const float p = probability_of_capped(x, fd, lse_log2, scale_log2);
         return ((!MASKED || visible_at(j, d)) && keep) ? p : 0.f;
     }
