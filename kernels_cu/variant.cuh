@@ -404,6 +404,7 @@ struct Policy {
             if constexpr (BIAS) bias[mt][nt][r] = t.padding ? 0.f : t.bias;
         }
         __device__ __forceinline__ UserTerm at(int mt, int nt, int r) const {
+            if constexpr (!WORK) return {0.f, true, false, true};  // nothing evaluated: the score as it is
             const int e = nt * 4 + r;
             return {BIAS ? bias[BIAS ? mt : 0][BIAS ? nt : 0][r] : 0.f, ((keep[mt][e / 32] >> (e % 32)) & 1u) != 0,
                     ((bad[mt][e / 32] >> (e % 32)) & 1u) != 0, false};
@@ -485,8 +486,8 @@ struct Policy {
                         const int col = nt * 8 + c;
                         float& x = s[mt][nt][2 * hh + c];
                         float logit = logit_at(x, ALIBI ? fd0 + float(col - mt * 16 - hh * 8) : 0.f);
-                        const bool keep = AHEAD ? with_term(logit, terms.at(mt, nt, 2 * hh + c))
-                                                : user_ij<RULE>(logit, i, j0 + col);
+                        const bool keep = !user_work<RULE>() || (AHEAD ? with_term(logit, terms.at(mt, nt, 2 * hh + c))
+                                                                        : user_ij<RULE>(logit, i, j0 + col));
                         x = ((MASKED && (col > hi || (LEFT && col < lo))) || !keep) ? -CUPYFLASH_INF : logit;
                     }
             }
@@ -565,7 +566,7 @@ struct Policy {
     __device__ __forceinline__ float probability_with(float s, const UserTerm& t, int j, int d, float fd, float lse_log2,
                                                       float scale_log2, float& grad) const {
         float x = capped(s, grad);
-        const bool keep = with_term(x, t);
+        const bool keep = !user_work<true>() || with_term(x, t);
         return probability_kept<MASKED>(x, keep, j, d, fd, lse_log2, scale_log2);
     }
     template <bool MASKED>
