@@ -15,7 +15,9 @@
 #                                              latter alone); tune: `cupyflash tune
 #                                              --budget 120` into $OUT/tune, then a second process's
 #                                              `cupyflash info` and the forward/backward GPU tests
-#                                              with that table (issue 21)
+#                                              with that table (issue 21); bwd-order: bench/variants.py
+#                                              --only gqa from a copy whose backward walks key tiles
+#                                              heaviest first, then from the tree (issue 14's A/B)
 # Each step's table is printed last; a failing step does not stop the others (exit status: the
 # first failure).
 set -uo pipefail
@@ -76,6 +78,12 @@ bench)
         decode)
             step decode-tests python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_gpu_kvcache.py
             step decode-bench python bench/kvcache.py --out-dir "$OUT" --tiles 4x3t,4x4t,8x2t,8x3t ;;
+        bwd-order)  # the backward's key tiles heaviest first (n_block = blockIdx.x) against the tree's order, GQA rows
+            rm -rf /tmp/bwd-order && mkdir -p /tmp/bwd-order/out && cp -r . /tmp/bwd-order/tree
+            sed -i 's/const int n_block = gridDim.x - 1 - blockIdx.x;/const int n_block = blockIdx.x;/' \
+                /tmp/bwd-order/tree/kernels_cu/flash_bwd_sm90.cu /tmp/bwd-order/tree/kernels_cu/flash_bwd.cu
+            step bwd-order-heaviest-first bash -c 'cd /tmp/bwd-order/tree && PYTHONPATH=. python bench/variants.py --only gqa --out-dir /tmp/bwd-order/out'
+            step bwd-order-tree python bench/variants.py --only gqa --out-dir "$OUT" ;;
         decode-bench) step decode-bench python bench/kvcache.py --out-dir "$OUT" --tiles 4x3t,4x4t,8x2t,8x3t ;;
         tune)
             export CUPYFLASH_TUNE_DIR=$OUT/tune
