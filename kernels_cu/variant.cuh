@@ -454,9 +454,9 @@ struct Policy {
     // k0 + acc_col) becomes logits, -inf where MASKED says this tile needs the mask and a key is
     // not visible (exp2 turns those into exactly 0).
     // RULE false: the tile is a full block of a block mask's list (its element rule is not evaluated).
-    // The user's terms evaluated per element, or taken from `terms` (user_tile<RULE>(q0, k0)), where
-    // the caller evaluated them ahead (the mma.sync kernels at 255 registers spilled with a whole
-    // tile's bias terms live at once).
+    // The user's terms taken from `terms` (user_tile<RULE>(q0, k0)), where the caller evaluated them
+    // AHEAD, or evaluated here per element (the first overload: AHEAD false, `terms` unused; the
+    // mma.sync kernels at 255 registers spilled with a whole tile's bias terms live at once).
     template <bool MASKED, bool RULE = true, int MT, int NT>
     __device__ __forceinline__ void to_logits(float (&s)[MT][NT][4], int q0, int k0) const {
         to_logits<MASKED, RULE, false>(s, q0, k0, UserTile<MT, NT, RULE>{});
